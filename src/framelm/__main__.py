@@ -1,0 +1,5 @@
+import sys
+
+from framelm.cli import main
+
+sys.exit(main())

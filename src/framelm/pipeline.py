@@ -1,0 +1,130 @@
+"""Running stages: skip what is up to date, resume what was interrupted, record the rest.
+
+A stage run is identified by its key (`train/frame/seed0`) and its hash: the hash of its
+result-relevant config plus the hashes of the upstream records it reads. The same hash and a
+finished record means nothing to do. A different hash means the stage's folder holds outputs
+of another config; it is cleared before the run. The same hash without a finished record means
+an interrupted run; the folder is kept so the stage can skip its finished shards.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from framelm import fsutil
+from framelm.config import ConfigError, StageConfig, load_yaml, stable_hash, apply_override
+from framelm.rundir import RunDir, package_versions
+from framelm.stages import ORDER, STAGES
+
+log = logging.getLogger("framelm")
+
+HASH_FILE = ".framelm-hash"
+PIPELINE_KEYS = {"run_dir", "stages"}
+
+
+def stage_key(name: str, cfg: StageConfig) -> str:
+    inst = cfg.instance()
+    return f"{name}/{inst}" if inst else name
+
+
+def upstream_keys(name: str, cfg: StageConfig) -> tuple[str, ...]:
+    declared = getattr(cfg, "upstream", None)
+    keys = declared() if callable(declared) else None
+    return tuple(keys) if keys is not None else STAGES[name].after
+
+
+def stage_hash(name: str, cfg: StageConfig, run: RunDir, dry_run: bool = False) -> tuple[str, dict[str, str]]:
+    if dry_run:
+        upstream = {k: (run.record(k) or {}).get("hash", "not-run-yet") for k in upstream_keys(name, cfg)}
+    else:
+        upstream = {k: run.require(k)["hash"] for k in upstream_keys(name, cfg)}
+    return stable_hash({"stage": name, "config": cfg.hashed_dict(), "upstream": upstream}), upstream
+
+
+def run_stage(name: str, cfg: StageConfig, run: RunDir | str | Path, *, force: bool = False, dry_run: bool = False) -> dict[str, Any]:
+    """Run one stage unless it is up to date; return its counts."""
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    key = stage_key(name, cfg)
+    h, upstream = stage_hash(name, cfg, run, dry_run)
+    rec = run.record(key)
+    up_to_date = bool(rec and rec.get("status") == "done" and rec.get("hash") == h and not force)
+    if dry_run:
+        print(f"# {key}: {'up to date (would skip)' if up_to_date else 'would run'}; hash {h}")
+        print(yaml.safe_dump({name: cfg.to_dict()}, sort_keys=False))
+        return rec.get("counts", {}) if up_to_date and rec else {}
+    if up_to_date:
+        log.info("%s: up to date (hash %s), skipping", key, h)
+        return rec.get("counts", {})
+
+    lock_name = getattr(cfg, "lock_name", lambda k: k)(key)
+    with run.stage_lock(lock_name):
+        out_dir = run.path(key)
+        with run._manifest_lock():
+            marker = out_dir / HASH_FILE
+            if out_dir.exists() and (force or not marker.exists() or marker.read_text().strip() != h):
+                run.reset_dir(out_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            fsutil.clean_temporaries(out_dir)
+            fsutil.write_text(marker, h + "\n")
+        started = time.time()
+        run.update_record(key, {
+            "stage": name, "status": "running", "hash": h, "upstream": upstream,
+            "config": cfg.to_dict(), "started": started, "versions": package_versions(),
+        })
+        log.info("%s: running (hash %s)", key, h)
+        counts = STAGES[name].entry()(cfg, run) or {}
+        if counts.get("_pending"):
+            # A distributed rank finished its share; another rank completes the stage.
+            log.info("%s: this process's share is done; the stage completes when all ranks finish", key)
+            return counts
+        run.update_record(key, {
+            "stage": name, "status": "done", "hash": h, "upstream": upstream,
+            "config": cfg.to_dict(), "started": started, "seconds": round(time.time() - started, 3),
+            "versions": package_versions(), "counts": counts,
+        })
+    log.info("%s: done in %.1fs", key, time.time() - started)
+    return counts
+
+
+def build_config(name: str, data: dict[str, Any] | None) -> StageConfig:
+    return STAGES[name].config_class().from_dict(data or {}, where=name)
+
+
+def load_pipeline(path: str | Path, overrides: list[str] = ()) -> tuple[Path, list[str], dict[str, Any]]:
+    """Read a pipeline YAML: `run_dir`, optional `stages` list, and one section per stage."""
+    data = load_yaml(path)
+    for o in overrides:
+        apply_override(data, o)
+    unknown = [k for k in data if k not in PIPELINE_KEYS and k not in STAGES]
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown top-level key '{unknown[0]}'; allowed: {', '.join(sorted(PIPELINE_KEYS))} "
+            f"and the stage names {', '.join(ORDER)}"
+        )
+    if "run_dir" not in data:
+        raise ConfigError(f"{path}: missing required key 'run_dir' (the run directory, e.g. run_dir: runs/my-corpus)")
+    stages = data.get("stages") or [s for s in ORDER if s in data]
+    if not isinstance(stages, list) or any(s not in STAGES for s in stages):
+        bad = [s for s in (stages if isinstance(stages, list) else [stages]) if s not in STAGES]
+        raise ConfigError(f"{path}: 'stages' must list stage names from {', '.join(ORDER)}; got {bad}")
+    base = Path(path).resolve().parent
+    run_dir = Path(str(data["run_dir"])).expanduser()
+    return (run_dir if run_dir.is_absolute() else base / run_dir), stages, data
+
+
+def run_pipeline(path: str | Path, overrides: list[str] = (), *, only: list[str] | None = None,
+                 force: bool = False, dry_run: bool = False) -> dict[str, dict[str, Any]]:
+    run_dir, stages, data = load_pipeline(path, overrides)
+    configs = {s: build_config(s, data.get(s)) for s in stages}  # validate everything before running anything
+    run = RunDir(run_dir)
+    results = {}
+    for s in stages:
+        if only and s not in only:
+            continue
+        results[s] = run_stage(s, configs[s], run, force=force, dry_run=dry_run)
+    return results

@@ -1,0 +1,153 @@
+"""The run directory: where every stage writes, and the manifest that describes it.
+
+Layout (each stage owns one top-level folder named after it):
+
+    RUN/manifest.json        one record per stage run: config, hash, upstream hashes,
+                             package versions, counts, timings, status
+    RUN/.locks/              one lock file per running stage (concurrent-run guard)
+    RUN/<stage>/...          the stage's outputs (see each stage module's docstring)
+
+Stages talk only through these files. The manifest is rewritten atomically under a short
+lock, so several processes (e.g. score ranks) can record into it safely.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+from framelm import fsutil
+from framelm.errors import FramelmError
+
+MANIFEST = "manifest.json"
+
+
+class RunDir:
+    """A run directory. Paths handed out are always inside it."""
+
+    def __init__(self, root: str | Path, create: bool = True):
+        self.root = Path(root).expanduser().resolve()
+        if create:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise FramelmError(f"cannot create run directory {self.root}: {exc.strerror}") from None
+        elif not self.root.is_dir():
+            raise FramelmError(f"run directory {self.root} does not exist; run an earlier stage first (e.g. framelm ingest --run-dir {root})")
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
+
+    def path(self, *parts: str | Path) -> Path:
+        """A path inside the run directory; refuses anything that would escape it."""
+        p = self.root.joinpath(*map(str, parts)).resolve()
+        if p != self.root and self.root not in p.parents:
+            raise FramelmError(f"path {'/'.join(map(str, parts))!r} points outside the run directory {self.root}")
+        return p
+
+    def stage_dir(self, stage: str, create: bool = True) -> Path:
+        p = self.path(stage)
+        if create:
+            p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    # -- manifest -------------------------------------------------------------------------
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST
+
+    def manifest(self) -> dict[str, Any]:
+        if not self.manifest_path.exists():
+            return {"stages": {}}
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise FramelmError(f"{self.manifest_path} is not valid JSON ({exc}); it was not written by framelm or was edited by hand") from None
+
+    def record(self, key: str) -> dict[str, Any] | None:
+        return self.manifest()["stages"].get(key)
+
+    def require(self, key: str, hint: str | None = None) -> dict[str, Any]:
+        """The finished record of an upstream stage, or an error saying which command makes it."""
+        rec = self.record(key)
+        if not rec or rec.get("status") != "done":
+            cmd = hint or f"framelm {key.split('/')[0]} --run-dir {self.root}"
+            raise FramelmError(f"stage '{key}' has not finished in {self.root}; run it first: {cmd}")
+        return rec
+
+    def update_record(self, key: str, record: dict[str, Any]) -> None:
+        with self._manifest_lock():
+            data = self.manifest()
+            data.setdefault("stages", {})[key] = record
+            data["framelm_version"] = package_versions()["framelm"]
+            fsutil.write_json(self.manifest_path, data)
+
+    @contextlib.contextmanager
+    def _manifest_lock(self) -> Iterator[None]:
+        lock_dir = self.root / ".locks"
+        lock_dir.mkdir(exist_ok=True)
+        with open(lock_dir / "manifest.lock", "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    # -- concurrent-run guard ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def stage_lock(self, key: str) -> Iterator[None]:
+        """Hold an exclusive lock for one stage run; a second process gets a clear error.
+
+        The lock is an OS advisory lock (flock), so it is released when the holder dies, even
+        by SIGKILL: a killed run never blocks its own restart.
+        """
+        lock_dir = self.root / ".locks"
+        lock_dir.mkdir(exist_ok=True)
+        lock_file = lock_dir / (key.replace("/", "__") + ".lock")
+        fh = open(lock_file, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            fh.close()
+            raise FramelmError(
+                f"another framelm process ({holder}) is running stage '{key}' in {self.root}; "
+                f"wait for it to finish or use another --run-dir"
+            ) from None
+        try:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()} on {platform.node()}")
+            fh.flush()
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            fh.close()
+
+    def reset_dir(self, path: Path) -> None:
+        """Delete a stage output folder inside the run directory (for a changed config)."""
+        path = self.path(path.relative_to(self.root))
+        if path == self.root:
+            raise FramelmError("refusing to delete the whole run directory")
+        if path.exists():
+            shutil.rmtree(path)
+
+
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": sys.version.split()[0]}
+    for name in ("framelm", "torch", "transformers", "tokenizers", "pyarrow", "numpy", "duckdb"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
