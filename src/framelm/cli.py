@@ -176,6 +176,8 @@ def _run_pipeline_command(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "--quiet" in (sys.argv[1:] if argv is None else argv):
+        os.environ["TQDM_DISABLE"] = "1"  # tqdm reads it when first imported, before flags are parsed
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):

@@ -29,6 +29,10 @@ PIPELINE_KEYS = {"run_dir", "stages"}
 
 def stage_key(name: str, cfg: StageConfig) -> str:
     inst = cfg.instance()
+    if inst and (inst.startswith("/") or any(part in ("", ".", "..") for part in inst.split("/"))):
+        # the key names the folder run_stage clears: "../ingest" would wipe another stage's outputs
+        raise ConfigError(f"{name}: the run name {inst!r} must be a relative folder name without '.', '..' or "
+                          f"empty parts (outputs go to RUN/{name}/<name>), e.g. frame/seed0")
     return f"{name}/{inst}" if inst else name
 
 
@@ -43,7 +47,11 @@ def stage_hash(name: str, cfg: StageConfig, run: RunDir, dry_run: bool = False) 
         upstream = {k: (run.record(k) or {}).get("hash", "not-run-yet") for k in upstream_keys(name, cfg)}
     else:
         upstream = {k: run.require(k)["hash"] for k in upstream_keys(name, cfg)}
-    return stable_hash({"stage": name, "config": cfg.hashed_dict(), "upstream": upstream}), upstream
+    payload = {"stage": name, "config": cfg.hashed_dict(), "upstream": upstream}
+    fingerprint = getattr(cfg, "input_fingerprint", None)
+    if callable(fingerprint):  # a stage that reads whatever exists (report) re-runs when that changes
+        payload["inputs"] = fingerprint(run)
+    return stable_hash(payload), upstream
 
 
 def run_stage(name: str, cfg: StageConfig, run: RunDir | str | Path, *, force: bool = False, dry_run: bool = False) -> dict[str, Any]:

@@ -91,9 +91,7 @@ class RunDir:
 
     @contextlib.contextmanager
     def _manifest_lock(self) -> Iterator[None]:
-        lock_dir = self.root / ".locks"
-        lock_dir.mkdir(exist_ok=True)
-        with open(lock_dir / "manifest.lock", "a") as fh:
+        with _open_lock_file(self.root / ".locks" / "manifest.lock") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
                 yield
@@ -108,10 +106,7 @@ class RunDir:
         The lock is an OS advisory lock (flock), so it is released when the holder dies, even
         by SIGKILL: a killed run never blocks its own restart.
         """
-        lock_dir = self.root / ".locks"
-        lock_dir.mkdir(exist_ok=True)
-        lock_file = lock_dir / (key.replace("/", "__") + ".lock")
-        fh = open(lock_file, "a+")
+        fh = _open_lock_file(self.root / ".locks" / (key.replace("/", "__") + ".lock"))
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -139,6 +134,15 @@ class RunDir:
             raise FramelmError("refusing to delete the whole run directory")
         if path.exists():
             shutil.rmtree(path)
+
+
+def _open_lock_file(path: Path):
+    """Open (creating) a lock file; a read-only or full run directory is a user error."""
+    try:
+        path.parent.mkdir(exist_ok=True)
+        return open(path, "a+")
+    except OSError as exc:
+        raise FramelmError(f"cannot write {path}: {exc.strerror}; choose a writable --run-dir or fix its permissions") from None
 
 
 def package_versions() -> dict[str, str]:

@@ -1,0 +1,71 @@
+"""`framelm export`: write schedules in the formats trainers read.
+
+For each schedule under RUN/schedule (or those named in `ExportConfig.schedules`), reads
+RUN/schedule/<name>/{order.parquet,stages.yaml} and the token store RUN/tokenize, and writes
+RUN/export/<name>/<format>/ for each format in `ExportConfig.formats`:
+
+- stream:   tokens.bin + meta.json, the flat stream framelm's trainer reads (`stream.py`)
+- llmc:     llm.c / modded-nanogpt uint16 .bin shards + stages.json (`llmc.py`)
+- megatron: Megatron-LM indexed datasets per segment + data_paths.txt, phases.json (`megatron.py`)
+- nanotron: Nanoset folders per segment + data_stages.yaml (`nanotron.py`)
+- text:     raw text per segment, Parquet or JSON lines (`text.py`, also reads RUN/ingest)
+
+plus RUN/export/<name>/plan/ and segments.json shared by all formats (`plan.py`). Every file
+is written atomically with a .done marker; a restarted export skips finished files and ends
+byte-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from framelm import fsutil
+from framelm.errors import FramelmError
+from framelm.export.config import FORMATS, ExportConfig
+from framelm.export.llmc import write_llmc
+from framelm.export.megatron import write_megatron
+from framelm.export.nanotron import write_nanotron
+from framelm.export.plan import ExportPlan, open_plan
+from framelm.export.stream import write_stream
+from framelm.export.text import write_text
+from framelm.rundir import RunDir
+
+__all__ = ["ExportConfig", "export_schedules", "FORMATS"]
+
+log = logging.getLogger("framelm")
+
+WRITERS: dict[str, Callable[..., dict[str, Any]]] = {
+    "stream": write_stream, "llmc": write_llmc, "megatron": write_megatron,
+    "nanotron": write_nanotron, "text": write_text,
+}
+
+
+def export_schedules(cfg: ExportConfig, run: RunDir) -> dict[str, Any]:
+    """Export every selected schedule in every configured format; return counts per schedule."""
+    names = cfg.schedules or _schedule_names(run)
+    counts: dict[str, Any] = {"schedules": len(names), "files_written": 0, "files_skipped": 0}
+    for name in names:
+        fsutil.clean_temporaries(run.path("export", name))  # leftovers of a killed run (also done by run_stage)
+        plan: ExportPlan = open_plan(run, name, cfg.n_substages, memory_limit=cfg.duckdb_memory_limit,
+                                     threads=cfg.threads)
+        per_schedule: dict[str, Any] = {"documents": plan.n_docs, "tokens": plan.n_tokens,
+                                        "segments": len(plan.segments)}
+        for fmt in cfg.formats:
+            result = WRITERS[fmt](plan, cfg, run, run.path("export", name, fmt))
+            counts["files_written"] += result["files_written"]
+            counts["files_skipped"] += result["files_skipped"]
+            per_schedule[fmt] = result
+        log.info("export/%s: %d documents, %d tokens, %d segments -> %s", name, plan.n_docs, plan.n_tokens,
+                 len(plan.segments), ", ".join(cfg.formats))
+        counts[name] = per_schedule
+    return counts
+
+
+def _schedule_names(run: RunDir) -> list[str]:
+    root = run.path("schedule")
+    names = sorted(p.name for p in root.iterdir() if (p / "order.parquet").is_file()) if root.is_dir() else []
+    if not names:
+        raise FramelmError(f"no schedules found under {root} (each needs order.parquet); "
+                           f"run framelm schedule --run-dir {run.root} first")
+    return names

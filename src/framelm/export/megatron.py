@@ -1,0 +1,81 @@
+"""Megatron-LM / Megatron-Core indexed datasets, one per fixed-mix segment.
+
+Writes RUN/export/<schedule>/megatron/<NNN_segment>.bin/.idx for every segment of the plan (a
+pure stage, or a slice of a transition window), each holding that segment's documents in stream
+order, one sequence per document (EOS included), like Megatron's preprocess_data.py with
+--append-eod. Also data_paths.txt (per segment: its iterations and the `--data-path` weight line
+to train them with) and phases.json (the same, machine-readable, with each segment's realised
+stage mix and each stage's iteration range; iterations = tokens // (global_batch * seq_len)).
+
+.idx layout (little-endian): b"MMIDIDX\\x00\\x00", version uint64 = 1, dtype code uint8,
+sequence count uint64, document-index count uint64, sequence lengths int32[n],
+sequence byte pointers int64[n], document indices int64[n + 1]. .bin: the tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from framelm import fsutil
+from framelm.errors import FramelmError
+from framelm.export.config import ExportConfig
+from framelm.export.plan import ExportPlan, Segment, write_binary
+from framelm.rundir import RunDir
+
+INDEX_MAGIC = b"MMIDIDX\x00\x00"
+INDEX_VERSION = 1
+# Megatron-Core's DType codes; it has no uint32, so larger vocabularies are stored as int32
+# (what Megatron's own preprocessing picks for vocabularies of 65500 and more).
+DTYPE_CODES = {"uint16": (np.dtype("<u2"), 8), "uint32": (np.dtype("<i4"), 4)}
+INDEX_CHUNK_DOCS = 1 << 20
+
+
+def write_megatron(plan: ExportPlan, cfg: ExportConfig, run: RunDir, out_dir: Path) -> dict[str, Any]:
+    tokens_per_step = cfg.tokens_per_step(plan.stages_yaml, f"RUN/schedule/{plan.name}/stages.yaml")
+    dtype, code = DTYPE_CODES[plan.store.dtype]
+    if plan.store.vocab_size > np.iinfo(dtype).max + 1:
+        raise FramelmError(f"vocab_size {plan.store.vocab_size} does not fit Megatron's {dtype} tokens")
+    written = 0
+    for seg in plan.segments:
+        prefix = out_dir / seg.folder
+        pieces = (c.astype(dtype, copy=False) for c in
+                  plan.chunks(seg.start_token, seg.end_token, cfg.chunk_tokens, f"{plan.name}/megatron {seg.folder}"))
+        written += write_binary(prefix.with_suffix(".bin"), pieces)
+        written += write_binary(prefix.with_suffix(".idx"), _index_parts(plan, seg, code, dtype.itemsize))
+
+    phases = plan.phases(tokens_per_step)
+    lines = [f"# Megatron-LM data for schedule '{plan.name}': one training phase per segment, in order.",
+             f"# iterations use tokens_per_iteration = global_batch * seq_len = {tokens_per_step}",
+             "# Train each phase for its iterations with its --data-path (a phase of 0 iterations is skipped)."]
+    for ph in phases:
+        mix = ", ".join(f"{k} {v:.4f}" for k, v in ph["mix"].items())
+        lines.append(f"# {ph['folder']}: {ph['kind']}, tokens [{ph['start_token']}, {ph['end_token']}), "
+                     f"iterations [{ph['start_step']}, {ph['end_step']}), mix: {mix}")
+        lines.append(f"--data-path 1.0 {out_dir / ph['folder']}")
+    fsutil.write_text(out_dir / "data_paths.txt", "\n".join(lines) + "\n")
+    fsutil.write_json(out_dir / "phases.json", {
+        "tokens_per_iteration": tokens_per_step, "dtype": str(dtype), "phases": phases,
+        "stages": plan.stage_steps(tokens_per_step)})
+    n_files = 2 * len(plan.segments)
+    return {"files_written": written, "files_skipped": n_files - written, "datasets": len(plan.segments)}
+
+
+def _index_parts(plan: ExportPlan, seg: Segment, code: int, itemsize: int) -> Iterator[bytes]:
+    n_seq = seg.end_doc - seg.first_doc
+    if n_seq and int(np.max(plan.length[seg.first_doc:seg.end_doc])) > np.iinfo(np.int32).max:
+        raise FramelmError(f"a document in segment {seg.name} is longer than Megatron's int32 sequence lengths allow")
+    yield INDEX_MAGIC
+    yield np.array([INDEX_VERSION], "<u8").tobytes()
+    yield np.array([code], "<u1").tobytes()
+    yield np.array([n_seq, n_seq + 1], "<u8").tobytes()
+    docs = range(seg.first_doc, seg.end_doc, INDEX_CHUNK_DOCS)
+    for a in docs:
+        yield np.asarray(plan.length[a:min(a + INDEX_CHUNK_DOCS, seg.end_doc)], "<i4").tobytes()
+    for a in docs:
+        starts = np.asarray(plan.start[a:min(a + INDEX_CHUNK_DOCS, seg.end_doc)]) - seg.start_token
+        yield (starts * itemsize).astype("<i8").tobytes()
+    for a in range(0, n_seq + 1, INDEX_CHUNK_DOCS):  # one document per sequence: indices 0..n
+        yield np.arange(a, min(a + INDEX_CHUNK_DOCS, n_seq + 1), dtype="<i8").tobytes()

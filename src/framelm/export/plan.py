@@ -1,0 +1,425 @@
+"""The export plan of one schedule: which tokens go where, in which order, in which segment.
+
+Reads RUN/schedule/<name>/{order.parquet,stages.yaml} and RUN/tokenize/{tokens.bin,
+index.parquet,meta.json}; writes RUN/export/<name>/plan/ (one .npy column per scheduled
+document: `offset` in tokens.bin, `length` incl. EOS, `stage`, `start` in the exported stream;
+`inputs.json`, the fingerprints of the inputs the plan was built from) and
+RUN/export/<name>/segments.json (the segment table, below).
+
+Every format writes the same stream: the schedule's documents in `position` order, each
+followed by its EOS. The plan turns order.parquet into per-document columns once (a DuckDB join,
+out of core) so that any token range of the stream can be read without reading what precedes it.
+
+Segments. Formats that cannot ramp a mixture (Megatron, nanotron, plain text) get the stream cut
+into consecutive fixed-mix segments: a pure stretch of one stage, or one of `n_substages` slices
+of a transition window. A transition window between stage s and s+1 is read from the order
+itself: it starts at the first document of a later stage and ends after the last document of
+stage s or earlier, so it is exactly where the schedule interleaved the two (overlapping windows
+merge). Cuts fall on document starts; each slice records the token share of every stage in it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import yaml
+
+from framelm import fsutil
+from framelm.errors import FramelmError
+from framelm.rundir import RunDir
+
+log = logging.getLogger("framelm")
+
+PLAN_COLUMNS = {"offset": np.int64, "length": np.int64, "stage": np.int32, "start": np.int64}
+TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+# Mean document length (tokens) from which a read copies document slices one by one instead of
+# gathering through a per-token index (measured crossover on a 2-core x86 machine: ~30-60).
+LOOP_MIN_MEAN_TOKENS = 48
+
+
+@dataclass(frozen=True)
+class TokenFile:
+    """RUN/tokenize/tokens.bin (memory-mapped) and its meta.json.
+
+    Not framelm.tokenstore.TokenStore: that one loads index.parquet into memory, while the
+    export joins the index with the order out of core (DuckDB) and needs only the tokens.
+    """
+
+    tokens: np.ndarray  # memmap of the whole tokens.bin
+    dtype: str
+    eos_id: int
+    vocab_size: int
+    tokenizer_dir: Path
+
+    @classmethod
+    def open(cls, run: RunDir) -> "TokenFile":
+        meta_path = run.path("tokenize", "meta.json")
+        bin_path = run.path("tokenize", "tokens.bin")
+        meta = _read_json(meta_path)
+        for key in ("dtype", "eos_id", "vocab_size", "n_tokens"):
+            if key not in meta:
+                raise FramelmError(f"{meta_path}: missing key '{key}'; re-run framelm tokenize --run-dir {run.root}")
+        if meta["dtype"] not in TOKEN_DTYPES:
+            raise FramelmError(f"{meta_path}: 'dtype' = {meta['dtype']!r}; expected one of {', '.join(TOKEN_DTYPES)}")
+        dtype = TOKEN_DTYPES[meta["dtype"]]
+        if not bin_path.is_file():
+            raise FramelmError(f"{bin_path} not found; run framelm tokenize --run-dir {run.root} first")
+        expected = int(meta["n_tokens"]) * np.dtype(dtype).itemsize
+        if bin_path.stat().st_size != expected:
+            raise FramelmError(f"{bin_path} holds {bin_path.stat().st_size} bytes but {meta_path} says "
+                               f"n_tokens = {meta['n_tokens']} ({expected} bytes); the token store is incomplete")
+        tokens = np.memmap(bin_path, dtype=dtype, mode="r") if expected else np.zeros(0, dtype)
+        return cls(tokens, meta["dtype"], int(meta["eos_id"]), int(meta["vocab_size"]),
+                   run.path(str(meta.get("tokenizer", "tokenize/tokenizer"))))
+
+
+@dataclass(frozen=True)
+class StageRange:
+    name: str
+    start_token: int
+    end_token: int
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A fixed-mix stretch of the stream: documents [first_doc, end_doc), tokens [start, end)."""
+
+    index: int
+    name: str
+    kind: str  # "stage" or "transition"
+    first_doc: int
+    end_doc: int
+    start_token: int
+    end_token: int
+    mix: dict[str, float]  # stage name -> share of this segment's tokens
+
+    @property
+    def folder(self) -> str:
+        """A file-system-safe name that sorts in stream order."""
+        return f"{self.index:03d}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', self.name)}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "name": self.name, "folder": self.folder, "kind": self.kind,
+                "first_doc": self.first_doc, "end_doc": self.end_doc, "docs": self.end_doc - self.first_doc,
+                "start_token": self.start_token, "end_token": self.end_token,
+                "tokens": self.end_token - self.start_token, "mix": self.mix}
+
+
+class ExportPlan:
+    """One schedule's stream: read any token range, list its stages and segments."""
+
+    def __init__(self, name: str, order_path: Path, store: TokenFile, columns: dict[str, np.ndarray],
+                 stages: list[StageRange], stages_yaml: dict[str, Any], segments: list[Segment]):
+        self.name = name
+        self.order_path = order_path
+        self.store = store
+        self.offset = columns["offset"]
+        self.length = columns["length"]
+        self.start = columns["start"]
+        self.stages = stages
+        self.stages_yaml = stages_yaml
+        self.segments = segments
+        self._tokens = np.asarray(store.tokens)  # plain ndarray view: np.take on it returns ndarrays
+        self._index: np.ndarray | None = None
+
+    @property
+    def n_docs(self) -> int:
+        return len(self.offset)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.start[-1] + self.length[-1]) if self.n_docs else 0
+
+    def phases(self, tokens_per_step: int) -> list[dict[str, Any]]:
+        """Segments with the optimizer steps [start_step, end_step) a step-driven trainer spends on
+        each (step k consumes tokens [k * tokens_per_step, (k + 1) * tokens_per_step)); a segment
+        shorter than a step can get zero steps."""
+        return [{**seg.to_dict(), "start_step": seg.start_token // tokens_per_step,
+                 "end_step": seg.end_token // tokens_per_step} for seg in self.segments]
+
+    def stage_steps(self, tokens_per_step: int) -> list[dict[str, Any]]:
+        return [{"name": s.name, "start_token": s.start_token, "end_token": s.end_token,
+                 "start_step": s.start_token // tokens_per_step, "end_step": s.end_token // tokens_per_step}
+                for s in self.stages]
+
+    def read(self, begin: int, end: int) -> np.ndarray:
+        """Tokens [begin, end) of the stream: a slice copy per document where documents are long,
+        else one vectorised gather through a per-token source index."""
+        if end <= begin:
+            return np.zeros(0, self._tokens.dtype)
+        first = int(np.searchsorted(self.start, begin, side="right")) - 1
+        last = int(np.searchsorted(self.start, end, side="left"))
+        starts = np.asarray(self.start[first:last])
+        clip_lo = np.maximum(starts, begin)
+        counts = np.minimum(starts + np.asarray(self.length[first:last]), end) - clip_lo
+        source = np.asarray(self.offset[first:last]) + (clip_lo - starts)
+        if (end - begin) >= LOOP_MIN_MEAN_TOKENS * len(counts):
+            # long documents: one memcpy-speed slice copy each beats an index per token
+            out = np.empty(end - begin, self._tokens.dtype)
+            pos = 0
+            for src, n in zip(source.tolist(), counts.tolist()):
+                out[pos:pos + n] = self._tokens[src:src + n]
+                pos += n
+            return out
+        # Source index of every output token, built as a running sum in a reused buffer (no
+        # fresh page faults per chunk): +1 within a document, and at each document's first
+        # token a jump from the previous document's last source token to this one's first.
+        index = self._index_buffer(end - begin)
+        index.fill(1)
+        jumps = np.empty_like(source)
+        jumps[0] = source[0]
+        jumps[1:] = source[1:] - (source[:-1] + counts[:-1] - 1)
+        index[np.cumsum(counts) - counts] = jumps
+        np.cumsum(index, out=index)
+        return np.take(self._tokens, index)
+
+    def _index_buffer(self, n: int) -> np.ndarray:
+        if self._index is None or len(self._index) < n:
+            self._index = np.empty(n, np.int64)
+        return self._index[:n]
+
+    def chunks(self, begin: int, end: int, chunk_tokens: int, desc: str) -> Iterator[np.ndarray]:
+        """Tokens [begin, end) in pieces of at most `chunk_tokens`, with a progress bar."""
+        from tqdm.auto import tqdm  # imported late: it reads TQDM_DISABLE (--quiet) on import
+
+        with tqdm(total=end - begin, desc=desc, unit="tok", unit_scale=True, leave=False) as bar:
+            for a in range(begin, end, chunk_tokens):
+                piece = self.read(a, min(a + chunk_tokens, end))
+                yield piece
+                bar.update(len(piece))
+
+
+# -- building -----------------------------------------------------------------------------
+
+def open_plan(run: RunDir, schedule: str, n_substages: int, *, memory_limit: str = "2GB", threads: int = 2,
+              batch_docs: int = 1 << 20) -> ExportPlan:
+    """Build (or reopen) the plan of `schedule`; a plan built from other inputs is discarded."""
+    sched_dir = run.path("schedule", schedule)
+    order_path, stages_path = sched_dir / "order.parquet", sched_dir / "stages.yaml"
+    for p in (order_path, stages_path):
+        if not p.is_file():
+            raise FramelmError(f"{p} not found; run framelm schedule --run-dir {run.root} (schedule '{schedule}')")
+    store = TokenFile.open(run)
+    index_path = run.path("tokenize", "index.parquet")
+    if not index_path.is_file():
+        raise FramelmError(f"{index_path} not found; run framelm tokenize --run-dir {run.root} first")
+
+    export_dir = run.path("export", schedule)
+    plan_dir = export_dir / "plan"
+    inputs = {k: _fingerprint(p) for k, p in {
+        "order": order_path, "stages": stages_path, "index": index_path,
+        "tokens": run.path("tokenize", "tokens.bin"), "tokenize_meta": run.path("tokenize", "meta.json")}.items()}
+    inputs_path = plan_dir / "inputs.json"
+    if inputs_path.exists() and _read_json(inputs_path) != inputs:
+        log.info("export/%s: inputs changed since the last export; starting over", schedule)
+        shutil.rmtree(export_dir)
+    if not inputs_path.exists():
+        _build_columns(order_path, index_path, store, plan_dir, memory_limit, threads, batch_docs)
+        fsutil.write_json(inputs_path, inputs)
+    columns = {name: np.load(plan_dir / f"{name}.npy", mmap_mode="r") for name in PLAN_COLUMNS}
+
+    stages_yaml = _read_stages_yaml(stages_path)
+    n_tokens = int(columns["start"][-1] + columns["length"][-1]) if len(columns["start"]) else 0
+    stages = _stage_ranges(stages_yaml, stages_path, n_tokens, columns["stage"])
+    segments = _segments(columns, [s.name for s in stages], n_substages)
+    fsutil.write_json(export_dir / "segments.json", {"schedule": schedule, "n_substages": n_substages,
+                                                     "segments": [s.to_dict() for s in segments]})
+    return ExportPlan(schedule, order_path, store, columns, stages, stages_yaml, segments)
+
+
+def _build_columns(order_path: Path, index_path: Path, store: TokenFile, plan_dir: Path,
+                   memory_limit: str, threads: int, batch_docs: int) -> None:
+    """Join order.parquet with the token index (DuckDB, spilling to disk) into .npy columns."""
+    import duckdb
+    import pyarrow.parquet as pq
+
+    n_docs = pq.ParquetFile(order_path).metadata.num_rows
+    plan_dir.mkdir(parents=True, exist_ok=True)
+    spill = plan_dir / f"duckdb{fsutil.TMP_TAG}spill"
+    con = duckdb.connect(config={"memory_limit": memory_limit, "threads": threads, "temp_directory": str(spill)})
+    try:
+        bounds = con.sql("SELECT min(position), max(position) FROM read_parquet(?)",
+                         params=[str(order_path)]).fetchall()[0]
+        if n_docs and (bounds[0] != 0 or bounds[1] != n_docs - 1):
+            raise FramelmError(f"{order_path}: column 'position' must run from 0 to {n_docs - 1}, "
+                               f"found {bounds[0]} .. {bounds[1]}")
+        reader = con.sql(
+            """SELECT o.position, o.id, o.stage, i."offset" AS "offset", i.n_tokens
+               FROM read_parquet(?) o LEFT JOIN read_parquet(?) i ON o.id = i.id
+               ORDER BY o.position""", params=[str(order_path), str(index_path)]).to_arrow_reader(batch_docs)
+        with _NpyColumnWriters(plan_dir, n_docs) as out:
+            row, stream_pos = 0, 0
+            for batch in reader:
+                position = batch.column("position").to_numpy()
+                if row + len(position) > n_docs or not np.array_equal(position, np.arange(row, row + len(position))):
+                    raise FramelmError(f"{order_path}: 'position' repeats or skips a value near row {row}, or "
+                                       f"tokenize/index.parquet lists an id twice")
+                missing = batch.column("n_tokens").is_null()
+                if missing.to_numpy(zero_copy_only=False).any():
+                    k = int(np.flatnonzero(missing.to_numpy(zero_copy_only=False))[0])
+                    raise FramelmError(f"{order_path}: position {row + k}: id {batch.column('id')[k].as_py()!r} "
+                                       f"is not in {index_path}; re-run framelm tokenize")
+                offset = batch.column("offset").to_numpy().astype(np.int64)
+                n_tok = batch.column("n_tokens").to_numpy().astype(np.int64)
+                _check_eos(store, offset + n_tok, order_path, row)
+                length = n_tok + 1
+                start = stream_pos + np.cumsum(length) - length
+                out.put(row, offset=offset, length=length, stage=batch.column("stage").to_numpy(), start=start)
+                row += len(position)
+                stream_pos = int(start[-1] + length[-1]) if len(length) else stream_pos
+    finally:
+        con.close()
+        shutil.rmtree(spill, ignore_errors=True)
+
+
+def _check_eos(store: TokenFile, eos_at: np.ndarray, order_path: Path, row: int) -> None:
+    if len(eos_at) and (eos_at.max() >= len(store.tokens) or eos_at.min() < 0):
+        raise FramelmError(f"{order_path}: near position {row}: a document's offset + n_tokens lies outside "
+                           f"tokenize/tokens.bin ({len(store.tokens)} tokens); the index does not match the store")
+    bad = np.flatnonzero(store.tokens[eos_at] != store.eos_id)
+    if len(bad):
+        raise FramelmError(f"tokenize/tokens.bin: no EOS ({store.eos_id}) after the document at order position "
+                           f"{row + int(bad[0])} (token {int(eos_at[bad[0]])}); tokens.bin and index.parquet disagree")
+
+
+class _NpyColumnWriters:
+    """One .npy file per plan column, filled by row ranges and published atomically on exit."""
+
+    def __init__(self, plan_dir: Path, n_rows: int):
+        self.plan_dir, self.n_rows = plan_dir, n_rows
+
+    def __enter__(self) -> "_NpyColumnWriters":
+        self._stack = contextlib.ExitStack().__enter__()
+        self.arrays = {}
+        for name, dtype in PLAN_COLUMNS.items():
+            tmp = self._stack.enter_context(fsutil.atomic_path(self.plan_dir / f"{name}.npy"))
+            self.arrays[name] = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(self.n_rows,))
+        return self
+
+    def put(self, row: int, **values: np.ndarray) -> None:
+        for name, v in values.items():
+            self.arrays[name][row:row + len(v)] = v
+
+    def __exit__(self, *exc: Any) -> bool:
+        for arr in self.arrays.values():
+            arr.flush()
+        self.arrays.clear()  # unmap before the files are renamed
+        return self._stack.__exit__(*exc)
+
+
+def _read_stages_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise FramelmError(f"{path}: invalid YAML: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("stages"), list) or not data["stages"]:
+        raise FramelmError(f"{path}: expected a mapping with a non-empty list under 'stages'")
+    return data
+
+
+def _stage_ranges(data: dict[str, Any], path: Path, n_tokens: int, stage_col: np.ndarray) -> list[StageRange]:
+    ranges = []
+    for i, st in enumerate(data["stages"]):
+        for key in ("name", "start_token", "end_token"):
+            if not isinstance(st, dict) or key not in st:
+                raise FramelmError(f"{path}: stages[{i}] has no '{key}'")
+        ranges.append(StageRange(str(st["name"]), int(st["start_token"]), int(st["end_token"])))
+    expected_start = 0
+    for i, r in enumerate(ranges):
+        if r.start_token != expected_start or r.end_token < r.start_token:
+            raise FramelmError(f"{path}: stages[{i}] ({r.name}) covers tokens [{r.start_token}, {r.end_token}); "
+                               f"stages must tile the stream, so it should start at {expected_start}")
+        expected_start = r.end_token
+    if expected_start != n_tokens:
+        raise FramelmError(f"{path}: the stages end at token {expected_start} but order.parquet's documents "
+                           f"(n_tokens + 1 EOS each) make {n_tokens} tokens")
+    if len(stage_col) and (int(stage_col.min()) < 0 or int(stage_col.max()) >= len(ranges)):
+        raise FramelmError(f"{path}: order.parquet's 'stage' runs from {int(stage_col.min())} to "
+                           f"{int(stage_col.max())} but stages.yaml lists {len(ranges)} stages")
+    return ranges
+
+
+def _segments(columns: dict[str, np.ndarray], names: list[str], n_substages: int) -> list[Segment]:
+    stage = np.asarray(columns["stage"])
+    start = np.asarray(columns["start"])
+    length = np.asarray(columns["length"])
+    n = len(stage)
+    if n == 0:
+        return []
+    ends = np.append(start, start[-1] + length[-1])  # token start of doc i, and the stream end
+    running_max = np.maximum.accumulate(stage)
+    running_min_from_end = np.minimum.accumulate(stage[::-1])[::-1]
+    windows: list[list[int]] = []  # [first_doc, end_doc) of each transition window
+    for s in range(len(names) - 1):
+        first_later = int(np.searchsorted(running_max, s, side="right"))
+        end_earlier = int(np.searchsorted(running_min_from_end, s, side="right"))
+        if first_later < end_earlier:
+            if windows and first_later <= windows[-1][1]:
+                windows[-1][1] = max(windows[-1][1], end_earlier)
+            else:
+                windows.append([first_later, end_earlier])
+
+    def mix(a: int, b: int) -> dict[str, float]:
+        tok = np.bincount(stage[a:b], weights=length[a:b], minlength=len(names))
+        return {names[i]: round(float(tok[i] / tok.sum()), 6) for i in range(len(names)) if tok[i] > 0}
+
+    segments: list[Segment] = []
+
+    def add(kind: str, name: str, a: int, b: int) -> None:
+        if b > a:
+            segments.append(Segment(len(segments), name, kind, a, b, int(ends[a]), int(ends[b]), mix(a, b)))
+
+    def add_stages(a: int, b: int) -> None:
+        """A stretch outside transition windows: one segment per stage (hard switches inside)."""
+        cuts = [a, *(np.flatnonzero(np.diff(stage[a:b])) + 1 + a), b]
+        for c0, c1 in zip(cuts[:-1], cuts[1:]):
+            add("stage", names[int(stage[c0])], int(c0), int(c1))
+
+    cursor = 0
+    for a, b in windows:
+        add_stages(cursor, a)
+        lo, hi = names[int(stage[a:b].min())], names[int(stage[a:b].max())]
+        targets = ends[a] + (ends[b] - ends[a]) * np.arange(n_substages + 1) / n_substages
+        cuts = np.unique(np.clip(np.searchsorted(ends, targets, side="left"), a, b))
+        cuts[0], cuts[-1] = a, b
+        for k, (c0, c1) in enumerate(zip(cuts[:-1], cuts[1:])):
+            add("transition", f"{lo}_to_{hi}_{k + 1}of{len(cuts) - 1}", int(c0), int(c1))
+        cursor = b
+    add_stages(cursor, n)
+    return segments
+
+
+# -- small helpers shared by the format writers ---------------------------------------------
+
+def write_binary(path: Path, parts: Iterable[bytes | np.ndarray]) -> bool:
+    """Write `parts` to `path` atomically and mark it done; False (nothing written) if already done."""
+    if fsutil.is_done(path):
+        return False
+    with fsutil.atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        for part in parts:
+            fh.write(part if isinstance(part, bytes) else np.ascontiguousarray(part).data)
+    fsutil.mark_done(path)
+    return True
+
+
+def _fingerprint(path: Path) -> dict[str, Any]:
+    fp = fsutil.file_fingerprint(path)
+    fp.pop("path")
+    return fp
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FramelmError(f"{path} not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise FramelmError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None

@@ -1,0 +1,491 @@
+"""`framelm ingest`: read raw corpora into one Parquet document table.
+
+Inputs (paths or globs, read in the order given, each glob's matches sorted):
+
+- JSON lines: `*.jsonl` / `*.json` / `*.ndjson`, plain or compressed (`.gz`, `.zst`);
+- Parquet files (`*.parquet`);
+- a directory of `.txt` files (one document per file, source = the directory's name);
+- a directory written by Hugging Face `datasets` `save_to_disk` (a Dataset or DatasetDict);
+- a directory of JSON-lines / Parquet files (each read as above);
+- the word `builtin`: the built-in corpus of `framelm.builtin_corpus`.
+
+Every record becomes a document with an `id` (the record's own, else the sha1 of its text), a
+`source` (the `source_field`, else the input file's stem: `web` for `web.jsonl.gz`) and a
+`split` drawn from a hash of the id and `split_seed` (`heldout`, `ref` or `train`). Bad
+records are dropped and counted by reason; with `strict` the first one stops the run.
+Exact duplicate texts are dropped when `dedup` is on.
+
+Writes:
+    RUN/ingest/documents/part-NNNNN.parquet (+ .done)   id, source, split, text, n_chars, n_bytes
+    RUN/ingest/rejects.jsonl                            {"reason", "file", "line", "detail"}
+    RUN/ingest/plan.json                                shard size and input fingerprints
+
+Resuming: the inputs are re-read in the same order (parsing is deterministic), shards whose
+`.done` marker exists are not rewritten, so a killed and restarted run ends byte-identical to
+an uninterrupted one. A plan that differs from the interrupted run's (other shard size or
+changed input files) discards the old shards first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import gzip
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import zlib
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+from tqdm import tqdm
+
+from framelm import fsutil
+from framelm.builtin_corpus import DEFAULT_MAX_CHARS, builtin_fingerprint, iter_builtin_documents
+from framelm.config import StageConfig, field
+from framelm.errors import ConfigError, FramelmError
+from framelm.rundir import RunDir
+
+log = logging.getLogger("framelm")
+
+BUILTIN = "builtin"
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+COMPRESSIONS = ("", ".gz", ".zst")
+# Parquet row groups are the unit of work of `framelm tokenize`
+ROWS_PER_GROUP = 512
+BYTES_PER_GROUP = 1 << 20
+SPLITS = ("heldout", "ref", "train")
+
+DOCUMENT_SCHEMA = pa.schema([
+    ("id", pa.string()), ("source", pa.string()), ("split", pa.string()), ("text", pa.string()),
+    ("n_chars", pa.int64()), ("n_bytes", pa.int64()),
+])
+
+
+@dataclasses.dataclass
+class IngestConfig(StageConfig):
+    inputs: list[str] = field(default_factory=lambda: [BUILTIN],
+                              help="files, globs or directories to read, or 'builtin' for the built-in corpus")
+    text_field: str = field("text", help="record key holding the document text")
+    source_field: str | None = field(None, help="record key naming the document's source; unset or absent: the input file's stem")
+    id_field: str = field("id", help="record key holding the document id (missing ids are the sha1 of the text)")
+    dedup: bool = field(True, help="drop documents whose text exactly repeats an earlier one")
+    strict: bool = field(False, help="stop at the first bad record instead of skipping and counting it")
+    split_seed: int = field(0, help="seed of the id hash that assigns splits")
+    heldout_fraction: float = field(0.02, help="share of documents in the 'heldout' split (never trained on)")
+    ref_fraction: float = field(0.05, help="share of documents in the 'ref' split (trains the reference models)")
+    builtin_max_chars: int = field(DEFAULT_MAX_CHARS, help="size cap of the 'builtin' corpus in characters")
+    docs_per_shard: int = field(4096, hash=False, help="documents per output Parquet file")
+
+    def validate(self) -> None:
+        if not self.inputs:
+            raise ConfigError("'inputs' is empty; give at least one file, glob or directory, e.g. inputs: [data/*.jsonl.gz] or [builtin]")
+        for name in ("heldout_fraction", "ref_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"'{name}' = {value} must be in [0, 1)")
+        if self.heldout_fraction + self.ref_fraction >= 1.0:
+            raise ConfigError(f"'heldout_fraction' + 'ref_fraction' = {self.heldout_fraction + self.ref_fraction} "
+                              "leaves no documents for training; keep the sum below 1")
+        for name in ("docs_per_shard", "builtin_max_chars"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"'{name}' = {getattr(self, name)} must be a positive integer")
+        for name in ("text_field", "id_field"):
+            if not getattr(self, name):
+                raise ConfigError(f"'{name}' must not be empty")
+
+    def input_fingerprint(self, run: RunDir) -> list[dict[str, Any]]:
+        """Content identity of the inputs (enters the stage hash: changed files re-run ingest)."""
+        return [{k: fp[k] for k in fp if k != "mtime_ns"} for fp in input_fingerprints(self)]
+
+
+# -- reading inputs ----------------------------------------------------------------------
+
+@dataclasses.dataclass
+class RawRecord:
+    """One input record before checking: `value` is a parsed mapping or the reason it is not."""
+
+    file: str
+    line: int | None  # 1-based line (JSON lines) or row (Parquet, datasets); None for whole files
+    value: dict[str, Any] | None
+    default_source: str
+    problem: tuple[str, str] | None = None  # (reason, detail) when the record could not be parsed
+
+
+def file_stem(path: Path) -> str:
+    """`web` for web.jsonl.gz, web.parquet, web.jsonl."""
+    name = path.name
+    for comp in COMPRESSIONS[1:]:
+        if name.endswith(comp):
+            name = name[: -len(comp)]
+    return Path(name).stem if Path(name).suffix else name
+
+
+def _input_kind(path: Path) -> str | None:
+    if path.is_dir():
+        if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+            return "datasets"
+        return "directory"
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        return "parquet"
+    if any(name.endswith(s + c) for s in JSONL_SUFFIXES for c in COMPRESSIONS):
+        return "jsonl"
+    return None
+
+
+def resolve_inputs(inputs: list[str]) -> list[tuple[str, Path | None]]:
+    """(kind, path) per input unit, in reading order; globs and directories expanded."""
+    units: list[tuple[str, Path | None]] = []
+    for spec in inputs:
+        if spec == BUILTIN:
+            units.append((BUILTIN, None))
+            continue
+        matches = sorted(glob.glob(os.path.expanduser(spec))) if glob.has_magic(spec) else [os.path.expanduser(spec)]
+        if not matches or not Path(matches[0]).exists():
+            raise FramelmError(f"ingest input '{spec}' matches no file or directory")
+        for m in matches:
+            path = Path(m)
+            kind = _input_kind(path)
+            if kind == "directory":
+                units.extend(_directory_units(path))
+            elif kind is None:
+                raise FramelmError(
+                    f"ingest input {path}: unknown format; expected .jsonl/.json/.ndjson (optionally .gz or .zst), "
+                    ".parquet, a directory of .txt files, a datasets save_to_disk directory, or 'builtin'")
+            else:
+                units.append((kind, path))
+    return units
+
+
+def _directory_units(directory: Path) -> list[tuple[str, Path | None]]:
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    if any(p.suffix == ".txt" for p in files):
+        return [("textdir", directory)]
+    units = [(k, p) for p in files if (k := _input_kind(p)) in ("jsonl", "parquet")]
+    if not units:
+        raise FramelmError(f"ingest input {directory}: directory holds no .txt, JSON-lines or Parquet files "
+                           "and is not a datasets save_to_disk directory")
+    return units
+
+
+def _open_binary(path: Path) -> io.BufferedIOBase:
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if name.endswith(".zst"):
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
+
+
+def _read_jsonl(path: Path) -> Iterator[RawRecord]:
+    stem = file_stem(path)
+    line_no = 0
+    try:
+        with _open_binary(path) as fh:
+            for line_no, raw in enumerate(fh, start=1):
+                raw = raw.rstrip(b"\r\n")
+                if not raw.strip():
+                    continue  # blank lines separate nothing; they are not records
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    yield RawRecord(str(path), line_no, None, stem, ("undecodable_bytes", f"not UTF-8: {exc}"))
+                    continue
+                try:
+                    value = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    yield RawRecord(str(path), line_no, None, stem, ("invalid_json", str(exc)))
+                    continue
+                if not isinstance(value, dict):
+                    yield RawRecord(str(path), line_no, None, stem, ("invalid_json", f"expected a JSON object, got {type(value).__name__}"))
+                    continue
+                yield RawRecord(str(path), line_no, value, stem)
+    except _corrupt_data_errors(path) as exc:
+        raise FramelmError(f"{path}: truncated, corrupt or unreadable after line {line_no} ({exc}); "
+                           "re-download or re-compress it, or leave it out of the inputs") from None
+
+
+def _corrupt_data_errors(path: Path) -> tuple[type[BaseException], ...]:
+    """What reading a damaged file raises: gzip gives EOFError/OSError/zlib.error, zstd its own."""
+    errors: tuple[type[BaseException], ...] = (EOFError, OSError, zlib.error)
+    if path.name.lower().endswith(".zst"):
+        import zstandard
+
+        errors += (zstandard.ZstdError,)
+    return errors
+
+
+def _read_parquet(path: Path, columns: list[str]) -> Iterator[RawRecord]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise FramelmError(f"{path}: not a readable Parquet file ({exc})") from None
+    present = [c for c in columns if c in pf.schema_arrow.names]
+    stem = file_stem(path)
+    row = 0
+    for batch in pf.iter_batches(columns=present, batch_size=4096):
+        for value in batch.to_pylist():
+            row += 1
+            yield RawRecord(str(path), row, value, stem)
+
+
+def _read_datasets(path: Path) -> Iterator[RawRecord]:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as exc:  # datasets raises many types for a damaged directory
+        raise FramelmError(f"{path}: not a readable datasets save_to_disk directory ({exc})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        named = [(f"{path}[{split}]", loaded[split]) for split in sorted(loaded)]
+    else:
+        named = [(str(path), loaded)]
+    for where, dataset in named:
+        for row, value in enumerate(dataset, start=1):
+            yield RawRecord(where, row, value, path.name)
+
+
+def _read_textdir(directory: Path, text_field: str) -> Iterator[RawRecord]:
+    for path in sorted(p for p in directory.rglob("*.txt") if p.is_file()):
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield RawRecord(str(path), None, None, directory.name, ("undecodable_bytes", f"not UTF-8: {exc}"))
+            continue
+        yield RawRecord(str(path), None, {text_field: text}, directory.name)
+
+
+def _read_builtin(cfg: IngestConfig) -> Iterator[RawRecord]:
+    for doc in iter_builtin_documents(cfg.builtin_max_chars):
+        yield RawRecord(doc.path, None, {cfg.text_field: doc.text, cfg.id_field: doc.id}, doc.source)
+
+
+def read_records(kind: str, path: Path | None, cfg: IngestConfig) -> Iterator[RawRecord]:
+    if kind == BUILTIN:
+        return _read_builtin(cfg)
+    assert path is not None
+    if kind == "jsonl":
+        return _read_jsonl(path)
+    if kind == "parquet":
+        return _read_parquet(path, [c for c in (cfg.id_field, cfg.text_field, cfg.source_field) if c])
+    if kind == "datasets":
+        return _read_datasets(path)
+    return _read_textdir(path, cfg.text_field)
+
+
+def _unit_fingerprint(kind: str, path: Path | None, cfg: IngestConfig) -> dict[str, Any]:
+    if kind == BUILTIN:
+        return builtin_fingerprint(cfg.builtin_max_chars)
+    assert path is not None
+    if path.is_file():
+        return fsutil.file_fingerprint(path)
+    # a directory: the fingerprints of its files, folded into one
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    prints = [fsutil.file_fingerprint(p) for p in files]
+    digest = hashlib.sha256(json.dumps([(p["path"], p["bytes"], p["sha256_ends"]) for p in prints]).encode())
+    return {"path": str(path), "files": len(files), "bytes": sum(p["bytes"] for p in prints),
+            "mtime_ns": max((p["mtime_ns"] for p in prints), default=0), "sha256_ends": digest.hexdigest()[:16]}
+
+
+def input_fingerprints(cfg: IngestConfig) -> list[dict[str, Any]]:
+    """`framelm.fsutil.file_fingerprint` of every input (folded per directory; 'builtin' by version)."""
+    return [_unit_fingerprint(kind, path, cfg) for kind, path in resolve_inputs(cfg.inputs)]
+
+
+# -- checking records --------------------------------------------------------------------
+
+def split_of(doc_id: str, seed: int, heldout_fraction: float, ref_fraction: float) -> str:
+    """The split of a document: a pure function of its id and the seed, stable across runs."""
+    digest = hashlib.blake2b(f"{seed}\x00{doc_id}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    u = int.from_bytes(digest, "big") / 2.0**64
+    if u < heldout_fraction:
+        return "heldout"
+    if u < heldout_fraction + ref_fraction:
+        return "ref"
+    return "train"
+
+
+class RecordChecker:
+    """Turns raw records into documents, remembering what it saw for dedup and id checks."""
+
+    def __init__(self, cfg: IngestConfig):
+        self.cfg = cfg
+        self.text_seen: set[bytes] = set()
+        self.id_text: dict[str, bytes] = {}
+        self.rejects: list[dict[str, Any]] = []
+        self.reject_counts: Counter[str] = Counter()
+        self.duplicates_dropped = 0
+
+    def _reject(self, rec: RawRecord, reason: str, detail: str) -> None:
+        if self.cfg.strict:
+            where = f"{rec.file}, line {rec.line}" if rec.line is not None else rec.file
+            raise FramelmError(f"{where}: bad record ({reason}): {detail}. "
+                               "Fix the record, or run without --strict to skip and count bad records")
+        self.reject_counts[reason] += 1
+        self.rejects.append({"reason": reason, "file": rec.file, "line": rec.line, "detail": detail[:500]})
+
+    def check(self, rec: RawRecord) -> dict[str, Any] | None:
+        """The document of a record, or None when it is rejected or a dropped duplicate."""
+        cfg = self.cfg
+        if rec.problem:
+            self._reject(rec, *rec.problem)
+            return None
+        value = rec.value or {}
+        text = value.get(cfg.text_field)
+        if text is None:
+            self._reject(rec, "missing_text", f"no '{cfg.text_field}' field (keys: {', '.join(map(str, list(value)[:10]))})")
+            return None
+        if not isinstance(text, str):
+            self._reject(rec, "non_string_text", f"'{cfg.text_field}' is {type(text).__name__}, not a string")
+            return None
+        if not text.strip():
+            self._reject(rec, "empty_text", f"'{cfg.text_field}' is empty or whitespace only")
+            return None
+        try:
+            encoded = text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            self._reject(rec, "undecodable_bytes", f"text has a lone surrogate, not valid Unicode: {exc}")
+            return None
+        source = rec.default_source
+        if cfg.source_field:
+            given = value.get(cfg.source_field)
+            if given is not None and not isinstance(given, str):
+                self._reject(rec, "non_string_source", f"'{cfg.source_field}' is {type(given).__name__}, not a string")
+                return None
+            if given:
+                source = given
+        text_hash = hashlib.sha1(encoded).digest()
+        raw_id = value.get(cfg.id_field)
+        derived_id = raw_id is None or raw_id == ""
+        if derived_id:
+            doc_id = text_hash.hex()
+        elif isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool):
+            doc_id = str(raw_id)
+        else:
+            self._reject(rec, "invalid_id", f"'{cfg.id_field}' is {type(raw_id).__name__}; ids must be strings or integers")
+            return None
+        if cfg.dedup and text_hash in self.text_seen:
+            self.duplicates_dropped += 1
+            return None
+        earlier = self.id_text.get(doc_id)
+        if earlier is not None:
+            if earlier == text_hash and derived_id:
+                # content-derived id of a kept duplicate (dedup off): make it unique but stable
+                n = 2
+                while f"{doc_id}-{n}" in self.id_text:
+                    n += 1
+                doc_id = f"{doc_id}-{n}"
+            else:
+                self._reject(rec, "duplicate_id", f"id {doc_id!r} was already used by an earlier document"
+                             + (" with another text" if earlier != text_hash else ""))
+                return None
+        self.id_text[doc_id] = text_hash
+        self.text_seen.add(text_hash)
+        return {"id": doc_id, "source": source, "split": split_of(doc_id, cfg.split_seed, cfg.heldout_fraction, cfg.ref_fraction),
+                "text": text, "n_chars": len(text), "n_bytes": len(encoded)}
+
+
+# -- the stage ---------------------------------------------------------------------------
+
+def shard_path(out_dir: Path, index: int) -> Path:
+    return out_dir / f"part-{index:05d}.parquet"
+
+
+def row_group_bounds(n_bytes: list[int]) -> list[int]:
+    """Start rows of the row groups: at most ROWS_PER_GROUP documents and about
+    BYTES_PER_GROUP bytes each, so `framelm tokenize` units are of similar cost."""
+    starts, size = [0], 0
+    for i, b in enumerate(n_bytes):
+        if i > starts[-1] and (i - starts[-1] >= ROWS_PER_GROUP or size + b > BYTES_PER_GROUP):
+            starts.append(i)
+            size = 0
+        size += b
+    return starts
+
+
+def _write_shard(path: Path, docs: list[dict[str, Any]]) -> None:
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(docs, schema=DOCUMENT_SCHEMA)
+    starts = row_group_bounds([d["n_bytes"] for d in docs]) + [len(docs)]
+    with fsutil.atomic_path(path) as tmp, pq.ParquetWriter(tmp, DOCUMENT_SCHEMA, compression="zstd") as writer:
+        for start, end in zip(starts, starts[1:]):
+            writer.write_table(table.slice(start, end - start), row_group_size=end - start)
+    fsutil.mark_done(path)
+
+
+def _prepare_plan(run: RunDir, plan: dict[str, Any]) -> None:
+    """Keep finished shards only if they were made by the same plan; record the plan."""
+    plan_path = run.path("ingest", "plan.json")
+    docs_dir = run.path("ingest", "documents")
+    if plan_path.exists() and json.loads(plan_path.read_text()) != plan and docs_dir.exists():
+        log.info("ingest: inputs or shard size changed since the interrupted run; starting over")
+        shutil.rmtree(docs_dir)
+    fsutil.write_json(plan_path, plan)
+
+
+def ingest_corpus(cfg: IngestConfig, run: RunDir) -> dict[str, Any]:
+    """Read every input into RUN/ingest/documents/part-*.parquet; return the counts."""
+    units = resolve_inputs(cfg.inputs)
+    fingerprints = input_fingerprints(cfg)
+    _prepare_plan(run, {"docs_per_shard": cfg.docs_per_shard, "inputs": fingerprints})
+    out_dir = run.path("ingest", "documents")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    checker = RecordChecker(cfg)
+    sources: Counter[str] = Counter()
+    splits: Counter[str] = Counter({s: 0 for s in SPLITS})
+    n_docs = n_bytes = n_chars = 0
+    shard: list[dict[str, Any]] = []
+    n_shards = resumed = 0
+
+    def flush() -> None:
+        nonlocal n_shards, resumed
+        path = shard_path(out_dir, n_shards)
+        if fsutil.is_done(path):
+            resumed += 1  # finished before an interruption: the same documents, already on disk
+        else:
+            _write_shard(path, shard)
+        n_shards += 1
+        shard.clear()
+
+    with tqdm(desc="ingest", unit=" docs") as bar:
+        for kind, path in units:
+            for rec in read_records(kind, path, cfg):
+                doc = checker.check(rec)
+                bar.update()
+                if doc is None:
+                    continue
+                n_docs += 1
+                n_bytes += doc["n_bytes"]
+                n_chars += doc["n_chars"]
+                sources[doc["source"]] += 1
+                splits[doc["split"]] += 1
+                shard.append(doc)
+                if len(shard) == cfg.docs_per_shard:
+                    flush()
+    if shard:
+        flush()
+    if n_docs == 0:
+        raise FramelmError(f"ingest found no usable documents in {', '.join(cfg.inputs)} "
+                           f"(rejected: {dict(checker.reject_counts) or 'none'}); check text_field='{cfg.text_field}'")
+    fsutil.write_text(run.path("ingest", "rejects.jsonl"), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in checker.rejects))
+    if resumed:
+        log.info("ingest: %d of %d shards were already finished", resumed, n_shards)
+    return {
+        "docs": n_docs, "bytes": n_bytes, "chars": n_chars, "shards": n_shards,
+        "rejected": sum(checker.reject_counts.values()), "duplicates_dropped": checker.duplicates_dropped,
+        "sources": dict(sorted(sources.items())), "splits": dict(splits),
+        "rejects": dict(sorted(checker.reject_counts.items())), "inputs": fingerprints,
+    }

@@ -1,0 +1,98 @@
+"""Megatron indexed datasets, read back by a reader written from the .idx spec and by
+Megatron-Core's own IndexedDataset where megatron-core is installed."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+
+import numpy as np
+import pytest
+
+from conftest import STAGE_NAMES, build_tiny_run
+from framelm.export import ExportConfig, export_schedules
+
+DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16}
+
+
+def read_indexed_dataset(prefix):
+    """Sequences of a Megatron MMIDIDX dataset: prefix.idx (header, lengths, pointers, doc indices) + prefix.bin."""
+    raw = open(f"{prefix}.idx", "rb").read()
+    assert raw[:9] == b"MMIDIDX\x00\x00"
+    (version,) = struct.unpack("<Q", raw[9:17])
+    (code,) = struct.unpack("<B", raw[17:18])
+    n_seq, n_doc = struct.unpack("<QQ", raw[18:34])
+    assert version == 1
+    pos = 34
+    lengths = np.frombuffer(raw, "<i4", n_seq, pos)
+    pointers = np.frombuffer(raw, "<i8", n_seq, pos + 4 * n_seq)
+    doc_idx = np.frombuffer(raw, "<i8", n_doc, pos + 12 * n_seq)
+    assert len(raw) == pos + 12 * n_seq + 8 * n_doc
+    dtype = np.dtype(DTYPES[code])
+    data = np.fromfile(f"{prefix}.bin", dtype=dtype)
+    seqs = [data[p // dtype.itemsize: p // dtype.itemsize + n] for p, n in zip(pointers, lengths)]
+    return seqs, doc_idx, dtype
+
+
+def _phases(tiny):
+    return json.loads(tiny.run.path("export", "frame", "megatron", "phases.json").read_text())
+
+
+def test_megatron_datasets_hold_each_segment_documents_in_order(tiny_run):
+    export_schedules(ExportConfig(formats=["megatron"], n_substages=2), tiny_run.run)
+    out = tiny_run.run.path("export", "frame", "megatron")
+    info = _phases(tiny_run)
+    expected_docs = tiny_run.expected_docs()
+    stage = tiny_run.order.column("stage").to_numpy()
+    got_docs = []
+    for ph in info["phases"]:
+        seqs, doc_idx, dtype = read_indexed_dataset(out / ph["folder"])
+        assert dtype == np.uint16
+        np.testing.assert_array_equal(doc_idx, np.arange(len(seqs) + 1))  # one document per sequence
+        assert len(seqs) == ph["docs"] == ph["end_doc"] - ph["first_doc"]
+        labels = set(stage[ph["first_doc"]:ph["end_doc"]])
+        if ph["kind"] == "stage":
+            assert labels == {STAGE_NAMES.index(ph["name"])}
+        got_docs.extend(seqs)
+    assert len(got_docs) == len(expected_docs)
+    for got, want in zip(got_docs, expected_docs):
+        np.testing.assert_array_equal(got, want)
+    # iteration boundaries: tokens // (global_batch * seq_len) with stages.yaml's 2 * 8
+    assert info["tokens_per_iteration"] == 16
+    for ph in info["phases"]:
+        assert (ph["start_step"], ph["end_step"]) == (ph["start_token"] // 16, ph["end_token"] // 16)
+    assert [(s["name"], s["start_step"]) for s in info["stages"]] == [(n, a // 16) for n, a, _ in tiny_run.stage_ranges]
+    # data_paths.txt: one --data-path line per segment, in order, after its iteration comment
+    text = (out / "data_paths.txt").read_text()
+    paths = re.findall(r"^--data-path 1\.0 (.+)$", text, re.M)
+    assert paths == [str(out / ph["folder"]) for ph in info["phases"]]
+    assert re.findall(r"iterations \[(\d+), (\d+)\)", text) == [(str(p["start_step"]), str(p["end_step"])) for p in info["phases"]]
+
+
+def test_megatron_uses_int32_for_large_vocabularies(tmp_path):
+    tiny = build_tiny_run(tmp_path / "run", vocab_size=100_000)
+    export_schedules(ExportConfig(formats=["megatron"], seq_len=4, global_batch=1), tiny.run)
+    out = tiny.run.path("export", "frame", "megatron")
+    seqs = []
+    for ph in _phases(tiny)["phases"]:
+        s, _, dtype = read_indexed_dataset(out / ph["folder"])
+        assert dtype == np.int32
+        seqs.extend(s)
+    np.testing.assert_array_equal(np.concatenate(seqs), tiny.expected_stream())
+
+
+@pytest.mark.slow
+def test_megatron_core_reads_the_datasets(tiny_run):
+    pytest.importorskip("megatron.core", reason="megatron-core not installed (pip install megatron-core)")
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    export_schedules(ExportConfig(formats=["megatron"]), tiny_run.run)
+    out = tiny_run.run.path("export", "frame", "megatron")
+    got = []
+    for ph in _phases(tiny_run)["phases"]:
+        ds = IndexedDataset(str(out / ph["folder"]), mmap=True)
+        assert len(ds) == ph["docs"]
+        got.extend(np.array(ds[i]) for i in range(len(ds)))  # copies: the dataset unmaps on deletion
+        np.testing.assert_array_equal(ds.document_indices, np.arange(len(ds) + 1))
+    np.testing.assert_array_equal(np.concatenate(got), tiny_run.expected_stream())

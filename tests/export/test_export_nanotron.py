@@ -1,0 +1,67 @@
+"""nanotron Nanoset folders and data_stages, read back by a reader written from datatrove's
+.ds/.ds.index/.ds.metadata layout (the files Nanoset's DatatroveFolderDataset reads)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from conftest import build_tiny_run
+from framelm.export import ExportConfig, export_schedules
+
+
+def read_nanoset_folder(folder: Path):
+    """All *.ds files of a folder in name order: tokens, document ends, and metadata lines."""
+    files = sorted(folder.glob("*.ds"))
+    assert files, f"no .ds files in {folder}"
+    out = []
+    for ds in files:
+        tokenizer_and_size, n_tokens = ds.with_name(ds.name + ".metadata").read_text().split("\n")[:2]
+        token_size = int(tokenizer_and_size.rsplit("|", 1)[1])
+        tokens = np.fromfile(ds, dtype="<u2" if token_size == 2 else "<u4")
+        assert len(tokens) == int(n_tokens)
+        ends = np.fromfile(ds.with_name(ds.name + ".index"), dtype="<u8")
+        out.append((tokens, ends, tokenizer_and_size))
+    return out
+
+
+def test_nanotron_folders_and_data_stages(tiny_run):
+    export_schedules(ExportConfig(formats=["nanotron"], tokenizer_name="my-org/my-tokenizer"), tiny_run.run)
+    out = tiny_run.run.path("export", "frame", "nanotron")
+    phases = json.loads((out / "phases.json").read_text())["phases"]
+    expected_docs = tiny_run.expected_docs()
+    docs, stream = [], []
+    for ph in phases:
+        ((tokens, ends, header),) = read_nanoset_folder(out / ph["folder"])
+        assert header == "my-org/my-tokenizer|2"
+        assert ends[-1] == len(tokens) and len(ends) == ph["docs"]
+        docs.extend(np.split(tokens, ends[:-1].astype(np.int64)))
+        stream.append(tokens)
+    np.testing.assert_array_equal(np.concatenate(stream), tiny_run.expected_stream())
+    assert len(docs) == len(expected_docs)
+    for got, want in zip(docs, expected_docs):
+        np.testing.assert_array_equal(got, want)
+
+    stages = yaml.safe_load((out / "data_stages.yaml").read_text())["data_stages"]
+    steps = [s["start_training_step"] for s in stages]
+    assert steps[0] == 1 and steps == sorted(set(steps))  # nanotron needs strictly increasing starts
+    with_steps = [ph for ph in phases if ph["end_step"] > ph["start_step"]]
+    assert [s["name"] for s in stages] == [ph["folder"] for ph in with_steps]
+    assert steps == [ph["start_step"] + 1 for ph in with_steps]
+    for s in stages:
+        ds = s["data"]["dataset"]
+        assert ds["dataset_folder"] == [str(out / s["name"])] and ds["dataset_weights"] == [1.0]
+        assert ds["token_size_in_bytes"] == 2 and ds["vocab_size"] == 300
+
+
+def test_nanotron_uint32_tokens(tmp_path):
+    tiny = build_tiny_run(tmp_path / "run", vocab_size=70_000, n_docs=16)
+    export_schedules(ExportConfig(formats=["nanotron"]), tiny.run)
+    out = tiny.run.path("export", "frame", "nanotron")
+    phases = json.loads((out / "phases.json").read_text())["phases"]
+    tokens = [read_nanoset_folder(out / ph["folder"])[0] for ph in phases]
+    assert all(t[2].endswith("|4") for t in tokens)
+    np.testing.assert_array_equal(np.concatenate([t[0] for t in tokens]), tiny.expected_stream())
