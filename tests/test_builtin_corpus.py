@@ -15,7 +15,7 @@ def test_builtin_corpus_is_deterministic_capped_and_mixed():
     assert all(by_source.values()), {s: len(v) for s, v in by_source.items()}
     assert len({d.id for d in docs}) == len(docs)
     for d in by_source["code"]:
-        ast.parse(d.text)  # real Python source, whole files
+        ast.parse(d.text)  # real Python source: complete top-level definitions
     # files are visited in sorted order
     code_paths = [d.path for d in by_source["code"]]
     assert code_paths == sorted(code_paths)

@@ -2,7 +2,8 @@
 
 It lets the whole pipeline run on any machine with CPython 3.11+ and nothing else:
 
-- `code`: standard-library `.py` files, one document per file;
+- `code`: standard-library `.py` files, one document per top-level class or function (with its
+  decorators), so documents range from a few lines to a few hundred, as in a real corpus;
 - `docstring`: the module, class and function docstrings of those files, one prose document
   per module (docstrings joined by blank lines);
 - `license`: licence and readme texts of the installation (the standard library's
@@ -107,6 +108,26 @@ def _docstrings(code: str) -> list[str]:
     return found
 
 
+MIN_CODE_DOC_CHARS = 120
+
+
+def _definitions(code: str) -> list[tuple[str, str]]:
+    """(name, source) of each top-level class and function definition, in source order."""
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError):
+        return []
+    lines = code.splitlines(keepends=True)
+    out = []
+    for node in tree.body:
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno:
+            first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            text = "".join(lines[first - 1:node.end_lineno])
+            if len(text) >= MIN_CODE_DOC_CHARS:
+                out.append((node.name, text))
+    return out
+
+
 def iter_builtin_documents(max_chars: int = DEFAULT_MAX_CHARS) -> Iterator[BuiltinDocument]:
     """The built-in corpus, at most `max_chars` characters in total, in a fixed order."""
     if max_chars <= 0:
@@ -135,10 +156,12 @@ def iter_builtin_documents(max_chars: int = DEFAULT_MAX_CHARS) -> Iterator[Built
         if not code or not code.strip() or len(code) > MAX_FILE_CHARS:
             continue
         rel = path.relative_to(stdlib).as_posix()
-        if len(code) <= budget["code"] - used["code"]:
-            used["code"] += len(code)
+        for name, text in _definitions(code):
+            if len(text) > budget["code"] - used["code"]:
+                break
+            used["code"] += len(text)
             n_code += 1
-            yield BuiltinDocument(id=f"builtin:code:{rel}", source="code", text=code, path=str(path))
+            yield BuiltinDocument(id=f"builtin:code:{rel}:{name}", source="code", text=text, path=str(path))
         if budget["docstring"] - used["docstring"] >= MIN_DOCSTRING_DOC_CHARS:
             prose = "\n\n".join(_docstrings(code))
             if len(prose) >= MIN_DOCSTRING_DOC_CHARS and len(prose) <= budget["docstring"] - used["docstring"]:

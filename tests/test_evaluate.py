@@ -1,0 +1,348 @@
+"""framelm.evaluate / evaltasks / builtin_tasks against numbers computed directly with transformers."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from framelm.builtin_tasks import LAST_WORD, NEXT_LINE, write_builtin_tasks
+from framelm.errors import FramelmError
+from framelm.evaltasks import check_task_file, run_harness, write_task_configs
+from framelm.evaluate import EvalConfig, evaluate_heldout
+from framelm.pipeline import run_stage
+from framelm.rundir import RunDir
+
+TEXT = [
+    "def add(a, b):\n    return a + b\n",
+    "The quick brown fox jumps over the lazy dog.",
+    "Permission is hereby granted, free of charge, to any person obtaining a copy.",
+    "Return the sum of two numbers.\n\nRaises ValueError when the input is empty.",
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A randomly initialised tiny Llama with a byte-level BPE tokenizer, saved HF-style."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TEXT * 5, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                         eos_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # larger logits than the default init, so choices differ clearly
+        model.lm_head.weight.normal_(0, 2.0)
+    path = tmp_path_factory.mktemp("model") / "hf"
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+def loglikelihood(model_dir: Path, context: str, continuation: str) -> tuple[float, bool]:
+    """log P(continuation | context) and whether greedy decoding reproduces it, the harness's way:
+    encode context+continuation together and split at the context's token count."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ctx = tok.encode(context, add_special_tokens=False)
+    whole = tok.encode(context + continuation, add_special_tokens=False)
+    cont = whole[len(ctx):]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([whole[:-1]])).logits[0].double(), -1)
+    rows = logp[len(ctx) - 1:]
+    ll = sum(float(rows[i, t]) for i, t in enumerate(cont))
+    greedy = all(int(rows[i].argmax()) == t for i, t in enumerate(cont))
+    return ll, greedy
+
+
+def mean_stderr(x: list[float]) -> float:
+    return float(np.std(x, ddof=1) / math.sqrt(len(x)))
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+MC_ROWS = [{"query": f"The quick brown {w}", "choices": ["fox jumps", "dog", "lazy over the"], "gold": i % 3}
+           for i, w in enumerate(["cat", "fox", "dog", "sum", "copy"])]
+MMLU_ROWS = [{"query": "What is a + b?", "choices": ["sum", "copy", "dog", "fox"], "gold": g, "subject": "high_school_math"}
+             for g in (0, 1, 3)]
+WG_ROWS = [{"context_options": ["Return the sum", "Permission is"], "continuation": "of two numbers.", "gold": 0},
+           {"context_options": ["The lazy dog", "def add(a"], "continuation": "jumps over the fox", "gold": 1},
+           {"context_options": ["free of charge", "the input is"], "continuation": "empty.", "gold": 1}]
+LAMBADA_ROWS = [{"context": "The quick brown fox jumps over the lazy", "continuation": "dog"},
+                {"context": "Raises ValueError when the input is", "continuation": "empty"},
+                {"context": "free of", "continuation": "charge"}]
+
+
+@pytest.fixture(scope="module")
+def harness_results(model_dir, tmp_path_factory):
+    """One harness run over a task file of each schema."""
+    root = tmp_path_factory.mktemp("tasks")
+    files = {name: write_jsonl(root / f"{name}.jsonl", rows) for name, rows in
+             [("mc", MC_ROWS), ("mmlu", MMLU_ROWS), ("wg", WG_ROWS), ("lam", LAMBADA_ROWS)]}
+    tasks = [check_task_file(p) for p in files.values()]
+    write_task_configs(tasks, root / "yaml", root / "cache")
+    return run_harness(model_dir, tasks, root / "yaml", device="cpu", dtype="float32", batch_size=4, limit=None)
+
+
+def test_multiple_choice_matches_hand_computed_loglikelihoods(model_dir, harness_results):
+    acc, acc_norm = [], []
+    for row in MC_ROWS:
+        lls = np.array([loglikelihood(model_dir, row["query"], " " + c)[0] for c in row["choices"]])
+        # acc_norm: log-likelihood per character of the choice as the harness scores it (with its space)
+        lengths = np.array([len(" " + c) for c in row["choices"]])
+        acc.append(float(lls.argmax() == row["gold"]))
+        acc_norm.append(float((lls / lengths).argmax() == row["gold"]))
+    got = harness_results["mc"]
+    assert got["n"] == len(MC_ROWS) and got["schema"] == "multiple_choice"
+    assert got["acc"] == pytest.approx(np.mean(acc)) and got["acc_norm"] == pytest.approx(np.mean(acc_norm))
+    assert got["acc_stderr"] == pytest.approx(mean_stderr(acc))
+    assert got["acc_norm_stderr"] == pytest.approx(mean_stderr(acc_norm))
+    assert 0 < np.mean(acc) < 1, "fixture must give a non-trivial accuracy so the comparison can fail"
+
+
+def test_mmlu_rows_get_a_lettered_prompt(model_dir, harness_results):
+    acc = []
+    for row in MMLU_ROWS:
+        prompt = ("The following is a multiple choice question about high school math.\n\nWhat is a + b?\n"
+                  "A. sum\nB. copy\nC. dog\nD. fox\nAnswer:")
+        lls = [loglikelihood(model_dir, prompt, " " + letter)[0] for letter in "ABCD"]
+        acc.append(float(np.argmax(lls) == row["gold"]))
+    assert harness_results["mmlu"]["acc"] == pytest.approx(np.mean(acc))
+
+
+def test_winogrande_partial_scoring(model_dir, harness_results):
+    acc = []
+    for row in WG_ROWS:
+        lls = [loglikelihood(model_dir, ctx, " " + row["continuation"])[0] for ctx in row["context_options"]]
+        acc.append(float(np.argmax(lls) == row["gold"]))
+    assert harness_results["wg"]["acc"] == pytest.approx(np.mean(acc))
+    assert harness_results["wg"]["n"] == 3
+
+
+def test_lambada_accuracy_and_perplexity(model_dir, harness_results):
+    scored = [loglikelihood(model_dir, r["context"], " " + r["continuation"]) for r in LAMBADA_ROWS]
+    got = harness_results["lam"]
+    assert got["perplexity"] == pytest.approx(math.exp(-np.mean([ll for ll, _ in scored])), rel=1e-5)
+    assert got["acc"] == pytest.approx(np.mean([g for _, g in scored]))
+
+
+def test_generated_yaml_loads_offline(tmp_path):
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    path = write_jsonl(tmp_path / "wino.jsonl", WG_ROWS)
+    write_task_configs([check_task_file(path)], tmp_path / "yaml", tmp_path / "cache")
+    task = get_task_dict(["wino"], TaskManager(include_path=str(tmp_path / "yaml"), include_defaults=False))["wino"]
+    docs = list(task.test_docs())
+    assert len(docs) == 3 and task.doc_to_choice(docs[0]) == WG_ROWS[0]["context_options"]
+    assert task.multiple_input == 2  # partial scoring: contexts are the choices
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"query": "q", "choices": ["a", "b"], "gold": 2}', "'gold' = 2 is outside 0..1"),
+    ('{"query": "q", "choices": ["a"], "gold": 0}', "at least two"),
+    ('{"query": "q", "choices": ["a", "b"]}', "missing field 'gold'"),
+    ('{"query": "q", "choices": ["a", "b"], "gold": 0', "invalid JSON"),
+    ('{"question": "q"}', "missing field 'choices'"),
+])
+def test_bad_task_rows_name_file_line_and_field(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"query": "q", "choices": ["a", "b"], "gold": 0}\n' + line + "\n")
+    with pytest.raises(FramelmError, match=message) as info:
+        check_task_file(path)
+    assert f"{path}:2" in str(info.value)
+
+
+def test_unknown_schema_and_mixed_subjects_are_refused(tmp_path):
+    with pytest.raises(FramelmError, match="cannot tell the task schema"):
+        check_task_file(write_jsonl(tmp_path / "a.jsonl", [{"question": "q", "answer": "a"}]))
+    with pytest.raises(FramelmError, match="1 of 2 rows have a 'subject'"):
+        check_task_file(write_jsonl(tmp_path / "b.jsonl", [MMLU_ROWS[0], MC_ROWS[0]]))
+
+
+def test_continuation_longer_than_the_model_context_is_refused(model_dir, tmp_path):
+    long_choice = "".join(chr(0x4E00 + i) for i in range(300))  # unseen characters: 3 byte tokens each
+    path = write_jsonl(tmp_path / "long.jsonl", MC_ROWS[:2] + [{"query": "q", "choices": ["a", long_choice], "gold": 0}])
+    task = check_task_file(path)
+    write_task_configs([task], tmp_path / "yaml", tmp_path / "cache")
+    with pytest.raises(FramelmError, match=rf"long.jsonl:3: a scored continuation is \d+ tokens, but .* at most 512"):
+        run_harness(model_dir, [task], tmp_path / "yaml", device="cpu", dtype="float32", batch_size=4, limit=None)
+
+
+def test_shared_eval_files_are_recognised(shared_data):
+    expected = {"lambada_openai": "lambada", "winogrande": "winogrande"}
+    for path in sorted((shared_data / "eval").glob("*.jsonl")):
+        task = check_task_file(path)
+        assert task.schema == expected.get(task.name, "multiple_choice"), path
+        assert task.subject == (task.name == "mmlu") and not task.verbatim and task.rows > 0
+
+
+def test_unknown_task_names_and_missing_weights_are_explained(model_dir, tmp_path):
+    from framelm.evaluate import resolve_model, resolve_tasks
+
+    run = RunDir(tmp_path / "run")
+    with pytest.raises(FramelmError, match=r"'piqa' is neither a task file nor a task name \(task_dir is"):
+        resolve_tasks(EvalConfig(tasks=["piqa"], task_dir=str(tmp_path)), run)
+    unsafe = tmp_path / "pickled"
+    shutil.copytree(model_dir, unsafe, ignore=shutil.ignore_patterns("*.safetensors"))
+    with pytest.raises(FramelmError, match="no \\*.safetensors weights"):
+        resolve_model(EvalConfig(model=str(unsafe)), run)
+
+
+def test_editing_a_task_file_or_the_model_changes_the_config_hash(model_dir, tmp_path):
+    path = write_jsonl(tmp_path / "copa.jsonl", MC_ROWS)
+    by_path = EvalConfig(model=str(model_dir), tasks=[str(path)])
+    by_name = EvalConfig(model=str(model_dir), tasks=["copa"], task_dir=str(tmp_path))
+    before = by_path.config_hash(), by_name.config_hash()
+    write_jsonl(path, MC_ROWS[:2])
+    after = by_path.config_hash(), by_name.config_hash()
+    assert before[0] != after[0] and before[1] != after[1]
+    assert EvalConfig(model="train/frame/seed0", tasks=[str(path)]).upstream() == ("train/frame/seed0", "tokenize")
+
+
+# -- a fabricated run directory: ingest documents and a token store ------------------------------
+
+DOCS = [  # id, source, split, text
+    ("a1", "code", "heldout", "import os\nimport sys\n\ndef main(argv):\n    path = os.path.join(argv[0], 'x')\n    return path\n"),
+    ("a2", "code", "heldout", "class Stack:\n    def __init__(self):\n        self.items = []\n    def push(self, item):\n        self.items.append(item)\n"),
+    ("a3", "docs", "heldout", "Return the sum of two numbers and check both of the given inputs first.\n\n"
+                              "This function raises an error when either of the given values is missing entirely."),
+    ("a4", "licence", "heldout", "Permission is hereby granted, free of charge, to any person obtaining a copy of this software.\n"
+                                 "The above copyright notice shall be included in all copies or substantial portions."),
+    ("t1", "code", "train", "TRAINING ONLY line one\nTRAINING ONLY line two\nTRAINING ONLY line three\n"),
+]
+
+
+@pytest.fixture
+def run(tmp_path, model_dir) -> RunDir:
+    from transformers import AutoTokenizer
+
+    run = RunDir(tmp_path / "run")
+    table = pa.table({"id": [d[0] for d in DOCS], "source": [d[1] for d in DOCS], "split": [d[2] for d in DOCS],
+                      "text": [d[3] for d in DOCS]})
+    run.path("ingest", "documents").mkdir(parents=True)
+    pq.write_table(table, run.path("ingest", "documents", "part-00000.parquet"))
+    run.path("ingest", "documents", "part-00000.parquet.done").touch()  # shard markers sit beside the shards
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids, offsets, flat = [], [], []
+    for _, _, _, text in DOCS:
+        t = tok.encode(text)
+        offsets.append(len(flat))
+        ids.append(len(t))
+        flat += t + [tok.eos_token_id]
+    tok_dir = run.path("tokenize")
+    tok_dir.mkdir()
+    np.array(flat, dtype=np.uint16).tofile(tok_dir / "tokens.bin")
+    pq.write_table(pa.table({"id": table["id"], "source": table["source"], "split": table["split"],
+                             "offset": pa.array(offsets, pa.int64()), "n_tokens": pa.array(ids, pa.int64()),
+                             "n_bytes": pa.array([len(d[3].encode()) for d in DOCS], pa.int64())}), tok_dir / "index.parquet")
+    (tok_dir / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": len(tok), "eos_id": tok.eos_token_id,
+                                                    "n_docs": len(DOCS), "n_tokens": len(flat)}))
+    run.path("partition").mkdir()
+    pq.write_table(pa.table({"id": ["a1", "a2", "a3", "a4"], "quadrant": ["Q1", "Q2", "Q1", "Q4"]}),
+                   run.path("partition", "quadrants.parquet"))
+    for key in ("ingest", "tokenize"):
+        run.update_record(key, {"status": "done", "hash": key})
+    return run
+
+
+def direct_nll(model_dir: Path, doc: list[int], eos_id: int, seq_len: int) -> float:
+    """Summed NLL of one document read after an EOS, one forward pass per window of seq_len predictions."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    seq = torch.tensor([eos_id] + doc)
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, len(doc), seq_len):
+            x, y = seq[start:start + seq_len], seq[start + 1:start + seq_len + 1]
+            logp = torch.log_softmax(model(x[None]).logits[0].double(), -1)
+            total -= float(logp[torch.arange(len(y)), y].sum())
+    return total
+
+
+@pytest.mark.parametrize("seq_len", [512, 7])
+def test_heldout_loss_per_source_and_quadrant(run, model_dir, seq_len):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    heldout = {d[0]: d for d in DOCS if d[2] == "heldout"}
+    tokens = {i: tok.encode(d[3]) for i, d in heldout.items()}
+    nll = {i: direct_nll(model_dir, t, tok.eos_token_id, seq_len) for i, t in tokens.items()}
+    got = evaluate_heldout(model_dir, EvalConfig(model=str(model_dir), seq_len=seq_len, tasks=[]), run, "cpu")
+
+    groups = {"all": list(heldout), "source/code": ["a1", "a2"], "source/docs": ["a3"], "source/licence": ["a4"],
+              "quadrant/Q1": ["a1", "a3"], "quadrant/Q2": ["a2"], "quadrant/Q4": ["a4"]}
+    assert set(got) == set(groups)  # the training document t1 is in no set
+    for name, ids in groups.items():
+        n_tokens = sum(len(tokens[i]) for i in ids)
+        n_bytes = sum(len(heldout[i][3].encode()) for i in ids)
+        nats = sum(nll[i] for i in ids)
+        assert got[name]["tokens"] == n_tokens and got[name]["bytes"] == n_bytes and got[name]["docs"] == len(ids)
+        assert got[name]["loss"] == pytest.approx(nats / n_tokens, rel=1e-5)
+        assert got[name]["bpb"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-5)
+
+
+def test_heldout_refuses_a_model_with_another_tokenizer(run, model_dir, tmp_path):
+    other = tmp_path / "tokenizer"
+    other.mkdir()
+    (other / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": {"a": 0}}}))
+    shutil.copytree(other, run.path("tokenize", "tokenizer"))
+    with pytest.raises(FramelmError, match="another tokenizer"):
+        evaluate_heldout(model_dir, EvalConfig(model=str(model_dir), tasks=[]), run, "cpu")
+
+
+def test_builtin_tasks_are_deterministic_and_heldout_only(run):
+    paths = write_builtin_tasks(run, rows=50, seed=3)
+    first = {p.name: p.read_bytes() for p in paths}
+    assert sorted(first) == sorted([NEXT_LINE + ".jsonl", LAST_WORD + ".jsonl"])
+    assert {p.name: p.read_bytes() for p in write_builtin_tasks(run, rows=50, seed=3)} == first
+    assert {p.name: p.read_bytes() for p in write_builtin_tasks(run, rows=50, seed=4)} != first
+    texts = {d[0]: d[3] for d in DOCS}
+    for p in paths:
+        task = check_task_file(p)
+        assert task.rows > 0 and "TRAINING ONLY" not in p.read_text()
+        for row in map(json.loads, p.read_text().splitlines()):
+            doc = texts[row["doc_id"]]
+            if task.schema == "multiple_choice":
+                assert task.verbatim  # choices carry their own newline
+                assert row["query"] + row["choices"][row["gold"]] in doc
+                assert sum(c in "\n" + doc for c in row["choices"]) == 1
+            else:
+                assert doc.startswith(row["context"]) and row["continuation"].isalpha()
+                assert doc[len(row["context"]):].lstrip().startswith(row["continuation"])
+
+
+@pytest.mark.slow
+def test_eval_stage_end_to_end(run, model_dir):
+    cfg = EvalConfig(model=str(model_dir), name="tiny", tasks=["builtin"], builtin_rows=6, device="cpu")
+    counts = run_stage("eval", cfg, run)
+    results = json.loads(run.path("eval", "tiny", "results.json").read_text())
+    assert set(results["tasks"]) == {NEXT_LINE, LAST_WORD}
+    for metrics in results["tasks"].values():
+        assert metrics["n"] == check_task_file(metrics["file"]).rows > 0 and metrics["acc_stderr"] is not None
+    assert results["tasks"][NEXT_LINE]["n"] == 6
+    assert results["tasks"][NEXT_LINE]["acc_norm"] is not None
+    assert results["heldout"]["all"]["tokens"] == counts["heldout_tokens"]
+    assert not run.path("eval", "tiny", "datasets-cache").exists()
+    assert run_stage("eval", cfg, run) == counts  # up to date: skipped
+    assert sorted(p.name for p in run.path("eval", "tiny").iterdir()) == [".framelm-hash", "harness", "results.json"]
