@@ -1,0 +1,458 @@
+"""framelm.report: the HTML page and its figures, built from a fabricated run directory."""
+
+from __future__ import annotations
+
+import html.parser
+import json
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+
+from framelm.cli import main
+from framelm.errors import ConfigError, FramelmError
+from framelm.pipeline import run_stage
+from framelm.report import ReportConfig, _lines_from_data, _stated_lines, build_report
+from framelm.rundir import RunDir
+
+SOURCES = ("books", "math", "web")
+SCHEDULES = ("frame", "random")
+FRAME_ORDER = ("Q3", "Q4", "Q1", "Q2")
+TASKS = ("copa", "piqa")
+
+
+# -- a fabricated run directory that follows docs/ARCHITECTURE.md -------------------------------
+
+def write_partition(root: Path, rng: np.random.Generator, n_docs: int = 400, with_cuts: bool = True) -> dict:
+    source = rng.choice(SOURCES, n_docs)
+    ppl = np.exp(rng.normal(3.0, 0.6, n_docs) + (source == "books") * 0.5)
+    pd_ = rng.normal(0.3, 0.1, n_docs) - (source == "books") * 0.05
+    split = np.where(rng.random(n_docs) < 0.9, "train", "heldout")
+    # FRAME's default: nested medians fit on the training documents.
+    train = split == "train"
+    ppl_cut = float(np.median(ppl[train]))
+    ppl_bin = (ppl > ppl_cut).astype(np.int8)
+    pd_cuts = [float(np.median(pd_[train & (ppl_bin == b)])) for b in (0, 1)]
+    pd_bin = (pd_ > np.where(ppl_bin == 1, pd_cuts[1], pd_cuts[0])).astype(np.int8)
+    quadrant = np.array([f"Q{1 + 2 * a + b}" for a, b in zip(ppl_bin, pd_bin)])
+    n_tokens = rng.integers(20, 400, n_docs)
+    table = pa.table({
+        "id": [f"doc{i}" for i in range(n_docs)], "source": source, "split": split, "n_tokens": n_tokens,
+        "ppl": ppl, "pd": pd_, "ppl_bin": ppl_bin, "pd_bin": pd_bin, "quadrant": quadrant,
+    })
+    (root / "partition").mkdir(parents=True)
+    pq.write_table(table, root / "partition" / "quadrants.parquet")
+    summary = {"excluded": {"no_score": 3}, "cut_points": []}
+    if with_cuts:  # the shape framelm.partition writes for a nested split
+        summary["cut_points"] = [{"axis": "ppl", "source": None, "ppl_bin": None, "cuts": [ppl_cut]}] + [
+            {"axis": "pd", "source": None, "ppl_bin": b, "cuts": [c]} for b, c in enumerate(pd_cuts)]
+    (root / "partition" / "summary.json").write_text(json.dumps(summary))
+    return {"table": table, "ppl_cut": ppl_cut, "pd_cuts": pd_cuts}
+
+
+def write_schedules(root: Path, table: pa.Table, rng: np.random.Generator) -> dict[str, list[int]]:
+    """frame: quadrants in FRAME's order; random: shuffled, cut into the same stage budgets."""
+    t = table.filter(pa.compute.equal(table["split"], "train")).to_pydict()
+    rows = list(zip(t["id"], t["source"], t["quadrant"], t["n_tokens"]))
+    frame = sorted(rows, key=lambda r: FRAME_ORDER.index(r[2]))
+    budgets = [sum(r[3] for r in rows if r[2] == q) for q in FRAME_ORDER]
+    shuffled = [rows[i] for i in rng.permutation(len(rows))]
+    starts = {}
+    for name, docs in (("frame", frame), ("random", shuffled)):
+        cum = np.cumsum([r[3] for r in docs]) - np.array([r[3] for r in docs])
+        stage = np.searchsorted(np.cumsum(budgets), cum, side="right").astype(np.int32)
+        d = root / "schedule" / name
+        d.mkdir(parents=True)
+        pq.write_table(pa.table({
+            "position": np.arange(len(docs), dtype=np.int64), "id": [r[0] for r in docs],
+            "stage": stage, "source": [r[1] for r in docs], "quadrant": [r[2] for r in docs],
+            "n_tokens": np.array([r[3] for r in docs], dtype=np.int64), "epoch": np.zeros(len(docs), dtype=np.int32),
+        }), d / "order.parquet")
+        ends = np.cumsum(budgets).tolist()
+        stages = [{"name": f"{name}-{i}", "start_token": s, "end_token": e}
+                  for i, (s, e) in enumerate(zip([0, *ends[:-1]], ends))]
+        (d / "stages.yaml").write_text(yaml.safe_dump({"stages": stages}))
+        meta = root / "export" / name / "stream"
+        meta.mkdir(parents=True)
+        (meta / "meta.json").write_text(json.dumps({"dtype": "uint16", "n_tokens": ends[-1], "eos_id": 0,
+                                                    "vocab_size": 512, "stages": stages}))
+        starts[name] = [0, *ends[:-1]]
+    return starts
+
+
+def write_logs(root: Path, seeds: tuple[int, ...], rng: np.random.Generator, steps: int = 40) -> None:
+    for name in SCHEDULES:
+        for seed in seeds:
+            d = root / "train" / name / f"seed{seed}"
+            d.mkdir(parents=True)
+            lines = []
+            for step in range(1, steps + 1):
+                tokens = step * 1024
+                loss = 6.0 * math.exp(-step / 15) + 2.0 + rng.normal(0, 0.05)
+                lines.append({"type": "train", "step": step, "tokens": tokens, "loss": loss, "lr": 1e-3, "stage": 0})
+                if step % 10 == 0:
+                    lines.append({"type": "heldout", "step": step, "tokens": tokens, "losses": {
+                        "all": loss + 0.1, "source/web": loss + 0.2, "quadrant/Q1": loss + 0.05}})
+            (d / "log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def write_compare(root: Path, seeds: tuple[int, ...], rng: np.random.Generator, frame_diff: float = -0.05,
+                  diff_stderr: float | None = 0.01) -> None:
+    runs = []
+    for name in SCHEDULES:
+        for seed in seeds:
+            tasks = {t: {"acc": float(rng.uniform(0.4, 0.7)), "acc_stderr": 0.03, "acc_norm": 0.5,
+                         "acc_norm_stderr": 0.03, "n": 100} for t in TASKS}
+            runs.append({"schedule": name, "seed": seed, "train_key": f"train/{name}/seed{seed}",
+                         "eval_key": f"eval/{name}-seed{seed}", "tokens": 40960,
+                         "results": {"heldout": {"all": {"loss": 3.0, "bpb": 1.2, "tokens": 5000}}, "tasks": tasks}})
+    table = [
+        {"metric": "heldout_loss/all", "schedule": "random", "mean": 3.10, "stderr": 0.01, "n_seeds": len(seeds),
+         "diff_vs_random": None, "diff_stderr": None},
+        {"metric": "heldout_loss/all", "schedule": "frame", "mean": 3.10 + frame_diff, "stderr": 0.01,
+         "n_seeds": len(seeds), "diff_vs_random": frame_diff, "diff_stderr": diff_stderr},
+        {"metric": "heldout_loss/source/all-caps", "schedule": "frame", "mean": 3.0, "stderr": 0.01,
+         "n_seeds": len(seeds), "diff_vs_random": 0.5, "diff_stderr": 0.01},  # not the overall held-out loss
+        {"metric": "piqa/acc", "schedule": "frame", "mean": 0.55, "stderr": 0.02, "n_seeds": len(seeds),
+         "item_stderr": 0.04, "diff_vs_random": 0.01, "diff_stderr": 0.02},
+    ]
+    (root / "compare").mkdir(parents=True)
+    (root / "compare" / "results.json").write_text(json.dumps({"schedules": list(SCHEDULES), "seeds": list(seeds),
+                                                               "runs": runs, "table": table}))
+
+
+def make_run(root: Path, seeds: tuple[int, ...] = (0, 1), parts: tuple[str, ...] = ("partition", "schedule", "train", "compare")) -> RunDir:
+    rng = np.random.default_rng(0)
+    part = write_partition(root, rng)
+    if "schedule" in parts:
+        write_schedules(root, part["table"], rng)
+    if "train" in parts:
+        write_logs(root, seeds, rng)
+    if "compare" in parts:
+        write_compare(root, seeds, rng)
+    if "partition" not in parts:
+        shutil.rmtree(root / "partition")
+    return RunDir(root)
+
+
+class _Images(html.parser.HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.srcs: list[str] = []
+        self.urls: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "img":
+            self.srcs.append(a["src"])
+        self.urls += [v for k, v in attrs if k in ("src", "href") and v]
+
+
+def page_images(report: Path) -> _Images:
+    parser = _Images()
+    parser.feed((report / "index.html").read_text())
+    return parser
+
+
+def assert_valid_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.width > 100 and im.height > 100
+        # not a blank canvas: a real plot has many distinct colours
+        assert len(im.convert("RGB").getcolors(maxcolors=1 << 20) or []) > 20, path
+
+
+# -- tests --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def full_report(tmp_path_factory) -> tuple[RunDir, dict]:
+    """One report over a run with every stage's outputs, shared by the tests that only read it."""
+    run = make_run(tmp_path_factory.mktemp("full") / "run")
+    return run, run_stage("report", ReportConfig(), run)
+
+
+def test_full_report_has_every_figure_and_references_exactly_them(full_report):
+    run, counts = full_report
+    report = run.path("report")
+    pngs = {p.name for p in report.glob("*.png")}
+    assert pngs == {"scores.png", "quadrants.png", "schedule-frame.png", "schedule-random.png", "loss.png",
+                    "heldout-sets.png", "accuracy.png"}
+    for name in pngs:
+        assert_valid_png(report / name)
+    parsed = page_images(report)
+    assert sorted(parsed.srcs) == sorted(pngs)
+    assert all("://" not in u and not u.startswith("//") for u in parsed.urls), parsed.urls
+    text = (report / "index.html").read_text()
+    assert "<script" not in text and "<link" not in text
+    assert "not run yet" not in text
+    assert text.count("<figcaption>") == len(pngs)
+    # the verdict comes from the table: -0.05 +- 0.01 is 5 standard errors
+    assert "frame vs random: held-out loss -0.050 ± 0.010 nats (better, significant at 2 standard errors)" in text
+    assert "summary.json's cut points" in text and "standard error across seeds" in text
+    assert counts["figures"] == len(pngs) and counts["not_run_yet"] == 0
+    assert "frame vs random" in counts["summary"]
+
+
+def test_quadrant_table_matches_the_data(full_report):
+    run, _ = full_report
+    text = run.path("report", "index.html").read_text()
+    t = pq.read_table(run.path("partition", "quadrants.parquet")).to_pandas()
+    train = t[t.split == "train"]
+    assert len(train) < len(t)
+    for q, g in train.groupby("quadrant"):
+        share = g.n_tokens.sum() / train.n_tokens.sum()
+        assert f"<td>{q}</td><td>{len(g):,}</td><td>{g.n_tokens.sum():,}</td><td>{share:.1%}</td>" in text
+    assert "no_score: 3" in text
+
+
+@pytest.mark.parametrize("diff,stderr,expected", [
+    (0.012, 0.020, "frame vs random: held-out loss +0.012 ± 0.020 nats (not significant at 2 standard errors)"),
+    (0.050, 0.010, "frame vs random: held-out loss +0.050 ± 0.010 nats (worse, significant at 2 standard errors)"),
+    (-0.020, None, "frame vs random: held-out loss -0.020 nats (no standard error with 1 seed(s): no significance claim)"),
+])
+def test_verdict_is_computed_from_the_table(tmp_path, diff, stderr, expected):
+    root = tmp_path / "run"
+    root.mkdir()
+    write_compare(root, (0,), np.random.default_rng(1), frame_diff=diff, diff_stderr=stderr)
+    counts = build_report(ReportConfig(), RunDir(root))
+    assert expected in (root / "report" / "index.html").read_text()
+    assert expected in counts["summary"]
+
+
+def test_verdict_metric_must_exist(tmp_path):
+    root = tmp_path / "run"
+    root.mkdir()
+    write_compare(root, (0,), np.random.default_rng(1))
+    with pytest.raises(ConfigError, match="verdict_metric.*heldout_loss/all"):
+        build_report(ReportConfig(verdict_metric="mmlu/acc"), RunDir(root))
+    build_report(ReportConfig(verdict_metric="piqa/acc"), RunDir(root))
+    assert "frame vs random: piqa/acc +0.010 ± 0.020 (not significant" in (root / "report" / "index.html").read_text()
+
+
+@pytest.mark.parametrize("parts,figures", [
+    ((), set()),
+    (("train",), {"loss.png", "heldout-sets.png"}),
+    (("compare",), {"accuracy.png"}),
+])
+def test_missing_inputs_are_listed_as_not_run_yet(tmp_path, parts, figures):
+    run = make_run(tmp_path / "run", seeds=(0,), parts=parts)
+    counts = build_report(ReportConfig(), run)
+    report = run.path("report")
+    assert {p.name for p in report.glob("*.png")} == figures
+    assert sorted(page_images(report).srcs) == sorted(figures)
+    text = (report / "index.html").read_text()
+    assert text.count('<p class="missing">not run yet') == counts["not_run_yet"] == 5 - counts["sections"]
+    assert ("not run yet: no compare/results.json" in text) == ("compare" not in parts)
+    assert ("not run yet: no train/*/seed*/log.jsonl" in text) == ("train" not in parts)
+    assert ("framelm partition --run-dir" in text) == ("partition" not in parts)
+
+
+def test_one_seed_has_no_band_and_says_so(tmp_path):
+    run = make_run(tmp_path / "run", seeds=(0,), parts=("train", "compare"))
+    build_report(ReportConfig(), run)
+    text = run.path("report", "index.html").read_text()
+    assert "standard error across seeds" not in text
+    assert "one seed: sampling of the task" in text
+
+
+def test_cut_lines_from_bins_and_stratified_overlap():
+    # two PPL bins split at 10..20, PD cut 0.2..0.3 inside bin 0 and 0.5..0.6 inside bin 1
+    ranges = [(0, 0, 1.0, 10.0, 0.0, 0.2), (0, 1, 2.0, 9.0, 0.3, 0.9),
+              (1, 0, 20.0, 90.0, 0.1, 0.5), (1, 1, 25.0, 99.0, 0.6, 0.8)]
+    ppl_cuts, segments = _lines_from_data(ranges, 1.0, 100.0)
+    assert ppl_cuts == [pytest.approx(math.sqrt(200.0))]
+    assert segments == [(1.0, pytest.approx(math.sqrt(200.0)), pytest.approx(0.25)),
+                        (pytest.approx(math.sqrt(200.0)), 100.0, pytest.approx(0.55))]
+    overlapping = ranges + [(0, 0, 1.0, 30.0, 0.0, 0.2)]  # another source's bin 0 reaches past bin 1's start
+    assert _lines_from_data(overlapping, 1.0, 100.0) is None
+
+
+def test_stated_cut_points_nested_and_stratified(tmp_path):
+    nested = {"cut_points": [{"axis": "ppl", "source": None, "ppl_bin": None, "cuts": [10.0]},
+                             {"axis": "pd", "source": None, "ppl_bin": 0, "cuts": [0.2]},
+                             {"axis": "pd", "source": None, "ppl_bin": 1, "cuts": [0.5]}]}
+    where = tmp_path / "summary.json"
+    assert _stated_lines(nested, where, None, 1.0, 100.0) == ([10.0], [(1.0, 10.0, 0.2), (10.0, 100.0, 0.5)])
+    assert _stated_lines(nested, where, "web", 1.0, 100.0) == _stated_lines(nested, where, None, 1.0, 100.0)
+    stratified = {"cut_points": [{"axis": "ppl", "source": "web", "ppl_bin": None, "cuts": [5.0]},
+                                 {"axis": "pd", "source": "web", "ppl_bin": None, "cuts": [0.3]}]}
+    assert _stated_lines(stratified, where, None, 1.0, 100.0) is None
+    assert _stated_lines(stratified, where, "web", 1.0, 100.0) == ([5.0], [(1.0, 100.0, 0.3)])
+    assert _stated_lines(stratified, where, "books", 1.0, 100.0) is None
+    with pytest.raises(FramelmError, match=r"summary\.json: cut_points\[0\]"):
+        _stated_lines({"cut_points": [{"axis": "ppl", "cuts": "10"}]}, where, None, 1.0, 100.0)
+
+
+def test_report_without_summary_cuts_draws_cuts_from_the_bins(tmp_path, monkeypatch):
+    root = tmp_path / "run"
+    root.mkdir()
+    write_partition(root, np.random.default_rng(0), with_cuts=False)
+    monkeypatch.setattr("framelm.report.SAMPLE_DOCS", 100)  # 400 documents: ranges and medians from every 4th
+    build_report(ReportConfig(), RunDir(root))
+    text = (root / "report" / "index.html").read_text()
+    assert "the boundaries between the quadrant bins" in text and "No lines on" not in text
+    assert "medians over one document in every 4." in text
+    t = pq.read_table(root / "partition" / "quadrants.parquet").to_pandas().iloc[::4]
+    q1 = t[(t.split == "train") & (t.quadrant == "Q1")]
+    assert f"<td>{np.median(q1.ppl):.4g}</td><td>{np.median(q1.pd):.3g}</td>" in text
+
+
+def test_bad_log_line_names_file_and_line_and_unfinished_last_line_is_skipped(tmp_path):
+    run = make_run(tmp_path / "run", seeds=(0,), parts=("train",))
+    log = run.path("train", "frame", "seed0", "log.jsonl")
+    good = log.read_text()
+    log.write_text(good + '{"type": "train", "step": 41, "tok')  # a run still writing
+    build_report(ReportConfig(), run)
+    assert run.path("report", "loss.png").is_file()
+    lines = good.splitlines()
+    lines.insert(1, "{not json")
+    log.write_text("\n".join(lines) + "\n")
+    with pytest.raises(FramelmError, match=r"seed0/log\.jsonl: line 2: invalid JSON"):
+        build_report(ReportConfig(), run)
+    log.write_text(json.dumps({"type": "train", "step": 1, "tokens": "many", "loss": 1.0}) + "\n")
+    with pytest.raises(FramelmError, match=r"line 1: field 'tokens' must be a number"):
+        build_report(ReportConfig(), run)
+
+
+def test_bad_parquet_columns_are_named(tmp_path):
+    root = tmp_path / "run"
+    (root / "partition").mkdir(parents=True)
+    pq.write_table(pa.table({"id": ["a"], "ppl": [1.0]}), root / "partition" / "quadrants.parquet")
+    with pytest.raises(FramelmError, match=r"quadrants\.parquet: missing column\(s\) source, n_tokens, pd"):
+        build_report(ReportConfig(), RunDir(root))
+
+
+def test_rerun_skips_until_an_input_changes(tmp_path):
+    run = make_run(tmp_path / "run", seeds=(0,), parts=("compare",))
+    run_stage("report", ReportConfig(), run)
+    first = run.record("report")["started"]
+    run_stage("report", ReportConfig(), run)
+    assert run.record("report")["started"] == first  # up to date: skipped
+    assert "Loss curves" in run.path("report", "index.html").read_text().split("Sections not run yet")[1]
+    write_logs(run.root, (0,), np.random.default_rng(0), steps=5)  # training has started since
+    run_stage("report", ReportConfig(), run)
+    assert run.record("report")["started"] != first
+    assert run.path("report", "loss.png").is_file()
+
+
+def test_config_validation_names_the_key():
+    with pytest.raises(ConfigError, match="density_bins"):
+        ReportConfig.from_dict({"density_bins": 1})
+    with pytest.raises(ConfigError, match="schedule_groups"):
+        ReportConfig.from_dict({"schedule_groups": "stage"})
+
+
+def test_cli_builds_the_report(tmp_path, capsys):
+    run = make_run(tmp_path / "run", seeds=(0,), parts=("compare",))
+    assert main(["report", "--run-dir", str(run.root), "--accuracy-metric", "acc_norm", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "not run yet: Scores and quadrants, Schedules, Loss curves" in out
+    assert "frame vs random: held-out loss -0.050" in out
+    assert "Downstream acc_norm per task" in run.path("report", "index.html").read_text()
+    assert sorted(p.name for p in run.path("report").glob("*.png")) == ["accuracy.png"]
+
+
+# -- the page in a real browser ---------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+# Injected into a copy of the page: records script errors and, after load, how many images
+# decoded (naturalWidth > 0), so `--dump-dom` shows what the browser saw.
+PROBE_HEAD = """<script>
+window.__errors = [];
+window.addEventListener('error', e => window.__errors.push(String(e.message || (e.target && e.target.src) || e)), true);
+const consoleError = console.error;
+console.error = (...a) => { window.__errors.push(a.join(' ')); consoleError(...a); };
+</script>"""
+PROBE_BODY = """<script>
+window.addEventListener('load', () => {
+  const imgs = Array.from(document.images);
+  const probe = document.createElement('pre');
+  probe.id = 'probe';
+  probe.textContent = JSON.stringify({images: imgs.length,
+    loaded: imgs.filter(i => i.complete && i.naturalWidth > 0).length, errors: window.__errors});
+  document.body.appendChild(probe);
+});
+</script>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium); browser check skipped")
+def test_page_loads_every_image_in_headless_chromium(full_report, tmp_path):
+    run, _ = full_report
+    copied = tmp_path / "copied-report"  # the page must work once its folder is copied elsewhere
+    shutil.copytree(run.path("report"), copied)
+    page = copied / "index.html"
+    text = page.read_text()
+    page.write_text(text.replace("<head>", "<head>\n" + PROBE_HEAD, 1).replace("</body>", PROBE_BODY + "\n</body>", 1))
+    result = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage",
+         f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=5000", "--dump-dom",
+         page.as_uri()],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    start = result.stdout.find('<pre id="probe">')
+    assert start >= 0, f"the probe did not run; chromium printed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    probe = json.loads(html.unescape(result.stdout[start + len('<pre id="probe">'):result.stdout.index("</pre>", start)]))
+    assert probe == {"images": 7, "loaded": 7, "errors": []}
+
+
+# -- against the real upstream stages ---------------------------------------------------------
+
+@pytest.mark.parametrize("stratify", [False, True])
+def test_report_reads_what_partition_and_schedule_write(tmp_path, stratify):
+    from framelm.partition import PartitionConfig, partition_documents
+    from framelm.schedule import ScheduleConfig, build_schedules
+
+    run = RunDir(tmp_path / "run")
+    rng = np.random.default_rng(0)
+    n = 300
+    source = rng.choice(SOURCES, n)
+    run.path("score").mkdir()
+    pq.write_table(pa.table({
+        "id": [f"d{i}" for i in range(n)], "source": source, "split": np.where(rng.random(n) < 0.9, "train", "heldout"),
+        "n_tokens": rng.integers(20, 400, n), "ppl": np.exp(rng.normal(3, 0.6, n) + (source == "books")),
+        "pd": rng.normal(0.3, 0.1, n), "status": ["ok"] * n,
+    }), run.path("score", "scores.parquet"))
+    partition_documents(PartitionConfig(stratify_by_source=stratify), run)
+    build_schedules(ScheduleConfig(), run)
+    build_report(ReportConfig(schedule_groups="quadrant" if stratify else "source"), run)
+    text = run.path("report", "index.html").read_text()
+    schedules = sorted(p.parent.name for p in run.root.glob("schedule/*/order.parquet"))
+    assert schedules and sorted(page_images(run.path("report")).srcs) == sorted(
+        ["scores.png", "quadrants.png"] + [f"schedule-{s}.png" for s in schedules])
+    if stratify:  # per-source cut points: lines on the source panels only
+        assert "summary.json's cut points; from the boundaries between the bins on all sources" in text
+        assert "No lines on all sources" in text
+    else:
+        assert "quadrant cuts (summary.json's cut points)" in text
+        assert "each band's height is that source's share" in text
+
+
+def test_names_from_the_run_are_escaped(tmp_path):
+    run = make_run(tmp_path / "run", parts=("schedule",))
+    run.path("schedule", "frame").rename(run.path("schedule", "fr<i>ame"))
+    build_report(ReportConfig(), run)
+    text = run.path("report", "index.html").read_text()
+    assert "<i>" not in text and "Schedule 'fr&lt;i&gt;ame'" in text
+    assert "schedule-fr_i_ame.png" in page_images(run.path("report")).srcs
+
+
+def test_unsorted_order_is_refused_with_the_row(tmp_path):
+    run = make_run(tmp_path / "run", parts=("schedule",))
+    path = run.path("schedule", "frame", "order.parquet")
+    t = pq.read_table(path)
+    position = t["position"].to_numpy().copy()
+    position[[5, 6]] = position[[6, 5]]
+    pq.write_table(t.set_column(0, "position", pa.array(position)), path)
+    with pytest.raises(FramelmError, match=r"frame/order\.parquet: row 6: 'position' 5 does not increase"):
+        build_report(ReportConfig(), run)
