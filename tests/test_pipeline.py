@@ -79,7 +79,8 @@ def test_interrupted_run_keeps_its_outputs(tmp_path):
     assert not (tmp_path / "source" / "shard-0.done").exists()
 
 
-def test_run_pipeline_from_yaml_and_errors(tmp_path, capsys):
+def test_run_pipeline_from_yaml_and_errors(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths in a config are relative to the working directory
     cfg = tmp_path / "p.yaml"
     cfg.write_text("run_dir: out\nsource: {value: 5}\nsink: {}\n")
     assert main(["run", str(cfg), "--quiet"]) == 0

@@ -120,9 +120,8 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> tuple[Path, li
     if not isinstance(stages, list) or any(s not in STAGES for s in stages):
         bad = [s for s in (stages if isinstance(stages, list) else [stages]) if s not in STAGES]
         raise ConfigError(f"{path}: 'stages' must list stage names from {', '.join(ORDER)}; got {bad}")
-    base = Path(path).resolve().parent
-    run_dir = Path(str(data["run_dir"])).expanduser()
-    return (run_dir if run_dir.is_absolute() else base / run_dir), stages, data
+    # Relative paths, run_dir included, are relative to the working directory, as on the command line.
+    return Path(str(data["run_dir"])).expanduser(), stages, data
 
 
 def run_pipeline(path: str | Path, overrides: list[str] = (), *, only: list[str] | None = None,

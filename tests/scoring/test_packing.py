@@ -1,0 +1,57 @@
+"""Windows cover every token once with enough context; packing respects row and batch budgets."""
+
+import numpy as np
+from hypothesis import given, settings, strategies as st
+
+from framelm.scoring.packing import pack_documents, pack_rows, plan_windows
+
+
+@settings(max_examples=200, deadline=None)
+@given(seq_len=st.integers(0, 400), window=st.integers(2, 64), data=st.data())
+def test_windows_predict_every_token_once_with_left_context(seq_len, window, data):
+    stride = data.draw(st.integers(1, window - 1))
+    windows = plan_windows(0, seq_len, window, stride)
+    predicted = [t for w in windows for t in range(w.first_target, w.end)]
+    assert predicted == list(range(1, seq_len)), "each token after BOS predicted exactly once, in order"
+    for i, w in enumerate(windows):
+        assert 0 <= w.start < w.first_target <= w.end <= seq_len and w.length <= window
+        if i > 0:  # later windows give every prediction at least window - stride tokens of context
+            assert w.first_target - w.start >= window - stride
+
+
+def test_a_long_sequence_is_never_truncated():
+    windows = plan_windows(3, 1000, 128, 64)
+    assert windows[-1].end == 1000 and all(w.doc == 3 for w in windows) and len(windows) == 1 + -(-(1000 - 128) // 64)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(2, 50), min_size=1, max_size=60))
+def test_pack_rows_places_every_item_once_within_capacity(lengths):
+    rows = pack_rows(lengths, 50)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 50 for row in rows)
+    # Best fit decreasing never needs more than 11/9 OPT + 1 rows; the sum bound is a floor of OPT.
+    assert len(rows) <= 11 / 9 * -(-sum(lengths) // 50) + 1
+
+
+def test_pack_documents_builds_consistent_batches():
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(1, 100, size=n) for n in (2, 5, 17, 40, 3, 90, 8)]
+    batches = pack_documents(seqs, window=16, stride=4, tokens_per_batch=48, pad_id=0, row_tokens=10)
+    targets = {d: [] for d in range(len(seqs))}
+    for b in batches:
+        assert b.input_ids.size <= 48 and b.input_ids.shape == b.position_ids.shape
+        for ids, pos in zip(b.input_ids, b.position_ids):
+            real = int((ids != 0).sum())  # tokens are >= 1, padding is 0
+            # A row with more than row_tokens real tokens holds one window: positions never restart.
+            assert real <= 10 or (pos[1:real] != 0).all()
+        flat = b.input_ids.reshape(-1)
+        # The input one position after each predicting position is the target itself.
+        assert np.array_equal(flat[b.hidden_index + 1], b.target_ids)
+        for d, t in zip(b.target_doc, b.target_ids):
+            targets[int(d)].append(int(t))
+    shared_rows = [(pos[1:(ids != 0).sum()] == 0).any() for b in batches for ids, pos in zip(b.input_ids, b.position_ids)]
+    assert any(shared_rows), "several windows share a row"
+    for d, s in enumerate(seqs):
+        assert sorted(targets[d]) == sorted(s[1:].tolist())
+        assert len(targets[d]) == len(s) - 1
