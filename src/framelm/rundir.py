@@ -84,6 +84,8 @@ class RunDir:
 
     def update_record(self, key: str, record: dict[str, Any]) -> None:
         with self._manifest_lock():
+            for stale in self.root.glob(f"{MANIFEST}{fsutil.TMP_TAG}*"):
+                stale.unlink(missing_ok=True)  # left by a writer killed mid-write; writers hold this lock
             data = self.manifest()
             data.setdefault("stages", {})[key] = record
             data["framelm_version"] = package_versions()["framelm"]

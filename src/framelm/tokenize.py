@@ -201,7 +201,8 @@ def tokenize_corpus(cfg: TokenizeConfig, run: RunDir) -> dict[str, Any]:
     shard_dir.mkdir(exist_ok=True)
 
     units = plan_units(parts, shard_dir)
-    pending = [u for u in units if not fsutil.is_done(u.out)]
+    # a kill during the final rmtree can leave a unit's marker without its lengths file
+    pending = [u for u in units if not (fsutil.is_done(u.out) and u.lengths.is_file())]
     if len(pending) < len(units):
         log.info("tokenize: %d of %d shards were already finished", len(units) - len(pending), len(units))
     _run_units(pending, len(units), (str(tok_file), eos_id, dtype.name, cfg.batch_docs), cfg.num_workers)

@@ -1,0 +1,150 @@
+"""Held-out evaluation sets and the loss of a framelm model on them.
+
+Reads RUN/tokenize/{index.parquet, meta.json, tokens.bin} (documents with split == "heldout")
+and, when it exists, RUN/partition/quadrants.parquet (which labels held-out documents too).
+Writes nothing. The training loop logs these losses every few steps; the eval stage reuses
+`heldout_sets` and `heldout_loss` on any framelm model.
+
+Each set takes documents in one fixed pseudo-random order (so a capped "all" set follows the
+corpus' natural mix rather than the index's file order) until `max_tokens_per_set` is reached.
+Loss is measured with the document mask on: each document is read after an EOS (which opens
+it) and never sees another document or a cut of itself placed by its neighbours, so its loss
+does not depend on which documents share its rows. Only the documents' own tokens are scored (predicting an EOS is not), so
+bits per byte = summed NLL / ln 2 / the documents' UTF-8 bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from framelm.errors import FramelmError
+from framelm.rundir import RunDir
+
+SHUFFLE_SEED = 0
+
+
+@dataclasses.dataclass
+class HeldoutSet:
+    """Documents (token arrays without EOS) and their total UTF-8 bytes."""
+
+    name: str
+    docs: list[np.ndarray]
+    n_bytes: int
+
+    @property
+    def n_tokens(self) -> int:
+        return int(sum(len(d) for d in self.docs))
+
+
+def read_token_store(run: RunDir) -> tuple[np.ndarray, dict]:
+    """RUN/tokenize/tokens.bin as a read-only memmap, and its meta.json."""
+    meta_path = run.path("tokenize", "meta.json")
+    if not meta_path.is_file():
+        raise FramelmError(f"{meta_path} not found; run the tokenize stage first: framelm tokenize --run-dir {run.root}")
+    meta = json.loads(meta_path.read_text())
+    for key in ("dtype", "eos_id", "vocab_size", "n_tokens"):
+        if key not in meta:
+            raise FramelmError(f"{meta_path}: missing key '{key}'")
+    tokens = np.memmap(run.path("tokenize", "tokens.bin"), dtype=np.dtype(meta["dtype"]), mode="r")
+    if len(tokens) != meta["n_tokens"]:
+        raise FramelmError(f"{run.path('tokenize', 'tokens.bin')} holds {len(tokens)} tokens but {meta_path} says n_tokens = {meta['n_tokens']}")
+    return tokens, meta
+
+
+def heldout_sets(run: RunDir, max_tokens_per_set: int = 200_000) -> dict[str, HeldoutSet]:
+    """Sets "all", "source/<s>" and (with a partition) "quadrant/<q>" of held-out documents."""
+    tokens, _ = read_token_store(run)
+    index_path = run.path("tokenize", "index.parquet")
+    index = pq.read_table(index_path, columns=["id", "source", "split", "offset", "n_tokens", "n_bytes"]).to_pandas()
+    docs = index[index["split"] == "heldout"].reset_index(drop=True)
+    if docs.empty:
+        return {}
+    order = np.random.default_rng(SHUFFLE_SEED).permutation(len(docs))
+    docs = docs.iloc[order].reset_index(drop=True)
+    groups: dict[str, np.ndarray] = {"all": np.ones(len(docs), dtype=bool)}
+    for source in sorted(docs["source"].unique()):
+        groups[f"source/{source}"] = (docs["source"] == source).to_numpy()
+    quadrants_path = run.path("partition", "quadrants.parquet")
+    if quadrants_path.is_file():
+        labels = pq.read_table(quadrants_path, columns=["id", "quadrant"]).to_pandas()
+        quadrant = docs["id"].map(labels.drop_duplicates("id").set_index("id")["quadrant"])
+        for q in sorted(quadrant.dropna().unique()):
+            groups[f"quadrant/{q}"] = (quadrant == q).to_numpy()
+    out = {}
+    for name, member in groups.items():
+        chosen, n_bytes, budget = [], 0, max_tokens_per_set
+        for row in docs[member].itertuples():
+            if budget <= 0:
+                break
+            if row.offset < 0 or row.offset + row.n_tokens > len(tokens):
+                raise FramelmError(f"{index_path}: document {row.id!r} has offset {row.offset} + n_tokens {row.n_tokens} beyond tokens.bin ({len(tokens)} tokens)")
+            if row.n_tokens == 0:
+                continue
+            chosen.append(np.asarray(tokens[row.offset: row.offset + row.n_tokens], dtype=np.int64))
+            n_bytes += int(row.n_bytes)
+            budget -= int(row.n_tokens)
+        if chosen:
+            out[name] = HeldoutSet(name, chosen, n_bytes)
+    return out
+
+
+def packed_rows(docs: list[np.ndarray], eos_id: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pack documents into (rows, seq_len) inputs and targets without splitting a window.
+
+    Each document is read as `EOS doc`; a document longer than a row is cut into windows of
+    seq_len predictions (a later window sees only its own tokens, and starts a row because it
+    has no EOS to open it). Windows are packed greedily and never straddle rows, so a
+    document's loss does not depend on its neighbours. Targets not to be scored (padding) are
+    -100; exactly the documents' tokens are predicted, each once.
+    """
+    windows: list[tuple[np.ndarray, np.ndarray]] = []
+    for doc in docs:
+        seq = np.concatenate([[eos_id], doc])
+        for start in range(0, len(doc), seq_len):
+            windows.append((seq[start: start + seq_len], seq[start + 1: start + seq_len + 1]))
+    rows: list[list[tuple[np.ndarray, np.ndarray]]] = [[]]
+    used = 0
+    for window in windows:
+        if rows[-1] and (used + len(window[0]) > seq_len or window[0][0] != eos_id):
+            rows.append([])
+            used = 0
+        rows[-1].append(window)
+        used += len(window[0])
+    inputs = np.full((len(rows), seq_len), eos_id, dtype=np.int64)
+    targets = np.full((len(rows), seq_len), -100, dtype=np.int64)
+    for r, row in enumerate(rows):
+        position = 0
+        for x, y in row:
+            inputs[r, position: position + len(x)] = x
+            targets[r, position: position + len(y)] = y
+            position += len(x)
+    return inputs, targets
+
+
+@torch.no_grad()
+def heldout_loss(model: torch.nn.Module, hset: HeldoutSet, eos_id: int, seq_len: int,
+                 batch_rows: int = 8, device: str | torch.device = "cpu") -> dict[str, float]:
+    """Mean NLL (nats per token) and bits per byte of `model` (a FrameLM) on one set."""
+    was_training = model.training
+    model.eval()
+    inputs, targets = packed_rows(hset.docs, eos_id, seq_len)
+    total_nll = 0.0
+    for start in range(0, len(inputs), batch_rows):
+        x = torch.from_numpy(inputs[start: start + batch_rows]).to(device)
+        y = torch.from_numpy(targets[start: start + batch_rows]).to(device)
+        logits = model(x, eos_id).float()
+        total_nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum"))
+    model.train(was_training)
+    n_tokens = hset.n_tokens
+    return {
+        "loss": total_nll / n_tokens,
+        "bpb": total_nll / math.log(2) / max(hset.n_bytes, 1),
+        "tokens": n_tokens,
+        "bytes": hset.n_bytes,
+    }

@@ -1,0 +1,11 @@
+"""Proxy-model pretraining on an exported schedule (the `train` stage).
+
+Modules: `config` (TrainConfig), `data` (stream reading and batch plan), `lr` (schedules),
+`loop` (fit / train_model), `checkpoint`, `averaging` (EMA/SMA/WMA of checkpoints),
+`hf_export` (Hugging Face Llama folders), `distributed` (torchrun).
+"""
+
+from framelm.train.config import TrainConfig
+from framelm.train.loop import fit, train_model
+
+__all__ = ["TrainConfig", "fit", "train_model"]

@@ -1,0 +1,70 @@
+"""Process-group setup for torchrun (RANK / WORLD_SIZE / LOCAL_RANK), and the single-process case.
+
+The same training command runs on one CPU and under `torchrun --nproc_per_node N`: without the
+torchrun variables the world is one process and no process group is created.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import torch.distributed as dist
+
+from framelm.errors import FramelmError
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    rank: int
+    local_rank: int
+    size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def init_world(device: str = "auto") -> World:
+    """Read torchrun's variables, pick this rank's device, join the process group (gloo on CPU, nccl on CUDA)."""
+    try:
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError as exc:
+        raise FramelmError(f"RANK / LOCAL_RANK / WORLD_SIZE must be integers ({exc})") from None
+    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise FramelmError(f"device = {device!r} but CUDA is not available here; use --device cpu")
+    if use_cuda:
+        index = local_rank if size > 1 or device in ("auto", "cuda") else int(device.split(":")[1])
+        dev = torch.device("cuda", index)
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    if size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return World(rank, local_rank, size, dev)
+
+
+def all_reduce_mean(value: torch.Tensor, world: World) -> torch.Tensor:
+    if world.distributed:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value = value / world.size
+    return value
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
+def shutdown(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,36 @@
+"""Learning-rate schedules as pure functions of the step (so a resumed run needs no scheduler state)."""
+
+from __future__ import annotations
+
+import math
+
+
+def lr_at(step: int, total_steps: int, peak: float, schedule: str, warmup_fraction: float,
+          final_ratio: float, wsd_decay_fraction: float = 0.2, wsd_decay_shape: str = "1-sqrt") -> float:
+    """Learning rate for optimizer step `step` (0-based) of `total_steps`.
+
+    Warmup rises linearly to `peak`, reaching it at the end of the warmup steps. Then:
+    cosine decays to final_ratio * peak at the last step; wsd holds the peak and decays over
+    the last `wsd_decay_fraction` of the steps, linearly or with the "1-sqrt" cooldown of
+    Hägele et al. (2024), lr = peak - (peak - final) * sqrt(progress); constant stays at the peak.
+    """
+    warmup = round(warmup_fraction * total_steps)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    final = peak * final_ratio
+    last = max(total_steps - 1, 1)
+    if schedule == "constant":
+        return peak
+    if schedule == "cosine":
+        progress = (step - warmup) / max(last - warmup, 1)
+        return final + (peak - final) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    if schedule == "wsd":
+        decay_steps = round(wsd_decay_fraction * total_steps)
+        decay_start = total_steps - decay_steps
+        if step < decay_start or decay_steps == 0:
+            return peak
+        # progress 0 at the first decay step, 1 at the last step
+        progress = (step - decay_start + 1) / decay_steps
+        drop = progress if wsd_decay_shape == "linear" else math.sqrt(progress)
+        return peak - (peak - final) * drop
+    raise ValueError(f"unknown lr schedule {schedule!r}")

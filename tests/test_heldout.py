@@ -1,0 +1,61 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from framelm.heldout import HeldoutSet, heldout_loss, heldout_sets, packed_rows
+from framelm.model import FrameLM, ModelConfig
+from framelm.rundir import RunDir
+
+from train.tiny_run import EOS, make_tiny_run
+
+
+def test_sets_per_source_and_quadrant(tmp_path):
+    run = RunDir(make_tiny_run(tmp_path / "run"))
+    sets = heldout_sets(run, max_tokens_per_set=10_000)
+    assert set(sets) == {"all", "source/alpha", "source/beta", "quadrant/Q1", "quadrant/Q3"}
+    # every 5th document (i % 5 == 1) is held out: 24 of 120, half of them per source
+    assert len(sets["all"].docs) == 24
+    assert len(sets["source/alpha"].docs) == len(sets["source/beta"].docs) == 12
+    assert sets["all"].n_tokens == sets["source/alpha"].n_tokens + sets["source/beta"].n_tokens
+    assert sets["all"].n_bytes == 3 * sets["all"].n_tokens
+    assert all(EOS not in d for d in sets["all"].docs)
+    capped = heldout_sets(run, max_tokens_per_set=100)["all"]
+    assert 100 <= capped.n_tokens < 100 + 120 and len(capped.docs) < 24
+
+
+def test_without_a_partition_there_are_no_quadrant_sets(tmp_path):
+    root = make_tiny_run(tmp_path / "run")
+    (root / "partition" / "quadrants.parquet").unlink()
+    assert set(heldout_sets(RunDir(root))) == {"all", "source/alpha", "source/beta"}
+
+
+def test_packing_predicts_each_document_token_once():
+    docs = [np.arange(1, 6), np.arange(10, 30), np.arange(40, 43)]
+    inputs, targets = packed_rows(docs, EOS, seq_len=8)
+    scored = targets[targets != -100]
+    assert sorted(scored) == sorted(np.concatenate(docs))
+    # the long document is cut into windows; the continuation window starts a row
+    assert inputs.shape[1] == 8
+    for x, y in zip(inputs, targets):
+        for i in range(7):
+            if y[i] != -100 and y[i + 1] != -100 and x[i + 1] != EOS:
+                assert y[i] == x[i + 1]
+
+
+def test_loss_and_bpb_do_not_depend_on_neighbours():
+    torch.manual_seed(0)
+    model = FrameLM(ModelConfig(preset="tiny").resolve(64))
+    rng = np.random.default_rng(0)
+    a, b, c = (rng.integers(1, 64, n) for n in (30, 50, 7))
+    alone = heldout_loss(model, HeldoutSet("a", [a], 90), EOS, seq_len=64)
+    together = heldout_loss(model, HeldoutSet("abc", [b, a, c], 0), EOS, seq_len=64)
+    others = heldout_loss(model, HeldoutSet("bc", [b, c], 0), EOS, seq_len=64)
+    # the summed NLL of a, b, c equals a's alone plus b's and c's
+    total = together["loss"] * 87
+    assert total == pytest.approx(alone["loss"] * 30 + others["loss"] * 57, rel=1e-5)
+    assert alone["tokens"] == 30 and alone["bytes"] == 90
+    assert alone["bpb"] == pytest.approx(alone["loss"] * 30 / math.log(2) / 90)
+    # an untrained model is near uniform over the 64-token vocabulary
+    assert abs(alone["loss"] - math.log(64)) < 0.5

@@ -1,0 +1,102 @@
+import pytest
+import torch
+
+from framelm.config import ConfigError
+from framelm.model import PRESETS, FrameLM, ModelConfig, count_params, document_mask, flops_per_token, next_token_loss
+
+EOS = 0
+
+
+def tiny(**overrides) -> FrameLM:
+    torch.manual_seed(0)
+    return FrameLM(ModelConfig(preset="tiny", **overrides).resolve(vocab_size=50))
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_count_params_matches_the_module(tie):
+    model = tiny(tie_embeddings=tie)
+    assert count_params(model.args) == sum(p.numel() for p in model.parameters())
+    assert count_params(model.args, embeddings=False) < count_params(model.args)
+
+
+def test_presets_resolve_to_known_sizes():
+    smollm = ModelConfig(preset="smollm-135m").resolve(49152)
+    assert 134e6 < count_params(smollm) < 135e6  # SmolLM-135M has 134.5 M parameters
+    for name in PRESETS:
+        args = ModelConfig(preset=name).resolve(1000)
+        assert flops_per_token(args, 1024) > 6 * count_params(args, embeddings=False)
+    assert count_params(ModelConfig(preset="tiny").resolve(1000), embeddings=True) < 300_000
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(preset="gpt5"), "preset"),
+    (dict(n_heads=3), "divisible"),
+    (dict(n_kv_heads=3), "n_kv_heads"),
+    (dict(d_model=0), "d_model"),
+])
+def test_bad_shapes_are_rejected(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig.from_dict(bad)
+
+
+def test_document_mask_is_causal_and_block_diagonal():
+    tokens = torch.tensor([[5, 6, EOS, 7, 8, EOS, 9]])
+    mask = document_mask(tokens, EOS)[0, 0]
+    # The EOS at position 2 opens document 2 (positions 2-4); position 5 opens document 3.
+    expected_doc = [0, 0, 1, 1, 1, 2, 2]
+    for i in range(7):
+        for j in range(7):
+            assert bool(mask[i, j]) == (j <= i and expected_doc[i] == expected_doc[j])
+
+
+def test_no_attention_across_documents():
+    model = tiny().eval()
+    tokens = torch.tensor([[3, 4, 5, 6, EOS, 7, 8, 9, 10, 11]])
+    perturbed = tokens.clone()
+    perturbed[0, :4] = torch.tensor([12, 13, 14, 15])  # change document 1 only
+    with torch.no_grad():
+        masked, masked_p = model(tokens, EOS), model(perturbed, EOS)
+        plain, plain_p = model(tokens), model(perturbed)
+    # Document 2 (from its opening EOS on) is unaffected with the mask, affected without it.
+    assert torch.allclose(masked[0, 4:], masked_p[0, 4:], atol=1e-6)
+    assert not torch.allclose(plain[0, 4:], plain_p[0, 4:], atol=1e-4)
+    # RoPE is relative: document 2 alone, at position 0, gives the same logits.
+    with torch.no_grad():
+        alone = model(tokens[:, 4:], EOS)
+    assert torch.allclose(masked[0, 4:], alone[0], atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # flex attention runs unfused (eagerly) on the CPU
+def test_flex_attention_matches_the_dense_mask():
+    model = tiny().eval()
+    tokens = torch.tensor([[3, 4, 5, 6, EOS, 7, 8, 9, 10, 11, EOS, 12, 13, 14, 15, 16]] * 2)
+    tokens[1, 2] = EOS
+    with torch.no_grad():
+        dense = model(tokens, EOS)
+        model.attention = "flex"
+        flex = model(tokens, EOS)
+    assert torch.allclose(dense, flex, atol=1e-5)
+
+
+def test_tied_weights_round_trip_through_weights():
+    model, other = tiny(), tiny(init_std=0.5)
+    state = model.weights()
+    assert "lm_head.weight" not in state
+    other.load_weights(state)
+    assert other.lm_head.weight.data_ptr() == other.embed.weight.data_ptr()
+    x = torch.randint(1, 50, (2, 16))
+    assert torch.equal(model(x), other(x))
+    with pytest.raises(ValueError, match="missing"):
+        other.load_weights({k: v for k, v in state.items() if k != "norm.weight"})
+
+
+def test_loss_ignores_minus_100_and_sequence_limit():
+    model = tiny()
+    x = torch.randint(1, 50, (2, 8))
+    y = x.clone()
+    y[:, -1] = -100
+    logits = model(x)
+    full = next_token_loss(logits[:, :-1], x[:, :-1])
+    assert torch.allclose(next_token_loss(logits, y), full)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, model.args.max_seq_len + 1, dtype=torch.long))

@@ -1,0 +1,26 @@
+import torch
+
+from framelm.train.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
+
+
+def test_keeps_the_newest_and_optimizer_state_only_in_the_last(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (10, 20, 30):
+        model = {"w": torch.full((2, 2), float(step))}
+        trainer = {"optimizer": {"state": {0: {"step": torch.tensor(float(step))}}, "param_groups": [{"lr": 0.1, "betas": (0.9, 0.95)}]},
+                   "torch_rng": torch.get_rng_state()}
+        save_checkpoint(root, step, model, trainer, {"step": step}, keep=2)
+    assert [p.name for p in checkpoint_dirs(root)] == ["step-00000020", "step-00000030"]
+    assert not (root / "step-00000020" / "trainer.pt").exists()
+    model, trainer, state = load_checkpoint(root / "step-00000030")
+    assert state == {"step": 30} and torch.equal(model["w"], torch.full((2, 2), 30.0))
+    assert trainer["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.95)
+    assert torch.equal(trainer["torch_rng"], torch.get_rng_state())
+
+
+def test_unfinished_folders_are_not_checkpoints(tmp_path):
+    root = tmp_path / "checkpoints"
+    save_checkpoint(root, 5, {"w": torch.zeros(1)}, {}, {"step": 5}, keep=1)
+    (root / "step-00000010.tmp-123").mkdir()  # a save killed before its rename
+    (root / "step-00000020").mkdir()  # no state.json: not a checkpoint
+    assert [p.name for p in checkpoint_dirs(root)] == ["step-00000005"]

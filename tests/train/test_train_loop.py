@@ -1,0 +1,161 @@
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from framelm.errors import FramelmError
+from framelm.pipeline import run_stage
+from framelm.rundir import RunDir
+from framelm.train import TrainConfig, fit
+from framelm.train.data import StageRange
+
+from train.tiny_run import make_tiny_run
+
+SMALL = dict(seq_len=32, global_batch_seqs=4, lr=3e-3, eval_every_steps=10, checkpoint_every_steps=10,
+             heldout_max_tokens_per_set=2000)
+
+
+def records(path: Path, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["type"] == kind]
+
+
+def test_train_stage_learns_and_writes_the_contract_files(tmp_path):
+    run = RunDir(make_tiny_run(tmp_path / "run", tokenizer=True))
+    cfg = TrainConfig(**SMALL, average="wma", average_last=2)
+    counts = run_stage("train", cfg, run)
+    out = run.path("train", "frame", "seed0")
+    assert sorted(p.name for p in out.iterdir()) == [".framelm-hash", "checkpoints", "hf", "hf-avg", "log.jsonl"]
+    assert sorted(p.name for p in (out / "hf").iterdir()) == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    steps = counts["steps"]
+    assert steps == 5477 // 128  # the whole stream of the tiny run, in steps of 4 x 32 tokens
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["step-00000040", f"step-{steps:08d}"]  # the last average_last checkpoints
+    assert (out / "checkpoints" / ckpts[-1] / "trainer.pt").is_file()
+    assert not (out / "checkpoints" / ckpts[0] / "trainer.pt").exists()
+    from safetensors.torch import load_file
+
+    final, averaged = load_file(str(out / "hf" / "model.safetensors")), load_file(str(out / "hf-avg" / "model.safetensors"))
+    step40 = load_file(str(out / "checkpoints" / ckpts[0] / "model.safetensors"))
+    # wma of two checkpoints: 1/3 of step 40 + 2/3 of the final step
+    assert torch.allclose(averaged["model.norm.weight"], step40["norm.weight"] / 3 + 2 * final["model.norm.weight"] / 3, atol=1e-6)
+
+    train = records(out / "log.jsonl", "train")
+    assert [r["step"] for r in train] == list(range(1, steps + 1))
+    assert all(r["tokens"] == r["step"] * 128 for r in train)
+    assert set(train[0]) == {"type", "step", "tokens", "loss", "lr", "stage", "tokens_per_s", "mfu"}
+    # stage Q1 holds stream tokens [0, 2569): steps whose first token lies there are Q1
+    assert [r["stage"] for r in train] == ["Q1" if (r["step"] - 1) * 128 < 2569 else "Q3" for r in train]
+    assert np.mean([r["loss"] for r in train[-5:]]) < np.mean([r["loss"] for r in train[:5]]) - 0.5
+
+    heldout = records(out / "log.jsonl", "heldout")
+    assert [r["step"] for r in heldout] == [10, 20, 30, 40, steps]
+    assert set(heldout[0]["losses"]) == {"all", "source/alpha", "source/beta", "quadrant/Q1", "quadrant/Q3"}
+    assert heldout[-1]["losses"]["all"] < heldout[0]["losses"]["all"]
+    assert counts["final_heldout_loss"] == heldout[-1]["losses"]["all"]
+    assert run.record("train/frame/seed0")["status"] == "done"
+
+
+def _uninterrupted_and_killed(tmp_path: Path, cfg_args: dict) -> tuple[Path, Path]:
+    """Run once straight through (in process) and once killed by SIGKILL mid-run then re-run."""
+    straight = RunDir(make_tiny_run(tmp_path / "straight"))
+    run_stage("train", TrainConfig(**cfg_args), straight)
+    killed = make_tiny_run(tmp_path / "killed")
+    script = (
+        "import sys, torch; torch.set_num_threads(1)\n"
+        "from framelm.pipeline import run_stage\nfrom framelm.train import TrainConfig\n"
+        f"run_stage('train', TrainConfig(**{cfg_args!r}), sys.argv[1])\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", script, str(killed)], env=env)
+    ckpt_dir = killed / "train" / "frame" / "seed0" / "checkpoints"
+    deadline = time.time() + 120
+    while not any(p.name >= "step-00000006" for p in ckpt_dir.glob("step-*")):
+        assert proc.poll() is None, "the training subprocess ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "train" / "frame" / "seed0" / "hf").exists()  # really killed mid-run
+    run_stage("train", TrainConfig(**cfg_args), RunDir(killed))
+    return straight.root, killed
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_gives_identical_losses(tmp_path):
+    cfg_args = dict(seq_len=16, global_batch_seqs=2, max_tokens=60 * 32, lr=3e-3, eval_every_steps=25,
+                    checkpoint_every_steps=3, heldout_max_tokens_per_set=300, device="cpu")  # exact on CPU
+    straight, killed = _uninterrupted_and_killed(tmp_path, cfg_args)
+    log_a = (straight / "train/frame/seed0/log.jsonl").read_text().splitlines()
+    log_b = (killed / "train/frame/seed0/log.jsonl").read_text().splitlines()
+    strip = lambda lines: [{k: v for k, v in json.loads(l).items() if k not in ("tokens_per_s", "mfu")} for l in lines]
+    a, b = strip(log_a), strip(log_b)
+    assert len(a) == len(b) == 60 + 3
+    assert a == b  # every loss, lr, stage and held-out loss bit for bit
+    weights = lambda root: (root / "train/frame/seed0/hf/model.safetensors").read_bytes()
+    assert weights(straight) == weights(killed)
+
+
+def _stream(n=2048, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, 64, n).astype(np.uint16)
+    tokens[::50] = 0
+    return tokens, [StageRange("a", 0, n // 2), StageRange("b", n // 2, n)]
+
+
+def test_refuses_to_resume_on_another_stream(tmp_path):
+    cfg = TrainConfig(seq_len=16, global_batch_seqs=4, checkpoint_every_steps=5, eval_every_steps=0, max_tokens=640)
+    tokens, stages = _stream()
+    fit(cfg, tokens, stages, tmp_path / "out", eos_id=0, vocab_size=64)
+    changed = tokens.copy()
+    changed[7] = 5 if changed[7] != 5 else 6
+    with pytest.raises(FramelmError, match="another token stream"):
+        fit(cfg, changed, stages, tmp_path / "out", eos_id=0, vocab_size=64)
+    with pytest.raises(FramelmError, match="another training config"):
+        fit(dataclasses.replace(cfg, lr=1e-3), tokens, stages, tmp_path / "out", eos_id=0, vocab_size=64)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(tmp_path):
+    tokens, stages = _stream()
+    cfg = TrainConfig(seq_len=16, global_batch_seqs=4, max_tokens=64, eval_every_steps=0)
+    with pytest.raises(FramelmError, match="token id 63, outside the vocabulary of 60"):
+        fit(cfg, tokens, stages, tmp_path / "out", eos_id=0, vocab_size=60)
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+    tokens, stages = _stream()
+    losses = {}
+    for micro in (0, 2):
+        cfg = TrainConfig(seq_len=16, global_batch_seqs=4, micro_batch_seqs=micro, eval_every_steps=0, max_tokens=640,
+                          device="cpu")
+        fit(cfg, tokens, stages, tmp_path / f"m{micro}", eos_id=0, vocab_size=64)
+        losses[micro] = [r["loss"] for r in records(tmp_path / f"m{micro}" / "log.jsonl", "train")]
+    assert len(losses[0]) == 10
+    assert np.allclose(losses[0], losses[2], rtol=1e-4)
+
+
+def test_missing_export_names_the_schedule(tmp_path):
+    run = RunDir(make_tiny_run(tmp_path / "run"))
+    with pytest.raises(FramelmError, match="no exported stream for schedule 'random'.*frame"):
+        from framelm.train import train_model
+        train_model(TrainConfig(schedule="random"), run)
+
+
+def test_tensorboard_without_the_package_says_how_to_install(tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("tensorboard is installed")
+    tokens, stages = _stream()
+    cfg = TrainConfig(seq_len=16, global_batch_seqs=4, max_tokens=64, eval_every_steps=0, tensorboard=True)
+    with pytest.raises(FramelmError, match="pip install tensorboard"):
+        fit(cfg, tokens, stages, tmp_path / "out", eos_id=0, vocab_size=64)
