@@ -1,0 +1,814 @@
+"""Order the partitioned training documents into curricula: one schedule per strategy.
+
+Reads  RUN/partition/quadrants.parquet (split == "train" rows only) and RUN/partition/summary.json
+       (the grid of cells); a `yaml` strategy also reads the user's schedule file.
+Writes RUN/schedule/<strategy>/order.parquet   position: int64, id, stage: int32, source,
+                                               quadrant, n_tokens, epoch: int32
+       RUN/schedule/<strategy>/stages.yaml     per stage: name, start/end token, start/end
+                                               optimizer step, docs, tokens, composition
+                                               (token share per cell and per source); per
+                                               source: tokens available, scheduled, epochs.
+
+A document contributes n_tokens + 1 (its EOS) to the stream. Every strategy draws its
+documents from *pools* (a cell or a source) through a `PoolStream`: a seeded permutation of
+the pool per epoch, consumed in order, so a budget below the pool's tokens subsamples it and a
+budget above repeats it (the `epoch` column counts repeats). Strategies that draw the same
+budgets from the same pools with the same seed (frame, random, permutation, the two-stage
+splits, sorted) therefore schedule exactly the same multiset of documents and differ only in
+order. Between consecutive stages the next stage's share rises along a transition curve over a
+window centred on the boundary; the nominal boundary (the token where the unmixed stream
+would switch) is what stages.yaml records, so stage token ranges are contiguous and each
+stage's range length equals its documents' tokens. Step ranges are half-open,
+[start_step, end_step), with start_step = start_token // tokens_per_step and end_step =
+ceil(end_token / tokens_per_step): a step that straddles a boundary belongs to both stages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+
+from framelm import fsutil
+from framelm.config import StageConfig, field, load_yaml
+from framelm.errors import ConfigError, FramelmError
+from framelm.rundir import RunDir
+
+log = logging.getLogger("framelm")
+
+QUADRANTS = "partition/quadrants.parquet"
+SUMMARY = "partition/summary.json"
+KINDS = ("frame", "random", "permutation", "ppl_two_stage", "pd_two_stage", "sorted", "two_phase", "yaml")
+SCORES = "score/scores.parquet"
+WRITE_CHUNK_ROWS = 1 << 21
+
+
+@dataclass
+class StrategyConfig(StageConfig):
+    kind: Literal["frame", "random", "permutation", "ppl_two_stage", "pd_two_stage", "sorted", "two_phase", "yaml"] = field(
+        "frame", help="frame: Q3->Q4->Q1->Q2; random: same documents shuffled; permutation: cells in `order`; "
+                      "ppl_two_stage: high then low PPL; pd_two_stage: low then high PD; sorted: by `column`; "
+                      "two_phase: per-source blends per phase; yaml: a schedule file (`path`)")
+    name: str = field("", help="output folder RUN/schedule/<name>; default: the kind")
+    order: list[str] = field(default_factory=list, help="permutation: every cell name once, in stage order, e.g. [Q2, Q1, Q4, Q3]")
+    column: str = field("ppl", help="sorted: the numeric column to sort by, from quadrants.parquet (ppl, pd, n_tokens, ...) "
+                                    "or score/scores.parquet (ppl_weak, bpb_strong, ...)")
+    descending: bool = field(False, help="sorted: largest value first")
+    n_stages: int = field(1, help="sorted: cut the sorted stream into this many equal-token stages")
+    phase_split: list[float] = field(default_factory=lambda: [0.6, 0.4], help="two_phase: token share of each phase (sums to 1)")
+    blends: list[dict[str, float]] = field(
+        default_factory=list, help="two_phase: one blend per phase, {source or tier: token weight} summing to 1; "
+                                   "a tier's weight is split over its sources by their tokens")
+    tiers: dict[str, str] = field(default_factory=dict, help="two_phase: quality tier of each source, e.g. {math: high, forum: low}")
+    design_tokens: int | None = field(
+        None, help="two_phase: the horizon (tokens) the blends were designed for; each source is downsampled "
+                   "to total/design of its tokens so that its epoch count is the designed one")
+    path: str = field("", help="yaml: the schedule file")
+    epoch_caps: dict[str, float] = field(default_factory=dict, help="most epochs allowed per source (overrides max_epochs)")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.kind
+
+    def validate(self) -> None:
+        if self.name and (not self.name.replace("_", "").replace("-", "").isalnum()):
+            raise ConfigError(f"'name' = {self.name!r}: use letters, digits, '-' and '_' only (it names a folder)")
+        if self.kind == "permutation" and not self.order:
+            raise ConfigError("a permutation strategy needs 'order', e.g. order: [Q2, Q1, Q4, Q3]")
+        if self.kind == "sorted":
+            if self.n_stages < 1:
+                raise ConfigError(f"'n_stages' must be >= 1, got {self.n_stages}")
+        if self.kind == "two_phase":
+            if not self.phase_split or any(s <= 0 for s in self.phase_split) or abs(sum(self.phase_split) - 1) > 1e-6:
+                raise ConfigError(f"'phase_split' = {self.phase_split}: positive shares summing to 1, e.g. [0.6, 0.4]")
+            if len(self.blends) != len(self.phase_split):
+                raise ConfigError(f"'blends' has {len(self.blends)} blend(s) for {len(self.phase_split)} phases; give one "
+                                  f"{{source: weight}} mapping per phase, e.g. [{{web: 0.8, math: 0.2}}, {{web: 0.5, math: 0.5}}]")
+            for p, blend in enumerate(self.blends):
+                check_weights(blend, f"blends[{p}]")
+            if self.design_tokens is not None and self.design_tokens <= 0:
+                raise ConfigError(f"'design_tokens' must be positive, got {self.design_tokens}")
+        if self.kind == "yaml" and not self.path:
+            raise ConfigError("a yaml strategy needs 'path', the schedule file")
+        for source, cap in self.epoch_caps.items():
+            if cap <= 0:
+                raise ConfigError(f"'epoch_caps.{source}' must be positive, got {cap}")
+
+
+def _default_strategies() -> list[StrategyConfig]:
+    return [StrategyConfig(kind="frame"), StrategyConfig(kind="random")]
+
+
+@dataclass
+class ScheduleConfig(StageConfig):
+    strategies: list[StrategyConfig] = field(default_factory=_default_strategies, help="the schedules to build (set with --set or a config file)")
+    total_tokens: int | None = field(None, help="tokens in each schedule (EOS included); default: one pass over the training documents")
+    seq_len: int = field(1024, help="training sequence length in tokens (for the optimizer-step ranges)")
+    global_batch: int = field(32, help="sequences per optimizer step; tokens per step = global_batch * seq_len")
+    seed: int = field(0, help="seed of every sampling and shuffling decision")
+    transition: Literal["hard", "linear", "logistic"] = field("logistic", help="how the next stage's share rises at a boundary")
+    transition_window: float = field(0.1, help="window of a transition, as a fraction of the smaller neighbouring stage's tokens")
+    logistic_steepness: float = field(10.0, help="slope of the logistic S-curve over the window (larger: closer to hard)")
+    max_epochs: float | None = field(None, help="most epochs any source may be repeated (None: no cap)")
+    weight_tolerance: float = field(1e-3, help="how far the mixture weights and stage shares of a yaml schedule may sum from 1")
+
+    def validate(self) -> None:
+        if not self.strategies:
+            raise ConfigError("'strategies' is empty; give at least one, e.g. [{kind: frame}, {kind: random}]")
+        labels = [s.label for s in self.strategies]
+        dupes = sorted({x for x in labels if labels.count(x) > 1})
+        if dupes:
+            raise ConfigError(f"'strategies': two schedules are named {dupes[0]!r}; give each a distinct 'name'")
+        if self.total_tokens is not None and self.total_tokens <= 0:
+            raise ConfigError(f"'total_tokens' must be positive, got {self.total_tokens}")
+        for key in ("seq_len", "global_batch"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"'{key}' must be >= 1, got {getattr(self, key)}")
+        if not 0 <= self.transition_window <= 1:
+            raise ConfigError(f"'transition_window' must be in [0, 1], got {self.transition_window}")
+        if self.logistic_steepness <= 0:
+            raise ConfigError(f"'logistic_steepness' must be positive, got {self.logistic_steepness}")
+        if self.max_epochs is not None and self.max_epochs <= 0:
+            raise ConfigError(f"'max_epochs' must be positive, got {self.max_epochs}")
+
+    def hashed_dict(self) -> dict[str, Any]:
+        # A yaml strategy's result depends on its file's content, not only on its path.
+        data = super().hashed_dict()
+        for entry, strategy in zip(data["strategies"], self.strategies):
+            if strategy.kind == "yaml" and Path(strategy.path).is_file():
+                entry["path_sha256"] = fsutil.sha256_file(strategy.path)
+        return data
+
+
+def check_weights(weights: dict[str, float], where: str, tolerance: float = 1e-3) -> None:
+    if not weights:
+        raise ConfigError(f"{where}: empty mixture; give {{name: weight}} pairs summing to 1")
+    bad = {k: w for k, w in weights.items() if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w < 0}
+    if bad:
+        k = next(iter(bad))
+        raise ConfigError(f"{where}.{k}: weight {bad[k]!r} must be a finite number >= 0")
+    total = float(sum(weights.values()))
+    if abs(total - 1) > tolerance:
+        raise ConfigError(f"{where}: weights sum to {total:.6g}, not 1 (tolerance {tolerance:g}): {weights}")
+
+
+# -- the training documents ---------------------------------------------------------------
+
+
+@dataclass
+class Corpus:
+    """The split == "train" documents, as arrays indexed by row."""
+
+    ids: Any  # pyarrow string array (one chunk: taking from it is ~3x faster than from a chunked one)
+    weight: np.ndarray  # int64 tokens each document puts into the stream: n_tokens + its EOS
+    cell: np.ndarray  # int32 index into cell_names
+    source: np.ndarray  # int32 index into source_names
+    cell_names: list[str]
+    cell_bins: list[tuple[int, int]]  # (ppl_bin, pd_bin) of each cell
+    source_names: list[str]
+    path: Path | None = None  # quadrants.parquet; `sorted` reads score columns from it or from its run's scores
+
+    def column(self, name: str) -> np.ndarray:
+        """A numeric column for every document, from quadrants.parquet or else score/scores.parquet."""
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        if name == "n_tokens":
+            return self.weight - 1
+        if self.path is None:
+            raise FramelmError(f"column {name!r} is not loaded")
+        scores = self.path.parent.parent / SCORES
+        available = {"quadrants.parquet": pq.read_schema(self.path)}
+        if scores.is_file():
+            available["scores.parquet"] = pq.read_schema(scores)
+        numeric = sorted({f.name for schema in available.values() for f in schema
+                          if pa.types.is_integer(f.type) or pa.types.is_floating(f.type)})
+        if name not in numeric:
+            raise ConfigError(f"'column' = {name!r} is not a numeric column of {' or '.join(available)}; choose one of {', '.join(numeric)}")
+        if name in available["quadrants.parquet"].names:
+            return _read_train(self.path, [name]).column(name).to_numpy().astype(float)
+        table = pq.ParquetFile(scores).read(columns=["id", name])
+        row = pc.index_in(self.ids, value_set=table.column("id")).to_numpy(zero_copy_only=False)
+        values = table.column(name).to_numpy(zero_copy_only=False).astype(float)[row]
+        if not np.isfinite(values).all():
+            raise FramelmError(f"{scores}: column {name!r} is missing, NaN or infinite for some scheduled documents; sort by another column")
+        return values
+
+    @classmethod
+    def from_table(cls, table: Any, cells: list[dict[str, Any]], path: Path | None = None) -> "Corpus":
+        """From a table with columns id, source, quadrant, n_tokens and the partition's cell list."""
+        where = path or "quadrants"
+        cell_names = [c["name"] for c in cells]
+        cell_values, cell = _codes(table.column("quadrant"))
+        missing = [q for q in cell_values if q not in cell_names]
+        if missing:
+            raise FramelmError(f"{where}: cell {missing[0]!r} is not in the partition summary's cells {cell_names}; re-run framelm partition")
+        cell = np.array([cell_names.index(q) for q in cell_values], np.int32)[cell]
+        source_values, source = _codes(table.column("source"))
+        source_names = sorted(source_values)
+        source = np.array([source_names.index(v) for v in source_values], np.int32)[source]
+        weight = table.column("n_tokens").to_numpy().astype(np.int64)
+        if len(weight) and weight.min() < 0:
+            raise FramelmError(f"{where}: negative n_tokens in row {int(np.argmin(weight))}")
+        weight += 1
+        ids = table.column("id")
+        if ids.nbytes >= 1 << 31:  # one string array holds at most 2 GiB of characters
+            ids = ids.cast(pa.large_string())
+        return cls(ids=ids.combine_chunks(), weight=weight, cell=cell, source=source, cell_names=cell_names,
+                   cell_bins=[(int(c["ppl_bin"]), int(c["pd_bin"])) for c in cells], source_names=source_names, path=path)
+
+
+def _codes(column: Any) -> tuple[list[Any], np.ndarray]:
+    """(distinct values, index of each row's value) of a string or dictionary column."""
+    import pyarrow.compute as pc
+
+    if not pa.types.is_dictionary(column.type):
+        column = pc.dictionary_encode(column)
+    column = pa.chunked_array(column.chunks if isinstance(column, pa.ChunkedArray) else [column], column.type).unify_dictionaries()
+    if column.num_chunks == 0:
+        return [], np.empty(0, np.int32)
+    if column.null_count:
+        raise FramelmError("quadrants.parquet: a source or quadrant value is missing")
+    array = column.combine_chunks()
+    return array.dictionary.to_pylist(), array.indices.to_numpy(zero_copy_only=False).astype(np.int32)
+
+
+def _read_train(path: Path, columns: list[str]) -> Any:
+    """The split == "train" rows of some columns of quadrants.parquet, in file order.
+
+    Filtered batch by batch, so memory holds the kept rows plus one batch, not the whole file twice."""
+    import pyarrow.parquet as pq
+
+    categorical = [c for c in ("source", "quadrant", "split") if c in (*columns, "split")]
+    parquet = pq.ParquetFile(path, read_dictionary=categorical)
+    kept = []
+    for batch in parquet.iter_batches(batch_size=1 << 20, columns=[*columns, "split"]):
+        split = batch.column("split")
+        values = split.dictionary.to_pylist()
+        keep = split.indices.to_numpy(zero_copy_only=False) == values.index("train") if "train" in values else np.zeros(len(split), bool)
+        kept.append(batch.filter(pa.array(keep)).drop_columns(["split"]))
+    if not kept:  # a file without rows
+        return parquet.read(columns=columns)
+    return pa.Table.from_batches(kept)
+
+
+def load_corpus(run: RunDir) -> Corpus:
+    path, summary_path = run.path(QUADRANTS), run.path(SUMMARY)
+    for p in (path, summary_path):
+        if not p.is_file():
+            raise FramelmError(f"{p} not found; run the partition stage first: framelm partition --run-dir {run.root}")
+    summary = json.loads(summary_path.read_text())
+    table = _read_train(path, ["id", "source", "quadrant", "n_tokens"])
+    if table.num_rows == 0:
+        raise FramelmError(f"{path}: no document has split 'train'; nothing to schedule")
+    return Corpus.from_table(table, summary["cells"], path)
+
+
+# -- pools --------------------------------------------------------------------------------
+
+
+def _key_seed(key: str) -> int:
+    return zlib.crc32(key.encode())
+
+
+class PoolStream:
+    """An endless, seeded stream over one pool of documents: epoch e is a permutation of the
+    pool seeded by (seed, pool key, e). `take(budget)` continues where the last call ended and
+    stops at the document boundary nearest to the running target, so rounding never drifts."""
+
+    def __init__(self, key: str, members: np.ndarray, weight: np.ndarray, seed: int):
+        self.key, self.members, self.seed = key, members, seed
+        self.weight = weight
+        self.tokens = int(weight[members].sum())
+        self.target = 0.0  # tokens asked for so far
+        self.position = 0  # documents handed out so far, over all epochs
+        self._epoch: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def _perm(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._epoch is None or self._epoch[0] != epoch:
+            rng = np.random.default_rng([self.seed, _key_seed(self.key), epoch])
+            order = self.members[rng.permutation(len(self.members))]
+            cum = np.concatenate([[0], np.cumsum(self.weight[order])])
+            self._epoch = (epoch, order, cum)
+        return self._epoch[1], self._epoch[2]
+
+    def take(self, budget: float) -> tuple[np.ndarray, np.ndarray]:
+        """Documents (row indices) and their epoch numbers worth about `budget` tokens."""
+        n = len(self.members)
+        if budget <= 0 or n == 0:
+            return np.empty(0, np.int64), np.empty(0, np.int32)
+        if self.tokens == 0:
+            raise FramelmError(f"pool {self.key!r} has no tokens to draw {budget:.0f} from")
+        self.target += budget
+        full, rest = divmod(self.target, self.tokens)
+        _, cum = self._perm(int(full))
+        k = int(np.searchsorted(cum, rest))
+        if k > 0 and rest - cum[k - 1] < cum[k] - rest:
+            k -= 1
+        end = int(full) * n + k
+        idx, epochs = [], []
+        while self.position < end:
+            epoch, offset = divmod(self.position, n)
+            stop = min(end - epoch * n, n)
+            order, _ = self._perm(epoch)
+            idx.append(order[offset:stop])
+            epochs.append(np.full(stop - offset, epoch, np.int32))
+            self.position = epoch * n + stop
+        if not idx:
+            return np.empty(0, np.int64), np.empty(0, np.int32)
+        return np.concatenate(idx).astype(np.int64), np.concatenate(epochs)
+
+
+# -- plans --------------------------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    name: str
+    idx: np.ndarray  # row indices into the corpus, in stream order
+    epoch: np.ndarray
+
+
+@dataclass
+class Schedule:
+    name: str
+    kind: str
+    stages: list[Stage]
+    smooth: bool  # whether transitions apply between these stages
+    pool_tokens: dict[str, int]  # per source: unique tokens the schedule draws from
+
+
+def _concat(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    if not parts:
+        return np.empty(0, np.int64), np.empty(0, np.int32)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _shuffle(seed: int, key: str, idx: np.ndarray, epoch: np.ndarray) -> Stage:
+    perm = np.random.default_rng([seed, _key_seed(key)]).permutation(len(idx))
+    return Stage(key, idx[perm], epoch[perm])
+
+
+class Builder:
+    """Builds one schedule in memory from a corpus and the stage config."""
+
+    def __init__(self, corpus: Corpus, cfg: ScheduleConfig):
+        self.corpus, self.cfg = corpus, cfg
+        self.weight = corpus.weight
+        self.data_tokens = int(self.weight.sum())
+        self.total = float(cfg.total_tokens if cfg.total_tokens is not None else self.data_tokens)
+        self.source_tokens = np.bincount(corpus.source, weights=self.weight, minlength=len(corpus.source_names)).astype(np.int64)
+        self.cell_tokens = np.bincount(corpus.cell, weights=self.weight, minlength=len(corpus.cell_names)).astype(np.int64)
+
+    # pools
+    @staticmethod
+    def _members(codes: np.ndarray, n_codes: int) -> list[np.ndarray]:
+        """Row indices holding each code 0..n_codes-1, ascending."""
+        if n_codes < np.iinfo(np.int16).max:
+            codes = codes.astype(np.int16)  # numpy's stable sort is a linear-time radix sort at 16 bits
+        order = np.argsort(codes, kind="stable")
+        bounds = np.searchsorted(codes[order], np.arange(n_codes + 1))
+        return [order[bounds[i]:bounds[i + 1]] for i in range(n_codes)]
+
+    def cell_streams(self) -> dict[str, PoolStream]:
+        members = self._members(self.corpus.cell, len(self.corpus.cell_names))
+        return {name: PoolStream(f"cell:{name}", members[i], self.weight, self.cfg.seed) for i, name in enumerate(self.corpus.cell_names)}
+
+    def source_streams(self, fraction: float = 1.0) -> dict[str, PoolStream]:
+        """One stream per source; fraction < 1 first downsamples each source (seeded) to that share of its tokens."""
+        members = self._members(self.corpus.source, len(self.corpus.source_names))
+        streams = {}
+        for i, name in enumerate(self.corpus.source_names):
+            pool = members[i]
+            if fraction < 1:
+                pool, _ = PoolStream(f"subsample:{name}", pool, self.weight, self.cfg.seed).take(fraction * self.source_tokens[i])
+                pool = np.sort(pool)
+            streams[name] = PoolStream(f"source:{name}", pool, self.weight, self.cfg.seed)
+        return streams
+
+    def _check_caps(self, strategy: StrategyConfig, needed: dict[str, tuple[float, str]]) -> None:
+        """needed: source -> (epochs its budget needs, what drives it). Raise if a cap is exceeded."""
+        unknown = [s for s in strategy.epoch_caps if s not in self.corpus.source_names]
+        if unknown:
+            raise ConfigError(f"strategy {strategy.label!r}: 'epoch_caps.{unknown[0]}' names no source; sources: {', '.join(self.corpus.source_names)}")
+        for source, (epochs, why) in sorted(needed.items()):
+            cap = strategy.epoch_caps.get(source, self.cfg.max_epochs)
+            if cap is not None and epochs > cap * (1 + 1e-9):
+                raise FramelmError(
+                    f"strategy {strategy.label!r}: source {source!r} needs {epochs:.3g} epochs{why} but at most {cap:g} are allowed; "
+                    f"lower total_tokens, lower its weight, or raise epoch_caps.{source} / max_epochs")
+
+    # cell-based strategies: each cell gets budget proportional to its tokens
+    def _cell_draws(self, strategy: StrategyConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        scale = self.total / self.data_tokens  # every cell, hence every source, repeats `scale` times
+        self._check_caps(strategy, {self.corpus.source_names[s]: (scale, "") for s in np.unique(self.corpus.source)})
+        streams = self.cell_streams()
+        return {name: streams[name].take(self.cell_tokens[i] * scale) for i, name in enumerate(self.corpus.cell_names)}
+
+    def _nonempty_cells(self) -> list[str]:
+        return [n for i, n in enumerate(self.corpus.cell_names) if self.cell_tokens[i] > 0]
+
+    def frame_order(self) -> list[str]:
+        """High PPL before low, and inside each PPL bin low PD before high: Q3, Q4, Q1, Q2."""
+        cells = sorted(zip(self.corpus.cell_bins, self.corpus.cell_names), key=lambda c: (-c[0][0], c[0][1]))
+        return [name for _, name in cells if name in self._nonempty_cells()]
+
+    def _cells_in_order(self, strategy: StrategyConfig, order: list[str]) -> list[Stage]:
+        draws = self._cell_draws(strategy)
+        return [Stage(name, *draws[name]) for name in order]
+
+    def build(self, strategy: StrategyConfig) -> Schedule:
+        kind = strategy.kind
+        smooth = True
+        pool_tokens = {s: int(t) for s, t in zip(self.corpus.source_names, self.source_tokens)}
+        if kind == "frame":
+            stages = self._cells_in_order(strategy, self.frame_order())
+        elif kind == "permutation":
+            stages = self._cells_in_order(strategy, self._check_order(strategy))
+        elif kind == "random":
+            draws = self._cell_draws(strategy)
+            stages = [_shuffle(self.cfg.seed, "random", *_concat([draws[n] for n in self.corpus.cell_names]))]
+        elif kind in ("ppl_two_stage", "pd_two_stage"):
+            stages = self._two_stage(strategy)
+        elif kind == "sorted":
+            stages, smooth = self._sorted(strategy), False
+        elif kind == "two_phase":
+            stages, pool_tokens = self._two_phase(strategy)
+        else:
+            stages, pool_tokens = self._yaml(strategy)
+        return Schedule(strategy.label, kind, stages, smooth, pool_tokens)
+
+    def _check_order(self, strategy: StrategyConfig) -> list[str]:
+        cells = self._nonempty_cells()
+        unknown = [c for c in strategy.order if c not in self.corpus.cell_names]
+        if unknown:
+            raise ConfigError(f"strategy {strategy.label!r}: 'order' names unknown cell {unknown[0]!r}; cells: {', '.join(self.corpus.cell_names)}")
+        missing = [c for c in cells if c not in strategy.order]
+        dupes = sorted({c for c in strategy.order if strategy.order.count(c) > 1})
+        if missing or dupes:
+            raise ConfigError(f"strategy {strategy.label!r}: 'order' must name every non-empty cell once "
+                              f"({', '.join(cells)}); missing: {missing or 'none'}, repeated: {dupes or 'none'}")
+        return [c for c in strategy.order if c in cells]
+
+    def _two_stage(self, strategy: StrategyConfig) -> list[Stage]:
+        """Split on one axis at its middle bin: PPL high then low, or PD low then high."""
+        axis = 0 if strategy.kind == "ppl_two_stage" else 1
+        n_bins = max(b[axis] for b in self.corpus.cell_bins) + 1
+        draws = self._cell_draws(strategy)
+        high = [draws[n] for n, b in zip(self.corpus.cell_names, self.corpus.cell_bins) if b[axis] >= n_bins // 2]
+        low = [draws[n] for n, b in zip(self.corpus.cell_names, self.corpus.cell_bins) if b[axis] < n_bins // 2]
+        if axis == 0:
+            named = [("high_ppl", high), ("low_ppl", low)]
+        else:
+            named = [("low_pd", low), ("high_pd", high)]
+        return [_shuffle(self.cfg.seed, name, *_concat(parts)) for name, parts in named]
+
+    def _sorted(self, strategy: StrategyConfig) -> list[Stage]:
+        draws = self._cell_draws(strategy)
+        idx, epoch = _concat([draws[n] for n in self.corpus.cell_names])
+        values = self.corpus.column(strategy.column)[idx]
+        order = np.lexsort((idx, epoch, -values if strategy.descending else values))  # last key sorts first
+        idx, epoch = idx[order], epoch[order]
+        cum = np.cumsum(self.weight[idx])
+        total = cum[-1] if len(cum) else 0
+        cuts = np.searchsorted(cum, [total * k / strategy.n_stages for k in range(1, strategy.n_stages)])
+        bounds = [0, *cuts.tolist(), len(idx)]
+        name = f"{strategy.column}_{'desc' if strategy.descending else 'asc'}"
+        return [Stage(name if strategy.n_stages == 1 else f"{name}_{k + 1}", idx[a:b], epoch[a:b])
+                for k, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+
+    def _source_weights(self, blend: dict[str, float], tiers: dict[str, str], where: str) -> dict[str, float]:
+        """{source or tier: weight} -> {source: weight}; a tier's weight is split by its sources' tokens."""
+        sources = self.corpus.source_names
+        out: dict[str, float] = {}
+        for key, w in blend.items():
+            if key in sources:
+                members = [key]
+            else:
+                members = [s for s in sources if tiers.get(s) == key]
+                if not members:
+                    raise ConfigError(f"{where}: {key!r} is neither a source ({', '.join(sources)}) nor a tier with sources "
+                                      f"({', '.join(sorted(set(tiers.values()))) or 'no tiers given'})")
+            tokens = np.array([self.source_tokens[sources.index(s)] for s in members], float)
+            for s, t in zip(members, tokens):
+                out[s] = out.get(s, 0.0) + w * t / tokens.sum()
+        return out
+
+    def _two_phase(self, strategy: StrategyConfig) -> tuple[list[Stage], dict[str, int]]:
+        sources = self.corpus.source_names
+        bad_tier = [s for s in strategy.tiers if s not in sources]
+        if bad_tier:
+            raise ConfigError(f"strategy {strategy.label!r}: 'tiers.{bad_tier[0]}' names no source; sources: {', '.join(sources)}")
+        blends = [self._source_weights(b, strategy.tiers, f"strategy {strategy.label!r}: blends[{p}]")
+                  for p, b in enumerate(strategy.blends)]
+        design = float(strategy.design_tokens or self.total)
+        if design < self.total:
+            raise ConfigError(f"strategy {strategy.label!r}: design_tokens {design:.0f} is below total_tokens {self.total:.0f}; "
+                              "a blend can be downsampled to a shorter run, not stretched to a longer one")
+        # Epochs a source is seen at the design horizon; downsampling the source to
+        # total/design of its tokens keeps that count in the actual (shorter) run.
+        share = {s: sum(b.get(s, 0.0) * p for b, p in zip(blends, strategy.phase_split)) for s in sources}
+        needed = {}
+        for i, s in enumerate(sources):
+            if share[s] > 0:
+                if self.source_tokens[i] == 0:
+                    raise FramelmError(f"strategy {strategy.label!r}: source {s!r} has weight but no training tokens")
+                needed[s] = (share[s] * design / self.source_tokens[i], f" ({share[s]:.1%} of {design:,.0f} design tokens)")
+        self._check_caps(strategy, needed)
+        streams = self.source_streams(self.total / design)
+        stages = []
+        for p, (blend, phase) in enumerate(zip(blends, strategy.phase_split)):
+            parts = [streams[s].take(w * phase * self.total) for s, w in sorted(blend.items())]
+            stages.append(_shuffle(self.cfg.seed, f"phase{p + 1}", *_concat(parts)))
+        return stages, {s: streams[s].tokens for s in sources}
+
+    def _yaml(self, strategy: StrategyConfig) -> tuple[list[Stage], dict[str, int]]:
+        spec = read_yaml_schedule(strategy.path, self.corpus, self.cfg.weight_tolerance)
+        caps = dict(spec.get("epoch_caps", {}))
+        caps.update(strategy.epoch_caps)
+        strategy = dataclasses.replace(strategy, epoch_caps=caps)
+        budgets = [st["tokens"] if "tokens" in st else st["share"] * self.total for st in spec["stages"]]
+        by_cell = spec["over"] == "cells"
+        names = self.corpus.cell_names if by_cell else self.corpus.source_names
+        pool_tokens = self.cell_tokens if by_cell else self.source_tokens
+        demand = {n: sum(b * st["mix"].get(n, 0.0) for b, st in zip(budgets, spec["stages"])) for n in names}
+        needed = {}
+        for i, n in enumerate(names):
+            if demand[n] > 0 and pool_tokens[i] == 0:
+                raise FramelmError(f"{strategy.path}: {n!r} has weight but no training tokens")
+            if demand[n] > 0:
+                epochs = demand[n] / pool_tokens[i]
+                if by_cell:  # a cell is sampled evenly, so each of its sources repeats as often as the cell
+                    for s in np.unique(self.corpus.source[self.corpus.cell == i]):
+                        src = self.corpus.source_names[s]
+                        if epochs > needed.get(src, (0.0, ""))[0]:
+                            needed[src] = (epochs, f" (through cell {n})")
+                else:
+                    needed[n] = (epochs, "")
+        self._check_caps(strategy, needed)
+        streams = self.cell_streams() if by_cell else self.source_streams()
+        stages = []
+        for st, budget in zip(spec["stages"], budgets):
+            parts = [streams[n].take(w * budget) for n, w in sorted(st["mix"].items())]
+            stages.append(_shuffle(self.cfg.seed, st["name"], *_concat(parts)))
+        return stages, {s: int(t) for s, t in zip(self.corpus.source_names, self.source_tokens)}
+
+
+YAML_STAGE_KEYS = {"name", "tokens", "share", "mix"}
+
+
+def read_yaml_schedule(path: str | Path, corpus: Corpus, tolerance: float = 1e-3) -> dict[str, Any]:
+    """Read and validate a user schedule:
+
+        stages:
+          - name: warmup        # optional; default stage1, stage2, ...
+            share: 0.3          # of total_tokens; or `tokens: 3000000`
+            mix: {Q3: 0.7, Q4: 0.3}   # cells or sources, weights summing to 1
+        epoch_caps: {math: 4}   # optional
+
+    Returns {"stages": [...], "over": "cells" | "sources", "epoch_caps": {...}}.
+    """
+    data = load_yaml(path)
+    unknown = [k for k in data if k not in ("stages", "epoch_caps")]
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r}; allowed: stages, epoch_caps")
+    stages = data.get("stages")
+    if not isinstance(stages, list) or not stages:
+        raise ConfigError(f"{path}: 'stages' must be a non-empty list of {{name, tokens or share, mix}}")
+    kinds, out, names = set(), [], set()
+    for i, st in enumerate(stages):
+        where = f"{path}: stages[{i}]"
+        if not isinstance(st, dict):
+            raise ConfigError(f"{where} must be a mapping with keys name, tokens or share, mix; got {st!r}")
+        bad = [k for k in st if k not in YAML_STAGE_KEYS]
+        if bad:
+            raise ConfigError(f"{where}: unknown key {bad[0]!r}; allowed: {', '.join(sorted(YAML_STAGE_KEYS))}")
+        name = str(st.get("name", f"stage{i + 1}"))
+        if name in names:
+            raise ConfigError(f"{where}: stage name {name!r} is used twice")
+        names.add(name)
+        if ("tokens" in st) == ("share" in st):
+            raise ConfigError(f"{where} ({name}): give exactly one of 'tokens' (a count) or 'share' (of total_tokens)")
+        entry: dict[str, Any] = {"name": name}
+        if "tokens" in st:
+            if isinstance(st["tokens"], bool) or not isinstance(st["tokens"], (int, float)) or st["tokens"] <= 0:
+                raise ConfigError(f"{where}.tokens: must be a positive number, got {st['tokens']!r}")
+            entry["tokens"] = float(st["tokens"])
+        else:
+            if isinstance(st["share"], bool) or not isinstance(st["share"], (int, float)) or not 0 < st["share"] <= 1:
+                raise ConfigError(f"{where}.share: must be in (0, 1], got {st['share']!r}")
+            entry["share"] = float(st["share"])
+        mix = st.get("mix")
+        if not isinstance(mix, dict):
+            raise ConfigError(f"{where}.mix: must be a mapping {{cell or source: weight}}, got {mix!r}")
+        mix = {str(k): v for k, v in mix.items()}
+        check_weights(mix, f"{where}.mix", tolerance)
+        for key in mix:
+            if key in corpus.cell_names:
+                kinds.add("cells")
+            elif key in corpus.source_names:
+                kinds.add("sources")
+            else:
+                raise ConfigError(f"{where}.mix: {key!r} is neither a cell ({', '.join(corpus.cell_names)}) "
+                                  f"nor a source ({', '.join(corpus.source_names)})")
+        total = sum(mix.values())
+        entry["mix"] = {k: v / total for k, v in mix.items()}
+        out.append(entry)
+    if len(kinds) > 1:
+        raise ConfigError(f"{path}: mixes name both cells and sources; use one kind throughout")
+    shares = [e["share"] for e in out if "share" in e]
+    if len(shares) == len(out) and abs(sum(shares) - 1) > tolerance:
+        raise ConfigError(f"{path}: stage shares sum to {sum(shares):.6g}, not 1 (tolerance {tolerance:g})")
+    caps = data.get("epoch_caps") or {}
+    if not isinstance(caps, dict) or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 for v in caps.values()):
+        raise ConfigError(f"{path}: 'epoch_caps' must map sources to positive numbers, got {caps!r}")
+    return {"stages": out, "over": kinds.pop(), "epoch_caps": {str(k): float(v) for k, v in caps.items()}}
+
+
+# -- transitions --------------------------------------------------------------------------
+
+
+def transition_share(kind: str, u: np.ndarray, steepness: float = 10.0) -> np.ndarray:
+    """The next stage's share at relative position u in [0, 1] of a transition window."""
+    u = np.asarray(u, float)
+    if kind == "hard":
+        return (u >= 0.5).astype(float)
+    if kind == "linear":
+        return np.clip(u, 0.0, 1.0)
+    if kind == "logistic":
+        lo, hi = 1 / (1 + math.exp(steepness / 2)), 1 / (1 + math.exp(-steepness / 2))
+        return np.clip((1 / (1 + np.exp(-steepness * (u - 0.5))) - lo) / (hi - lo), 0.0, 1.0)
+    raise ConfigError(f"unknown transition {kind!r}; choose hard, linear or logistic")
+
+
+def _interleave(wa: np.ndarray, wb: np.ndarray, kind: str, steepness: float) -> np.ndarray:
+    """Merge order of a window made of stage A's tail (token weights wa) and stage B's head (wb).
+
+    Returns a permutation of range(len(wa) + len(wb)) (A's documents first in the index space).
+    Each document gets the window position u at which its stage's cumulative share reaches its
+    token midpoint: B documents follow the integral of the share curve s, A documents that of
+    1 - s. Sorting by u interleaves them so the realised token share of B tracks s.
+    """
+    grid = np.linspace(0.0, 1.0, 2049)
+    s = transition_share(kind, grid, steepness)
+    cum_b = np.concatenate([[0.0], np.cumsum((s[1:] + s[:-1]) / 2)])
+    cum_a = np.concatenate([[0.0], np.cumsum((2 - s[1:] - s[:-1]) / 2)])
+    cum_b, cum_a = cum_b / cum_b[-1], cum_a / cum_a[-1]
+    fa = (np.cumsum(wa) - wa / 2) / wa.sum()
+    fb = (np.cumsum(wb) - wb / 2) / wb.sum()
+    ua = np.interp(fa, cum_a, grid)
+    ub = np.interp(fb, cum_b, grid)
+    return np.argsort(np.concatenate([ua, ub]), kind="stable")
+
+
+def assemble(stages: list[Stage], weight: np.ndarray, kind: str, window: float, steepness: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Concatenate stages into one stream, blending each boundary. Returns (idx, epoch, stage)."""
+    tokens = [int(weight[s.idx].sum()) for s in stages]
+    head = [0] * len(stages)  # documents of each stage's start that go into the window before it
+    tail = [0] * len(stages)
+    if kind != "hard" and window > 0:
+        for k in range(len(stages) - 1):
+            half = window * min(tokens[k], tokens[k + 1]) / 2
+            if half <= 0:
+                continue
+            tail[k] = int(np.searchsorted(np.cumsum(weight[stages[k].idx[::-1]]), half, side="right"))
+            head[k + 1] = int(np.searchsorted(np.cumsum(weight[stages[k + 1].idx]), half, side="right"))
+            if tail[k] == 0 or head[k + 1] == 0:
+                tail[k] = head[k + 1] = 0
+    n = sum(len(st.idx) for st in stages)
+    idx, epoch, label = np.empty(n, np.int64), np.empty(n, np.int32), np.empty(n, np.int32)
+    at = 0
+    for k, st in enumerate(stages):
+        lo, hi = head[k], len(st.idx) - tail[k]
+        idx[at:at + hi - lo], epoch[at:at + hi - lo], label[at:at + hi - lo] = st.idx[lo:hi], st.epoch[lo:hi], k
+        at += hi - lo
+        if k + 1 < len(stages) and tail[k]:
+            nxt, m = stages[k + 1], tail[k] + head[k + 1]
+            order = _interleave(weight[st.idx[hi:]], weight[nxt.idx[:head[k + 1]]], kind, steepness)
+            idx[at:at + m] = np.concatenate([st.idx[hi:], nxt.idx[:head[k + 1]]])[order]
+            epoch[at:at + m] = np.concatenate([st.epoch[hi:], nxt.epoch[:head[k + 1]]])[order]
+            label[at:at + m] = (order >= tail[k]) + k
+            at += m
+    return idx, epoch, label
+
+
+# -- writing ------------------------------------------------------------------------------
+
+
+def _shares(codes: np.ndarray, weights: np.ndarray, names: list[str]) -> dict[str, float]:
+    tokens = np.bincount(codes, weights=weights, minlength=len(names))
+    total = tokens.sum()
+    return {n: round(float(t / total), 6) for n, t in zip(names, tokens) if t > 0} if total else {}
+
+
+def describe(schedule: Schedule, corpus: Corpus, cfg: ScheduleConfig, transition: str) -> dict[str, Any]:
+    """The stages.yaml content: nominal stage ranges, steps, composition, epochs per source."""
+    weight = corpus.weight
+    per_step = cfg.seq_len * cfg.global_batch
+    stages, start = [], 0
+    scheduled = np.zeros(len(corpus.source_names), np.int64)
+    for st in schedule.stages:
+        w = weight[st.idx]
+        tokens = int(w.sum())
+        end = start + tokens
+        scheduled += np.bincount(corpus.source[st.idx], weights=w, minlength=len(corpus.source_names)).astype(np.int64)
+        stages.append({
+            "name": st.name, "start_token": start, "end_token": end,
+            "start_step": start // per_step, "end_step": -(-end // per_step),
+            "docs": int(len(st.idx)), "tokens": tokens,
+            "composition": {"cells": _shares(corpus.cell[st.idx], w, corpus.cell_names),
+                            "sources": _shares(corpus.source[st.idx], w, corpus.source_names)},
+        })
+        start = end
+    available = np.bincount(corpus.source, weights=weight, minlength=len(corpus.source_names)).astype(np.int64)
+    sources = {}
+    for i, s in enumerate(corpus.source_names):
+        pool = schedule.pool_tokens.get(s, 0)
+        sources[s] = {"available_tokens": int(available[i]),
+                      "pool_tokens": int(pool), "scheduled_tokens": int(scheduled[i]),
+                      "epochs": round(float(scheduled[i] / pool), 6) if pool else 0.0}
+    return {
+        "strategy": schedule.name, "kind": schedule.kind, "seed": cfg.seed,
+        "seq_len": cfg.seq_len, "global_batch": cfg.global_batch, "tokens_per_step": per_step,
+        "total_tokens": start, "total_docs": int(sum(len(s.idx) for s in schedule.stages)),
+        "total_steps": -(-start // per_step),
+        "transition": {"kind": transition, "window": cfg.transition_window if transition != "hard" else 0.0,
+                       "steepness": cfg.logistic_steepness if transition == "logistic" else None},
+        "sources": sources, "stages": stages,
+    }
+
+
+def write_order(path: Path, corpus: Corpus, idx: np.ndarray, epoch: np.ndarray, stage: np.ndarray) -> None:
+    """order.parquet in row groups, so memory stays bounded by a couple of chunks of ids.
+
+    The next chunk is gathered in a helper thread while the current one is encoded and
+    compressed (both release the GIL), which keeps two cores busy."""
+    import pyarrow.parquet as pq
+    from concurrent.futures import ThreadPoolExecutor
+    from tqdm import tqdm
+
+    schema = pa.schema([("position", pa.int64()), ("id", pa.string()), ("stage", pa.int32()), ("source", pa.string()),
+                        ("quadrant", pa.string()), ("n_tokens", pa.int64()), ("epoch", pa.int32())])
+    sources, cells = pa.array(corpus.source_names, pa.string()), pa.array(corpus.cell_names, pa.string())
+
+    def gather(lo: int) -> Any:
+        rows = idx[lo:lo + WRITE_CHUNK_ROWS]
+        return pa.record_batch([
+            pa.array(np.arange(lo, lo + len(rows), dtype=np.int64)), corpus.ids.take(pa.array(rows)).cast(pa.string()),
+            pa.array(stage[lo:lo + WRITE_CHUNK_ROWS]), sources.take(pa.array(corpus.source[rows])),
+            cells.take(pa.array(corpus.cell[rows])), pa.array(corpus.weight[rows] - 1), pa.array(epoch[lo:lo + WRITE_CHUNK_ROWS]),
+        ], schema=schema)
+
+    starts = range(0, max(len(idx), 1), WRITE_CHUNK_ROWS)
+    # Dictionary encoding only where values repeat: trying it on unique ids costs time for nothing.
+    with fsutil.atomic_path(path) as tmp, ThreadPoolExecutor(1) as pool, pq.ParquetWriter(
+            tmp, schema, compression="zstd", use_dictionary=["stage", "source", "quadrant", "epoch"]) as writer:
+        pending = pool.submit(gather, starts[0])
+        for k in tqdm(range(len(starts)), desc=f"write {path.parent.name}/order", unit="chunk"):
+            batch = pending.result()
+            if k + 1 < len(starts):
+                pending = pool.submit(gather, starts[k + 1])
+            writer.write_batch(batch)
+
+
+def build_schedules(cfg: ScheduleConfig, run: RunDir) -> dict[str, Any]:
+    corpus = load_corpus(run)
+    builder = Builder(corpus, cfg)
+    counts: dict[str, Any] = {"train_docs": int(len(corpus.weight)), "train_tokens": builder.data_tokens}
+    lines = []
+    for strategy in cfg.strategies:
+        out = run.path("schedule", strategy.label)
+        order_path, stages_path = out / "order.parquet", out / "stages.yaml"
+        if fsutil.is_done(stages_path) and order_path.is_file():
+            log.info("schedule %s: already built, skipping", strategy.label)
+            info = load_stages(stages_path)
+        else:
+            schedule = builder.build(strategy)
+            transition = cfg.transition if schedule.smooth else "hard"
+            info = describe(schedule, corpus, cfg, transition)
+            idx, epoch, stage = assemble(schedule.stages, corpus.weight, transition, cfg.transition_window, cfg.logistic_steepness)
+            del schedule  # its per-stage arrays are copied into the stream; free them before writing
+            write_order(order_path, corpus, idx, epoch, stage)
+            del idx, epoch, stage
+            fsutil.write_yaml(stages_path, info)
+            fsutil.mark_done(stages_path)
+        counts[f"{strategy.label}_tokens"] = info["total_tokens"]
+        lines.append(f"{strategy.label}: " + " -> ".join(f"{s['name']} ({s['tokens']:,} tok, steps {s['start_step']}-{s['end_step']})"
+                                                       for s in info["stages"]))
+    counts["summary"] = "\n".join(lines)
+    return counts
+
+
+def load_stages(path: str | Path) -> dict[str, Any]:
+    """Read a stages.yaml written by this module."""
+    import yaml
+
+    return yaml.safe_load(Path(path).read_text())
