@@ -23,6 +23,7 @@ Reads: the task files. Writes: one `<task>.yaml` per task into the folder it is 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import json
 import re
 from pathlib import Path
@@ -243,6 +244,9 @@ def run_harness(model_dir: Path, tasks: list[TaskFile], config_dir: Path, *, dev
     from lm_eval.tasks import TaskManager
 
     check_lengths(model_dir, tasks, limit)
+    # The harness warns once per request whose context it left-truncates; that is expected for
+    # small proxies with short windows and would bury framelm's own output.
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
     manager = TaskManager(include_path=str(config_dir), include_defaults=False)
     out = lm_eval.simple_evaluate(
         model="hf",
