@@ -207,17 +207,16 @@ def _partition(con, cfg: PartitionConfig, scores: Path, out_dir: Path) -> dict[s
         rows.append([g, b, cuts])
     con.executemany("INSERT INTO pd_cuts VALUES (?, ?, ?)", rows)
     pd_join = f"dc.g = {group_of('x')}" + (" AND dc.b = x.ppl_bin" if cfg.split == "nested" else "")
-    if n_ppl == 1 and n_pd == 1:  # FRAME's names, as cell_name() gives them
-        name = "'Q' || (1 + 2 * ppl_bin + pd_bin)::VARCHAR"
-    else:
-        name = "'P' || ppl_bin::VARCHAR || 'D' || pd_bin::VARCHAR"
+    # Each cell's name looked up from a constant list (cheaper than building the string per row).
+    names = [cell_name(i, j, n_ppl + 1, n_pd + 1) for i in range(n_ppl + 1) for j in range(n_pd + 1)]
+    name = "[" + ", ".join(map(_sql_str, names)) + f"][1 + {n_pd + 1} * ppl_bin::INTEGER + pd_bin]"
     labelled = (f"SELECT x.id, x.source, x.split, x.n_tokens::BIGINT AS n_tokens, x.ppl, x.pd, x.ppl_bin, "
                 f"{_bin_expr('x.pd', 'dc.cuts', n_pd)} AS pd_bin FROM binned x JOIN pd_cuts dc ON {pd_join}")
     select = f"SELECT *, {name} AS quadrant FROM ({labelled})"
     out = out_dir / "quadrants.parquet"
     with fsutil.atomic_path(out) as tmp:
         n_labelled = int(con.execute(
-            f"COPY ({select}) TO {_sql_str(str(tmp))} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 1048576)").fetchone()[0])
+            f"COPY ({select}) TO {_sql_str(str(tmp))} (FORMAT parquet, COMPRESSION zstd, COMPRESSION_LEVEL 1, ROW_GROUP_SIZE 1048576)").fetchone()[0])
     if n_valid > n_labelled:
         # A stratified fit has no cut points for a source (or source x PPL bin) without fit documents.
         excluded["no_fit_documents_in_group"] = n_valid - n_labelled

@@ -167,7 +167,7 @@ def check_weights(weights: dict[str, float], where: str, tolerance: float = 1e-3
 class Corpus:
     """The split == "train" documents, as arrays indexed by row."""
 
-    ids: Any  # pyarrow string array (one chunk: taking from it is ~3x faster than from a chunked one)
+    ids: Any  # pyarrow string array (one chunk: taking from it is ~3x faster); None: still on disk in `path`
     weight: np.ndarray  # int64 tokens each document puts into the stream: n_tokens + its EOS
     cell: np.ndarray  # int32 index into cell_names
     source: np.ndarray  # int32 index into source_names
@@ -175,6 +175,21 @@ class Corpus:
     cell_bins: list[tuple[int, int]]  # (ppl_bin, pd_bin) of each cell
     source_names: list[str]
     path: Path | None = None  # quadrants.parquet; `sorted` reads score columns from it or from its run's scores
+    id_rows: np.ndarray | None = None  # index into `ids` of each document; None: ids[i] is document i's
+
+    def doc_ids(self, rows: np.ndarray | None = None) -> Any:
+        """The ids of documents `rows` (default: all), in that order.
+
+        load_corpus leaves the ids on disk and the first call reads them: planning a schedule
+        never needs them, so they only take memory once the plan's own arrays are freed."""
+        import pyarrow.parquet as pq
+
+        if self.ids is None:
+            self.ids = _one_chunk(pq.read_table(self.path, columns=["id"]).column("id"))
+            _release_arrow_memory()
+        if rows is None:
+            return self.ids if self.id_rows is None else self.ids.take(pa.array(self.id_rows))
+        return self.ids.take(pa.array(rows if self.id_rows is None else self.id_rows[rows]))
 
     def column(self, name: str) -> np.ndarray:
         """A numeric column for every document, from quadrants.parquet or else score/scores.parquet."""
@@ -196,16 +211,25 @@ class Corpus:
         if name in available["quadrants.parquet"].names:
             return _read_train(self.path, [name]).column(name).to_numpy().astype(float)
         table = pq.ParquetFile(scores).read(columns=["id", name])
-        row = pc.index_in(self.ids, value_set=table.column("id")).to_numpy(zero_copy_only=False)
+        row = pc.index_in(self.doc_ids(), value_set=table.column("id")).to_numpy(zero_copy_only=False)
         values = table.column(name).to_numpy(zero_copy_only=False).astype(float)[row]
         if not np.isfinite(values).all():
             raise FramelmError(f"{scores}: column {name!r} is missing, NaN or infinite for some scheduled documents; sort by another column")
         return values
 
     @classmethod
-    def from_table(cls, table: Any, cells: list[dict[str, Any]], path: Path | None = None) -> "Corpus":
-        """From a table with columns id, source, quadrant, n_tokens and the partition's cell list."""
+    def from_table(cls, table: Any, cells: list[dict[str, Any]], path: Path | None = None, keep: np.ndarray | None = None) -> "Corpus":
+        """From a table with columns source, quadrant, n_tokens, id (optional when `path` has
+        them) and the partition's cell list.
+
+        keep: which rows are documents (default: all). The ids stay unfiltered and documents
+        find theirs through `id_rows`: filtering 100 M strings would copy them for nothing."""
         where = path or "quadrants"
+        ids = _one_chunk(table.column("id")) if "id" in table.column_names else None
+        id_rows = None
+        if keep is not None:
+            table = table.select(["source", "quadrant", "n_tokens"]).filter(pa.array(keep))
+            id_rows = np.flatnonzero(keep).astype(np.int32 if len(keep) < 1 << 31 else np.int64)
         cell_names = [c["name"] for c in cells]
         cell_values, cell = _codes(table.column("quadrant"))
         missing = [q for q in cell_values if q not in cell_names]
@@ -219,11 +243,22 @@ class Corpus:
         if len(weight) and weight.min() < 0:
             raise FramelmError(f"{where}: negative n_tokens in row {int(np.argmin(weight))}")
         weight += 1
-        ids = table.column("id")
-        if ids.nbytes >= 1 << 31:  # one string array holds at most 2 GiB of characters
-            ids = ids.cast(pa.large_string())
-        return cls(ids=ids.combine_chunks(), weight=weight, cell=cell, source=source, cell_names=cell_names,
-                   cell_bins=[(int(c["ppl_bin"]), int(c["pd_bin"])) for c in cells], source_names=source_names, path=path)
+        return cls(ids=ids, weight=weight, cell=cell, source=source, cell_names=cell_names,
+                   cell_bins=[(int(c["ppl_bin"]), int(c["pd_bin"])) for c in cells], source_names=source_names, path=path,
+                   id_rows=id_rows)
+
+
+def _release_arrow_memory() -> None:
+    """Hand memory that Arrow freed back to the system. Its allocator keeps freed pages for
+    reuse, but the schedule's big arrays are numpy's: at 100 M documents the pages held after
+    reading quadrants.parquet would otherwise add ~5 GB to the peak."""
+    pa.default_memory_pool().release_unused()
+
+
+def _one_chunk(ids: Any) -> Any:
+    if ids.nbytes >= 1 << 31:  # one string array holds at most 2 GiB of characters
+        ids = ids.cast(pa.large_string())
+    return ids.combine_chunks()
 
 
 def _codes(column: Any) -> tuple[list[Any], np.ndarray]:
@@ -261,15 +296,22 @@ def _read_train(path: Path, columns: list[str]) -> Any:
 
 
 def load_corpus(run: RunDir) -> Corpus:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
     path, summary_path = run.path(QUADRANTS), run.path(SUMMARY)
     for p in (path, summary_path):
         if not p.is_file():
             raise FramelmError(f"{p} not found; run the partition stage first: framelm partition --run-dir {run.root}")
     summary = json.loads(summary_path.read_text())
-    table = _read_train(path, ["id", "source", "quadrant", "n_tokens"])
-    if table.num_rows == 0:
+    table = pq.read_table(path, columns=["source", "quadrant", "n_tokens", "split"], read_dictionary=["source", "quadrant", "split"])
+    train = pc.fill_null(pc.equal(table.column("split"), "train"), False).to_numpy()
+    if not train.any():
         raise FramelmError(f"{path}: no document has split 'train'; nothing to schedule")
-    return Corpus.from_table(table, summary["cells"], path)
+    corpus = Corpus.from_table(table, summary["cells"], path, keep=train)
+    del table, train
+    _release_arrow_memory()
+    return corpus
 
 
 # -- pools --------------------------------------------------------------------------------
@@ -309,10 +351,12 @@ class PoolStream:
             raise FramelmError(f"pool {self.key!r} has no tokens to draw {budget:.0f} from")
         self.target += budget
         full, rest = divmod(self.target, self.tokens)
-        _, cum = self._perm(int(full))
-        k = int(np.searchsorted(cum, rest))
-        if k > 0 and rest - cum[k - 1] < cum[k] - rest:
-            k -= 1
+        k = 0
+        if rest > 0:  # an exact multiple of the pool ends at an epoch boundary: no need to permute the next epoch
+            _, cum = self._perm(int(full))
+            k = int(np.searchsorted(cum, rest))
+            if k > 0 and rest - cum[k - 1] < cum[k] - rest:
+                k -= 1
         end = int(full) * n + k
         idx, epochs = [], []
         while self.position < end:
@@ -703,8 +747,7 @@ def assemble(stages: list[Stage], weight: np.ndarray, kind: str, window: float, 
 # -- writing ------------------------------------------------------------------------------
 
 
-def _shares(codes: np.ndarray, weights: np.ndarray, names: list[str]) -> dict[str, float]:
-    tokens = np.bincount(codes, weights=weights, minlength=len(names))
+def _shares(tokens: np.ndarray, names: list[str]) -> dict[str, float]:
     total = tokens.sum()
     return {n: round(float(t / total), 6) for n, t in zip(names, tokens) if t > 0} if total else {}
 
@@ -714,18 +757,22 @@ def describe(schedule: Schedule, corpus: Corpus, cfg: ScheduleConfig, transition
     weight = corpus.weight
     per_step = cfg.seq_len * cfg.global_batch
     stages, start = [], 0
-    scheduled = np.zeros(len(corpus.source_names), np.int64)
+    n_cells, n_sources = len(corpus.cell_names), len(corpus.source_names)
+    scheduled = np.zeros(n_sources, np.int64)
+    # One code per (cell, source) pair: a stage's documents are then gathered once for both compositions.
+    pair = corpus.cell * n_sources + corpus.source
     for st in schedule.stages:
         w = weight[st.idx]
         tokens = int(w.sum())
         end = start + tokens
-        scheduled += np.bincount(corpus.source[st.idx], weights=w, minlength=len(corpus.source_names)).astype(np.int64)
+        mix = np.bincount(pair[st.idx], weights=w, minlength=n_cells * n_sources).reshape(n_cells, n_sources)
+        scheduled += mix.sum(axis=0).astype(np.int64)
         stages.append({
             "name": st.name, "start_token": start, "end_token": end,
             "start_step": start // per_step, "end_step": -(-end // per_step),
             "docs": int(len(st.idx)), "tokens": tokens,
-            "composition": {"cells": _shares(corpus.cell[st.idx], w, corpus.cell_names),
-                            "sources": _shares(corpus.source[st.idx], w, corpus.source_names)},
+            "composition": {"cells": _shares(mix.sum(axis=1), corpus.cell_names),
+                            "sources": _shares(mix.sum(axis=0), corpus.source_names)},
         })
         start = end
     available = np.bincount(corpus.source, weights=weight, minlength=len(corpus.source_names)).astype(np.int64)
@@ -750,27 +797,33 @@ def write_order(path: Path, corpus: Corpus, idx: np.ndarray, epoch: np.ndarray, 
     """order.parquet in row groups, so memory stays bounded by a couple of chunks of ids.
 
     The next chunk is gathered in a helper thread while the current one is encoded and
-    compressed (both release the GIL), which keeps two cores busy."""
+    compressed (both release the GIL), which keeps two cores busy. source and quadrant go in
+    as dictionary arrays built from the corpus codes, so the writer copies indices instead of
+    hashing strings; without the Arrow schema in the file they read back as plain strings.
+    Positions count up by one, which delta encoding stores in almost no bytes."""
     import pyarrow.parquet as pq
     from concurrent.futures import ThreadPoolExecutor
     from tqdm import tqdm
 
-    schema = pa.schema([("position", pa.int64()), ("id", pa.string()), ("stage", pa.int32()), ("source", pa.string()),
-                        ("quadrant", pa.string()), ("n_tokens", pa.int64()), ("epoch", pa.int32())])
+    category = pa.dictionary(pa.int32(), pa.string())
+    schema = pa.schema([("position", pa.int64()), ("id", pa.string()), ("stage", pa.int32()), ("source", category),
+                        ("quadrant", category), ("n_tokens", pa.int64()), ("epoch", pa.int32())])
     sources, cells = pa.array(corpus.source_names, pa.string()), pa.array(corpus.cell_names, pa.string())
 
     def gather(lo: int) -> Any:
         rows = idx[lo:lo + WRITE_CHUNK_ROWS]
         return pa.record_batch([
-            pa.array(np.arange(lo, lo + len(rows), dtype=np.int64)), corpus.ids.take(pa.array(rows)).cast(pa.string()),
-            pa.array(stage[lo:lo + WRITE_CHUNK_ROWS]), sources.take(pa.array(corpus.source[rows])),
-            cells.take(pa.array(corpus.cell[rows])), pa.array(corpus.weight[rows] - 1), pa.array(epoch[lo:lo + WRITE_CHUNK_ROWS]),
+            pa.array(np.arange(lo, lo + len(rows), dtype=np.int64)), corpus.doc_ids(rows).cast(pa.string()),
+            pa.array(stage[lo:lo + WRITE_CHUNK_ROWS]), pa.DictionaryArray.from_arrays(corpus.source[rows], sources),
+            pa.DictionaryArray.from_arrays(corpus.cell[rows], cells), pa.array(corpus.weight[rows] - 1),
+            pa.array(epoch[lo:lo + WRITE_CHUNK_ROWS]),
         ], schema=schema)
 
     starts = range(0, max(len(idx), 1), WRITE_CHUNK_ROWS)
     # Dictionary encoding only where values repeat: trying it on unique ids costs time for nothing.
     with fsutil.atomic_path(path) as tmp, ThreadPoolExecutor(1) as pool, pq.ParquetWriter(
-            tmp, schema, compression="zstd", use_dictionary=["stage", "source", "quadrant", "epoch"]) as writer:
+            tmp, schema, compression="snappy", use_dictionary=["stage", "source", "quadrant", "epoch"],
+            column_encoding={"position": "DELTA_BINARY_PACKED"}, store_schema=False) as writer:
         pending = pool.submit(gather, starts[0])
         for k in tqdm(range(len(starts)), desc=f"write {path.parent.name}/order", unit="chunk"):
             batch = pending.result()
