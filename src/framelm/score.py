@@ -79,7 +79,7 @@ class ScoreConfig(StageConfig):
     dtype: Literal["auto", "float32", "bfloat16"] = field("auto", help="model precision; auto = bfloat16 on CUDA, float32 on CPU")
     trust_remote_code: bool = field(False, help="allow model/tokenizer dirs to run their own Python code (only for dirs you trust)")
     docs_per_shard: int = field(2048, help="documents per output shard (the unit of resuming and of distribution)")
-    tokens_per_batch: int = field(32768, help="padded tokens per forward pass (lower it on out-of-memory errors)", hash=False)
+    tokens_per_batch: int | None = field(None, help="padded tokens per forward pass (default: 32768 on GPU, 8192 on CPU; lower it on out-of-memory errors)", hash=False)
     logit_chunk_tokens: int = field(4096, help="positions whose vocabulary logits are materialised at once", hash=False)
     device: str = field("auto", help="torch device: auto (CUDA if present, LOCAL_RANK's GPU under torchrun), cpu, cuda:N", hash=False)
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = field("sdpa", help="attention kernel passed to transformers", hash=False)
@@ -90,7 +90,7 @@ class ScoreConfig(StageConfig):
 
     def validate(self) -> None:
         for key in ("docs_per_shard", "tokens_per_batch", "logit_chunk_tokens", "ray_actors", "world_size"):
-            if getattr(self, key) < 1:
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"'{key}' = {getattr(self, key)} must be at least 1")
         if self.context_tokens is not None and self.context_tokens < 2:
             raise ConfigError(f"'context_tokens' = {self.context_tokens} must be at least 2 (BOS and one token)")

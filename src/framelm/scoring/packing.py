@@ -7,13 +7,16 @@ ends `stride` tokens later, starts `window` tokens before its end, and predicts 
 after the previous window's end, so every prediction sees at least `window - stride` tokens of
 left context.
 
-Windows up to `row_tokens` long are packed several per row (best-fit decreasing into rows of
-`row_tokens`); a longer window gets a row of its own. Attention over a packed row costs
-row length squared whatever the mask, so short rows keep short documents cheap. Rows go into
-batches of at most `tokens_per_batch` padded tokens, longest first. Position ids restart at 0 for each
-window, which is how Hugging Face models recognise packed sequences and build a block-diagonal
-causal mask (sdpa/eager) or call varlen kernels (flash attention). Pure numpy, no torch: this
-runs on a background thread while the model works.
+Windows up to `row_tokens` long (at most the window) are packed several per row (best-fit
+decreasing into rows of `row_tokens`); a longer window gets a row of its own. Attention over a
+packed row costs row length squared whatever the mask, so short rows keep short documents cheap.
+Rows go into batches of at most `tokens_per_batch` padded tokens, longest first, so rows of
+similar length share a batch. Position ids restart at 0 for each window, which is how Hugging
+Face models recognise packed sequences and build a block-diagonal causal mask (sdpa/eager) or
+call varlen kernels (flash attention). Padding continues the positions of its row's last window:
+causal attention never lets a real token see the padding after it, so a batch whose rows each
+hold one window (`row_tokens=0`: no packing) needs no mask at all and runs the plain causal
+kernel. Pure numpy, no torch: this runs on a background thread while the model works.
 """
 
 from __future__ import annotations
@@ -99,7 +102,11 @@ def pack_documents(
     sequences: Sequence[np.ndarray], window: int, stride: int, tokens_per_batch: int, pad_id: int,
     row_tokens: int = 512,
 ) -> list[PackedBatch]:
-    """Pack the windows of all `sequences` ([bos] + tokens each) into batches."""
+    """Pack the windows of all `sequences` ([bos] + tokens each) into batches.
+
+    The batches depend only on the arguments: the same documents always give the same batches.
+    """
+    row_tokens = min(row_tokens, window)  # padding positions then stay below the window
     windows = [w for d, s in enumerate(sequences) for w in plan_windows(d, len(s), window, stride)]
     short = [i for i, w in enumerate(windows) if w.length <= row_tokens]
     rows = [[i] for i, w in enumerate(windows) if w.length > row_tokens]
@@ -130,7 +137,9 @@ def _build_batch(rows: list[list[int]], windows: list[Window], sequences: Sequen
             w = windows[i]
             seq = sequences[w.doc]
             input_ids[r, offset:offset + w.length] = seq[w.start:w.end]
-            position_ids[r, offset:offset + w.length] = np.arange(w.length)
+            # The last window's positions run on into the padding (see the module docstring).
+            n = w.length if i != row[-1] else row_len - offset
+            position_ids[r, offset:offset + n] = np.arange(n)
             # The output at sequence position p predicts token p + 1.
             first = r * row_len + offset + (w.first_target - w.start) - 1
             n = w.end - w.first_target
@@ -138,8 +147,6 @@ def _build_batch(rows: list[list[int]], windows: list[Window], sequences: Sequen
             target_ids.append(seq[w.first_target:w.end])
             target_doc.append(np.full(n, w.doc, dtype=np.int64))
             offset += w.length
-        # Padding forms its own packed segment (positions restart at 0) so no real token attends to it.
-        position_ids[r, offset:] = np.arange(row_len - offset)
     return PackedBatch(
         input_ids=input_ids,
         position_ids=position_ids,

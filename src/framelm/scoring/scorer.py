@@ -143,7 +143,13 @@ class PreparedDocuments:
 class DocumentScorer:
     """Scores documents under several reference models, one model after another per call."""
 
-    def __init__(self, models: list[ReferenceModel], tokens_per_batch: int, logit_chunk_tokens: int):
+    def __init__(self, models: list[ReferenceModel], tokens_per_batch: int | None, logit_chunk_tokens: int):
+        on_cpu = all(m.device.type == "cpu" for m in models)
+        # CPU: no packing. Each row holds one window, batches group windows of similar length, so
+        # attention runs the plain causal kernel without a 4D mask, and batches stay cache-sized.
+        # GPU: short windows packed into rows of 512 tokens and big batches keep the device busy.
+        self.row_tokens = 0 if on_cpu else 512
+        tokens_per_batch = tokens_per_batch or (8192 if on_cpu else 32768)
         for m in models:
             if tokens_per_batch < m.window:
                 raise FramelmError(f"tokens_per_batch = {tokens_per_batch} is smaller than the {m.name} model's window of {m.window} tokens; raise it or lower context_tokens")
@@ -156,7 +162,7 @@ class DocumentScorer:
         for m in self.models:
             seqs = m.encode(texts)
             n_tokens = np.array([len(s) - 1 for s in seqs], dtype=np.int64)
-            per_model[m.name] = (n_tokens, pack_documents(seqs, m.window, m.stride, self.tokens_per_batch, m.bos_id))
+            per_model[m.name] = (n_tokens, pack_documents(seqs, m.window, m.stride, self.tokens_per_batch, m.bos_id, self.row_tokens))
         return PreparedDocuments(len(texts), per_model)
 
     def run(self, prepared: PreparedDocuments) -> dict[str, tuple[np.ndarray, np.ndarray]]:
