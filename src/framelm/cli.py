@@ -67,6 +67,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> list[str]:
         help_text = f.metadata.get("help", "")
         if not dataclasses.is_dataclass(default):
             help_text += f" (default: {default})"
+        help_text = help_text.replace("%", "%%")  # argparse treats help as a %-format string
         if spec.get("action") is None and "choices" not in spec:
             spec["metavar"] = f.name.upper()
         group.add_argument("--" + f.name.replace("_", "-"), dest=f"cfg_{f.name}", default=None, help=help_text, **spec)
