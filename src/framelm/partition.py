@@ -12,14 +12,17 @@ from 0 at the low end; a value equal to a cut point falls in the lower bin. With
 axis the cells carry FRAME's names (Q1 = low PPL/low PD, Q2 = low/high, Q3 = high/low,
 Q4 = high/high); finer grids name cells `P{ppl_bin}D{pd_bin}`.
 
-Everything runs inside DuckDB, streaming over the Parquet file with a memory limit, so 100 M
-rows fit on a small machine; only the small tables of cut points and per-cell counts ever
-reach Python.
+The numeric and categorical columns are read once into numpy (about 33 bytes a row); labels,
+docs-weighted cut points (DuckDB's quantile_cont: linear interpolation at (n - 1) q) and
+per-cell counts are computed there, and quadrants.parquet is written with pyarrow batch by
+batch in scores.parquet's row order, the ids passed through as read. DuckDB only names the
+exclusion reasons (when some document is excluded) and fits tokens-weighted cut points.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,7 +154,126 @@ def partition_documents(cfg: PartitionConfig, run: RunDir) -> dict[str, Any]:
     return counts
 
 
+def _dict_codes(col) -> tuple[list, Any]:
+    """(dictionary values, int codes) of a string or dictionary array; nulls get an arbitrary code."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not pa.types.is_dictionary(col.type):
+        col = pc.dictionary_encode(col)
+    indices = col.indices if col.indices.null_count == 0 else pc.fill_null(col.indices, 0)
+    return col.dictionary.to_pylist(), indices.to_numpy(zero_copy_only=False)
+
+
+def _valid_mask(col) -> Any:
+    import numpy as np
+    import pyarrow.compute as pc
+
+    if col.null_count == 0:
+        return np.ones(len(col), bool)
+    return pc.is_valid(col).to_numpy(zero_copy_only=False)
+
+
+def _numbers(col, dtype) -> Any:
+    import pyarrow.compute as pc
+
+    if col.null_count:
+        col = pc.fill_null(col, 0)
+    return col.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+
+
+def _global_codes(values: list, codes: Any, table: dict) -> Any:
+    """Map a batch's dictionary codes to codes in `table` (value -> global code, extended as needed)."""
+    import numpy as np
+
+    lut = np.array([table.setdefault(v, len(table)) for v in values] or [0], np.int32)
+    return lut[codes] if len(values) else np.zeros(len(codes), np.int32)
+
+
+def _load_numeric(scores: Path, fit_split: str) -> dict[str, Any]:
+    """One pass over the numeric and categorical columns of scores.parquet into numpy arrays."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(scores, read_dictionary=["source", "split", "status"])
+    n = parquet.metadata.num_rows
+    ppl, pd_ = np.empty(n, np.float64), np.empty(n, np.float64)
+    n_tokens = np.empty(n, np.int64)
+    source, split = np.empty(n, np.int16), np.empty(n, np.int16)  # widened if some file has > 32767 values
+    valid = np.empty(n, bool)
+    sources: dict[str, int] = {}
+    splits: dict[str, int] = {}
+    at = 0
+    for batch in parquet.iter_batches(batch_size=WRITE_BATCH_ROWS, columns=["source", "split", "n_tokens", "ppl", "pd", "status"]):
+        m = batch.num_rows
+        sl = slice(at, at + m)
+        status_values, status = _dict_codes(batch.column("status"))
+        ok = (status == status_values.index("ok")) if "ok" in status_values else np.zeros(m, bool)
+        ok &= _valid_mask(batch.column("status"))
+        for name in ("n_tokens", "ppl", "pd", "source", "split"):
+            ok &= _valid_mask(batch.column(name))
+        n_tokens[sl] = _numbers(batch.column("n_tokens"), np.int64)
+        ppl[sl] = _numbers(batch.column("ppl"), np.float64)
+        pd_[sl] = _numbers(batch.column("pd"), np.float64)
+        ok &= np.isfinite(ppl[sl]) & np.isfinite(pd_[sl])
+        valid[sl] = ok
+        source_codes = _global_codes(*_dict_codes(batch.column("source")), sources)
+        split_codes = _global_codes(*_dict_codes(batch.column("split")), splits)
+        if len(sources) > np.iinfo(source.dtype).max:
+            source = source.astype(np.int32)
+        if len(splits) > np.iinfo(split.dtype).max:
+            split = split.astype(np.int32)
+        source[sl], split[sl] = source_codes, split_codes
+        at += m
+    fit_code = splits.get(fit_split, -1)
+    return {"n": n, "ppl": ppl, "pd": pd_, "n_tokens": n_tokens, "source": source, "split": split, "valid": valid,
+            "fit": valid & (split == fit_code), "source_names": list(sources), "split_names": list(splits)}
+
+
+def _quantile_cont(values: Any, quantiles: list[float]) -> list[float]:
+    """DuckDB's quantile_cont: at position (n - 1) q, lo + (hi - lo) * frac. Reorders `values` in place."""
+    n = len(values)
+    pos = [(n - 1) * float(q) for q in quantiles]
+    kth = sorted({int(math.floor(p)) for p in pos} | {int(math.ceil(p)) for p in pos})
+    values.partition(kth)  # callers pass a fresh copy: no second one
+    part = values
+    out = []
+    for p in pos:
+        lo_i, hi_i = int(math.floor(p)), int(math.ceil(p))
+        lo, hi = float(part[lo_i]), float(part[hi_i])
+        out.append(lo if lo_i == hi_i else lo + (hi - lo) * (p - lo_i))
+    return out
+
+
+def _numpy_cuts(values: Any, fit: Any, group_codes: list[tuple[Any, Any]], quantiles: list[float]) -> dict[tuple, list[float]]:
+    """Docs-weighted cut points of `values` over `fit` rows per group.
+
+    group_codes: (key-part values, codes array) per grouping column; a group with no fit row has no cuts."""
+    import numpy as np
+
+    if not group_codes:
+        v = values[fit]
+        return {(): _quantile_cont(v, quantiles)} if len(v) else {}
+    sizes = [len(names) for names, _ in group_codes]
+    key = np.zeros(len(values), np.int32 if math.prod(sizes) < 1 << 31 else np.int64)
+    for (names, codes), size in zip(group_codes, sizes):
+        key = key * size + codes
+    key = np.where(fit, key, -1)
+    counts = np.bincount(key[key >= 0], minlength=math.prod(sizes)) if fit.any() else np.zeros(0, np.int64)
+    out = {}
+    for k in np.flatnonzero(counts).tolist():
+        group, rest = [], k
+        for size in reversed(sizes):
+            rest, r = divmod(rest, size)
+            group.append(r)
+        group.reverse()
+        out[tuple(names[c] for (names, _), c in zip(group_codes, group))] = _quantile_cont(values[key == k], quantiles)
+    return dict(sorted(out.items()))
+
+
 def _partition(con, cfg: PartitionConfig, scores: Path, out_dir: Path) -> dict[str, Any]:
+    import numpy as np
+
     src = f"read_parquet({_sql_str(str(scores))})"
     # Why a document has no usable score; NULL means it is usable. DuckDB orders NaN above
     # every number, so NaN must go before any quantile or comparison. isnan()/isinf() are not
@@ -167,16 +289,21 @@ def _partition(con, cfg: PartitionConfig, scores: Path, out_dir: Path) -> dict[s
         WHEN source IS NULL THEN 'missing_source'
         WHEN split IS NULL THEN 'missing_split'
     END"""
-    # One pass counts every document by exclusion reason and by whether it fits the cut points.
-    tally = con.execute(f"SELECT reason, split = {_sql_str(cfg.fit_split)}, count(*) FROM "
-                        f"(SELECT {reason} AS reason, split FROM {src}) GROUP BY ALL ORDER BY ALL").fetchall()
-    excluded = {r: 0 for r, _, _ in tally if r is not None}
-    for r, _, n in tally:
-        if r is not None:
-            excluded[r] += int(n)
-    n_scored = sum(int(n) for _, _, n in tally)
-    n_valid = sum(int(n) for r, _, n in tally if r is None)
-    n_fit = sum(int(n) for r, is_fit, n in tally if r is None and is_fit)
+    # Numeric columns in numpy (one pass); labels, docs-weighted cut points and per-cell counts
+    # are computed there. DuckDB only names exclusion reasons (when some row is excluded) and
+    # fits tokens-weighted cut points.
+    data = _load_numeric(scores, cfg.fit_split)
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()  # pages Arrow kept from reading: not needed again
+    n_scored = data["n"]
+    n_valid = int(data["valid"].sum())
+    n_fit = int(data["fit"].sum())
+    excluded: dict[str, int] = {}
+    if n_valid < n_scored:
+        tally = con.execute(f"SELECT reason, count(*) FROM (SELECT {reason} AS reason FROM {src}) "
+                            f"WHERE reason IS NOT NULL GROUP BY ALL ORDER BY ALL").fetchall()
+        excluded = {r: int(n) for r, n in tally}
     con.execute(f"CREATE VIEW valid AS SELECT id, source, split, n_tokens, ppl::DOUBLE AS ppl, pd::DOUBLE AS pd "
                 f"FROM {src} WHERE ({reason}) IS NULL")
     con.execute(f"CREATE VIEW fit AS SELECT * FROM valid WHERE split = {_sql_str(cfg.fit_split)}")
@@ -186,50 +313,181 @@ def _partition(con, cfg: PartitionConfig, scores: Path, out_dir: Path) -> dict[s
 
     n_ppl, n_pd = len(cfg.ppl_quantiles), len(cfg.pd_quantiles)
     source_group = ["source"] if cfg.stratify_by_source else []
-    ppl_cuts = _fit_cuts(con, "fit", "ppl", source_group, cfg.ppl_quantiles, cfg.weight)
-    con.execute("CREATE TEMP TABLE ppl_cuts (g VARCHAR, cuts DOUBLE[])")
-    con.executemany("INSERT INTO ppl_cuts VALUES (?, ?)", [[k[0] if k else ALL_SOURCES, v] for k, v in ppl_cuts.items()])
-
-    def group_of(alias: str) -> str:
-        return f"{alias}.source" if cfg.stratify_by_source else _sql_str(ALL_SOURCES)
-
-    con.execute(f"CREATE VIEW binned AS SELECT v.*, {_bin_expr('v.ppl', 'pc.cuts', n_ppl)} AS ppl_bin "
-                f"FROM valid v JOIN ppl_cuts pc ON pc.g = {group_of('v')}")
-
-    pd_groups = source_group + (["ppl_bin"] if cfg.split == "nested" else [])
-    pd_cuts = _fit_cuts(con, f"(SELECT * FROM binned WHERE split = {_sql_str(cfg.fit_split)})", "pd",
-                        pd_groups, cfg.pd_quantiles, cfg.weight)
-    con.execute("CREATE TEMP TABLE pd_cuts (g VARCHAR, b TINYINT, cuts DOUBLE[])")
-    rows = []
-    for key, cuts in pd_cuts.items():
-        g = key[0] if cfg.stratify_by_source else ALL_SOURCES
-        b = key[-1] if cfg.split == "nested" else -1
-        rows.append([g, b, cuts])
-    con.executemany("INSERT INTO pd_cuts VALUES (?, ?, ?)", rows)
-    pd_join = f"dc.g = {group_of('x')}" + (" AND dc.b = x.ppl_bin" if cfg.split == "nested" else "")
-    # Each cell's name looked up from a constant list (cheaper than building the string per row).
-    names = [cell_name(i, j, n_ppl + 1, n_pd + 1) for i in range(n_ppl + 1) for j in range(n_pd + 1)]
-    name = "[" + ", ".join(map(_sql_str, names)) + f"][1 + {n_pd + 1} * ppl_bin::INTEGER + pd_bin]"
-    labelled = (f"SELECT x.id, x.source, x.split, x.n_tokens::BIGINT AS n_tokens, x.ppl, x.pd, x.ppl_bin, "
-                f"{_bin_expr('x.pd', 'dc.cuts', n_pd)} AS pd_bin FROM binned x JOIN pd_cuts dc ON {pd_join}")
-    select = f"SELECT *, {name} AS quadrant FROM ({labelled})"
+    src_codes = [(data["source_names"], data["source"])] if cfg.stratify_by_source else []
+    if cfg.weight == "docs":
+        ppl_cuts = _numpy_cuts(data["ppl"], data["fit"], src_codes, cfg.ppl_quantiles)
+    else:
+        ppl_cuts = _fit_cuts(con, "fit", "ppl", source_group, cfg.ppl_quantiles, cfg.weight)
+    ppl_bin, _ = _bins(cfg, data, ppl_cuts, None)
+    if cfg.weight == "docs":
+        bin_codes = [(list(range(n_ppl + 1)), ppl_bin)] if cfg.split == "nested" else []
+        pd_cuts = _numpy_cuts(data["pd"], data["fit"], src_codes + bin_codes, cfg.pd_quantiles)
+    else:
+        con.execute("CREATE TEMP TABLE ppl_cuts (g VARCHAR, cuts DOUBLE[])")
+        con.executemany("INSERT INTO ppl_cuts VALUES (?, ?)", [[k[0] if k else ALL_SOURCES, v] for k, v in ppl_cuts.items()])
+        group = "v.source" if cfg.stratify_by_source else _sql_str(ALL_SOURCES)
+        con.execute(f"CREATE VIEW binned AS SELECT v.*, {_bin_expr('v.ppl', 'pc.cuts', n_ppl)} AS ppl_bin "
+                    f"FROM valid v JOIN ppl_cuts pc ON pc.g = {group}")
+        pd_groups = source_group + (["ppl_bin"] if cfg.split == "nested" else [])
+        pd_cuts = _fit_cuts(con, f"(SELECT * FROM binned WHERE split = {_sql_str(cfg.fit_split)})", "pd",
+                            pd_groups, cfg.pd_quantiles, cfg.weight)
+    ppl_bin, labelled = _bins(cfg, data, ppl_cuts, pd_cuts, ppl_bin)
+    pd_bin = labelled.pop("pd_bin")
+    keep = labelled.pop("keep")
+    del data["valid"], data["fit"]  # free them before writing
     out = out_dir / "quadrants.parquet"
-    with fsutil.atomic_path(out) as tmp:
-        n_labelled = int(con.execute(
-            f"COPY ({select}) TO {_sql_str(str(tmp))} (FORMAT parquet, COMPRESSION zstd, COMPRESSION_LEVEL 1, ROW_GROUP_SIZE 1048576)").fetchone()[0])
+    n_labelled, per_cell = _write_labelled(cfg, scores, out, data, ppl_bin, pd_bin, keep)
+    del data
     if n_valid > n_labelled:
         # A stratified fit has no cut points for a source (or source x PPL bin) without fit documents.
         excluded["no_fit_documents_in_group"] = n_valid - n_labelled
 
-    per_cell = con.execute(
-        f"SELECT quadrant, ppl_bin, pd_bin, split, source, count(*), sum(n_tokens) FROM read_parquet({_sql_str(str(out))}) "
-        f"GROUP BY ALL ORDER BY ALL").fetchall()
     summary = _summary(cfg, ppl_cuts, pd_cuts, per_cell, excluded, n_scored, n_labelled)
     fsutil.write_json(out_dir / "summary.json", summary)
     table = format_summary(summary)
     log.info("partition: %d of %d scored documents labelled", n_labelled, n_scored)
     return {"scored": n_scored, "labelled": n_labelled, "excluded": sum(excluded.values()),
             "excluded_by_reason": excluded, "summary": table}
+
+
+def _bins(cfg: PartitionConfig, data: dict, ppl_cuts: dict, pd_cuts: dict | None, ppl_bin: Any = None) -> tuple[Any, dict]:
+    """ppl_bin of every row (and with pd_cuts: pd_bin and which rows get a label).
+
+    A bin counts the cut points strictly below the value (a value equal to a cut falls low)."""
+    import numpy as np
+
+    n_ppl, n_pd = len(cfg.ppl_quantiles), len(cfg.pd_quantiles)
+    strat, nested = cfg.stratify_by_source, cfg.split == "nested"
+    names = data["source_names"] if strat else [ALL_SOURCES]
+    gindex = {g: i for i, g in enumerate(names)}
+    g = data["source"] if strat else np.zeros(data["n"], np.int32)
+    if ppl_bin is None:
+        P = np.full((len(names), n_ppl), np.nan)
+        for k, v in ppl_cuts.items():
+            P[gindex[k[0]] if strat else 0] = v
+        ppl_bin = np.zeros(data["n"], np.int8)
+        ppl = data["ppl"]
+        for i in range(n_ppl):  # NaN (no cuts) compares false; such rows are dropped below
+            ppl_bin += ppl > (P[:, i][g] if strat else P[0, i])
+    if pd_cuts is None:
+        return ppl_bin, {}
+    has_ppl = np.zeros(len(names), bool)
+    for k in ppl_cuts:
+        has_ppl[gindex[k[0]] if strat else 0] = True
+    D = np.full((len(names), n_ppl + 1, n_pd), np.nan)
+    for k, v in pd_cuts.items():
+        gi = gindex[k[0]] if strat else 0
+        if nested:
+            D[gi, int(k[-1])] = v
+        else:
+            D[gi, :] = v
+    has_pd = ~np.isnan(D).any(axis=2)
+    cell_group = g.astype(np.int32) * (n_ppl + 1) + ppl_bin
+    keep = data["valid"] & has_ppl[g] & has_pd.reshape(-1)[cell_group]
+    pd_bin = np.zeros(data["n"], np.int8)
+    pd = data["pd"]
+    Dflat = D.reshape(-1, n_pd)
+    for j in range(n_pd):
+        pd_bin += pd > Dflat[:, j][cell_group]
+    return ppl_bin, {"pd_bin": pd_bin, "keep": keep}
+
+
+WRITE_BATCH_ROWS = 1 << 20
+
+
+def _write_labelled(cfg: PartitionConfig, scores: Path, out: Path, data: dict, ppl_bin: Any, pd_bin: Any,
+                    keep: Any) -> tuple[int, list[tuple]]:
+    """Write quadrants.parquet with pyarrow, batch by batch, in scores.parquet's row order.
+
+    ids pass through as read (never re-encoded by a query engine); source, split and quadrant
+    go in as dictionary arrays (they read back as strings). Returns (rows written, per
+    (quadrant, ppl_bin, pd_bin, split, source): docs, tokens)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from concurrent.futures import ThreadPoolExecutor
+
+    n_ppl, n_pd = len(cfg.ppl_quantiles), len(cfg.pd_quantiles)
+    names = [cell_name(i, j, n_ppl + 1, n_pd + 1) for i in range(n_ppl + 1) for j in range(n_pd + 1)]
+    cell = ppl_bin.astype(np.int16)
+    cell *= n_pd + 1
+    cell += pd_bin
+    source_names, split_names = data["source_names"], data["split_names"]
+    ns, nsrc = max(len(split_names), 1), max(len(source_names), 1)
+    size = len(names) * ns * nsrc
+    # One code per (cell, split, source), computed in place to keep the peak low.
+    key = cell.astype(np.int32 if size < 1 << 31 else np.int64)
+    key *= ns
+    key += data["split"]
+    key *= nsrc
+    key += data["source"]
+    key[~keep] = size  # unlabelled rows land in an overflow slot
+    docs = np.bincount(key, minlength=size + 1)[:size]
+    n_tok = data["n_tokens"]
+    bound = max(abs(int(n_tok.min())), abs(int(n_tok.max()))) * len(n_tok) if len(n_tok) else 0
+    if bound < 1 << 53:  # float64 sums of integers below 2**53 are exact
+        tokens = np.rint(np.bincount(key, weights=n_tok, minlength=size + 1)[:size]).astype(np.int64)
+    else:
+        tokens = np.zeros(size + 1, np.int64)
+        np.add.at(tokens, key, n_tok)
+        tokens = tokens[:size]
+    del key
+    per_cell = []
+    for k in np.flatnonzero(docs):
+        c, rest = divmod(int(k), ns * nsrc)
+        sp, so = divmod(rest, nsrc)
+        per_cell.append((names[c], c // (n_pd + 1), c % (n_pd + 1), split_names[sp], source_names[so], int(docs[k]), int(tokens[k])))
+    per_cell.sort()
+
+    category = pa.dictionary(pa.int32(), pa.string())
+    parquet = pq.ParquetFile(scores)
+    id_type = parquet.schema_arrow.field("id").type
+    id_type = pa.large_string() if pa.types.is_large_string(id_type) or pa.types.is_large_binary(id_type) else pa.string()
+    schema = pa.schema([("id", id_type), ("source", category), ("split", category), ("n_tokens", pa.int64()),
+                        ("ppl", pa.float64()), ("pd", pa.float64()), ("ppl_bin", pa.int8()), ("pd_bin", pa.int8()),
+                        ("quadrant", category)])
+    quadrants = pa.array(names, pa.string())
+    sources, splits = pa.array(source_names, pa.string()), pa.array(split_names, pa.string())
+
+    def label(lo: int, ids: Any) -> Any:
+        sl = slice(lo, lo + len(ids))
+        k = keep[sl]
+        sel = (lambda a: a[sl]) if k.all() else (lambda a: a[sl][k])
+        if not k.all():
+            ids = ids.filter(pa.array(k))
+        return pa.record_batch([
+            ids.cast(id_type),
+            pa.DictionaryArray.from_arrays(pa.array(sel(data["source"]).astype(np.int32)), sources),
+            pa.DictionaryArray.from_arrays(pa.array(sel(data["split"]).astype(np.int32)), splits),
+            pa.array(sel(data["n_tokens"])), pa.array(sel(data["ppl"])), pa.array(sel(data["pd"])),
+            pa.array(sel(ppl_bin)), pa.array(sel(pd_bin)), pa.DictionaryArray.from_arrays(pa.array(sel(cell).astype(np.int32)), quadrants),
+        ], schema=schema)
+
+    # A helper thread reads ids and builds each batch while this one encodes and writes the
+    # previous (both release the GIL), so the two cores overlap.
+    def batches() -> Any:
+        lo = 0
+        for batch in parquet.iter_batches(batch_size=WRITE_BATCH_ROWS, columns=["id"], use_threads=False):
+            yield label(lo, batch.column("id"))
+            lo += batch.num_rows
+
+    n_out = 0
+    with fsutil.atomic_path(out) as tmp, ThreadPoolExecutor(1) as pool, pq.ParquetWriter(
+            tmp, schema, use_dictionary=["source", "split", "quadrant"],
+            compression={"id": "none", "source": "lz4", "split": "lz4", "n_tokens": "lz4", "ppl": "none", "pd": "none",
+                         "ppl_bin": "lz4", "pd_bin": "lz4", "quadrant": "lz4"},
+            write_statistics=["source", "split", "n_tokens", "ppl", "pd", "ppl_bin", "pd_bin", "quadrant"],
+            store_schema=False) as writer:
+        it = batches()
+        pending = pool.submit(next, it, None)
+        while True:
+            b = pending.result()
+            if b is None:
+                break
+            pending = pool.submit(next, it, None)
+            writer.write_batch(b, row_group_size=WRITE_BATCH_ROWS)
+            n_out += b.num_rows
+    return n_out, per_cell
 
 
 def _summary(cfg: PartitionConfig, ppl_cuts: dict, pd_cuts: dict, per_cell: list[tuple], excluded: dict[str, int],

@@ -820,9 +820,13 @@ def write_order(path: Path, corpus: Corpus, idx: np.ndarray, epoch: np.ndarray, 
         ], schema=schema)
 
     starts = range(0, max(len(idx), 1), WRITE_CHUNK_ROWS)
-    # Dictionary encoding only where values repeat: trying it on unique ids costs time for nothing.
     with fsutil.atomic_path(path) as tmp, ThreadPoolExecutor(1) as pool, pq.ParquetWriter(
-            tmp, schema, compression="snappy", use_dictionary=["stage", "source", "quadrant", "epoch"],
+            tmp, schema, use_dictionary=["source", "quadrant"],
+            # ids are near-random bytes to a block compressor: compressing them costs time, saves
+            # little. stage and epoch come in long runs that lz4 squeezes faster than a dictionary.
+            compression={"position": "lz4", "id": "none", "stage": "lz4", "source": "lz4",
+                         "quadrant": "lz4", "n_tokens": "lz4", "epoch": "lz4"},
+            write_statistics=["position", "stage", "source", "quadrant", "n_tokens", "epoch"],
             column_encoding={"position": "DELTA_BINARY_PACKED"}, store_schema=False) as writer:
         pending = pool.submit(gather, starts[0])
         for k in tqdm(range(len(starts)), desc=f"write {path.parent.name}/order", unit="chunk"):
