@@ -106,8 +106,13 @@ class FaultReport:
 def _written_paths(run_dir: Path) -> set[Path]:
     """What the stage itself wrote under the run directory: not the locks, the manifest or
     run_stage's config-hash marker, which appear before the stage's work starts."""
-    return {p for p in run_dir.rglob("*")
-            if ".locks" not in p.parts and not p.name.startswith(("manifest.json", HASH_FILE))}
+    found: set[Path] = set()
+    for dirpath, _, filenames in os.walk(run_dir):  # tolerates folders the stage removes mid-walk
+        for name in filenames:
+            p = Path(dirpath) / name
+            if ".locks" not in p.parts and not name.startswith(("manifest.json", HASH_FILE)):
+                found.add(p)
+    return found
 
 
 def kill_and_resume(argv: list[str], run_dir: Path, reference: Path, *, seed: int, kill_points: int,
