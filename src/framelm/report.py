@@ -29,10 +29,9 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import yaml
 
 from framelm import fsutil, plots
-from framelm.config import StageConfig, field
+from framelm.config import StageConfig, field, load_yaml
 from framelm.errors import ConfigError, FramelmError
 from framelm.rundir import RunDir
 
@@ -386,13 +385,8 @@ def _stage_boundaries(path: Path, stage_tokens: list[int]) -> list[tuple[str, fl
     out = [(f"stage {i}", float(t)) for i, t in enumerate(starts)]
     if not path.is_file():
         return out
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}:" if mark else ""
-        raise FramelmError(f"{path}:{where} invalid YAML ({getattr(exc, 'problem', exc)})") from None
-    stages = data.get("stages") if isinstance(data, dict) else None
+    data = load_yaml(path)
+    stages = data.get("stages")
     if not isinstance(stages, list):
         raise FramelmError(f"{path}: expected a mapping with a 'stages' list (name, start_token, end_token, ...)")
     for i, st in enumerate(stages[: len(out)]):
