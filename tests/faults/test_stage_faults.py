@@ -139,24 +139,10 @@ def test_ingest_survives_kills(pipeline, tmp_path):
     fault_run(["ingest"], ref, run, "ingest", 1, "--inputs", str(pipeline.corpus))
 
 
-def test_tokenize_survives_kills(pipeline, tmp_path):
-    ref, run = pipeline.copies("tokenize", tmp_path)
-    fault_run(["tokenize"], ref, run, "tokenize", 2)
-
-
-def test_score_survives_kills(pipeline, tmp_path):
-    ref, run = pipeline.copies("score", tmp_path)
-    fault_run(["score"], ref, run, "score", 3)
-
-
-def test_partition_survives_kills(pipeline, tmp_path):
-    ref, run = pipeline.copies("partition", tmp_path)
-    fault_run(["partition"], ref, run, "partition", 4)
-
-
-def test_export_survives_kills(pipeline, tmp_path):
-    ref, run = pipeline.copies("export", tmp_path)
-    fault_run(["export"], ref, run, "export", 5)
+@pytest.mark.parametrize("stage, seed", [("tokenize", 2), ("score", 3), ("partition", 4), ("export", 5)])
+def test_stage_survives_kills(pipeline, tmp_path, stage, seed):
+    ref, run = pipeline.copies(stage, tmp_path)
+    fault_run([stage], ref, run, stage, seed)
 
 
 def test_train_survives_kills(pipeline, tmp_path):
