@@ -153,8 +153,10 @@ def test_realised_share_in_the_window_tracks_the_curve(kind):
     rng = np.random.default_rng(0)
     n = 4000
     weight = rng.integers(1, 20, 2 * n).astype(np.int64)
-    stages = [Stage("A", np.arange(n), np.zeros(n, np.int32)), Stage("B", np.arange(n, 2 * n), np.zeros(n, np.int32))]
-    idx, _, stage = assemble(stages, weight, kind, window=0.5, steepness=10)
+    stages = [Stage("A", np.arange(n), np.zeros(n, np.int32), weight[:n]), Stage("B", np.arange(n, 2 * n), np.zeros(n, np.int32), weight[n:])]
+    stream = assemble(stages, kind, window=0.5, steepness=10)
+    idx, stage = stream.idx, stream.stage
+    assert (stream.weight == weight[idx]).all()
     assert sorted(idx.tolist()) == list(range(2 * n))
     w = weight[idx]
     cum = np.cumsum(w)
@@ -309,7 +311,9 @@ def test_property_cell_strategies_conserve_documents_and_budgets(seed, n, scale,
     total = None if scale > 2.5 else max(1, int(data * scale))
     cfg = ScheduleConfig(total_tokens=total, transition=transition, transition_window=window, strategies=[], seed=seed)
     sched = Builder(corpus, cfg).build(StrategyConfig(kind=kind, column="n_tokens"))
-    idx, epoch, stage = assemble(sched.stages, corpus.weight, transition, window, 10.0)
+    stream = assemble(sched.stages, transition, window, 10.0)
+    idx, epoch, stage = stream.idx, stream.epoch, stream.stage
+    assert (stream.weight == corpus.weight[idx]).all()
     assert Counter(zip(idx.tolist(), epoch.tolist())) == Counter(
         zip(np.concatenate([s.idx for s in sched.stages]).tolist(), np.concatenate([s.epoch for s in sched.stages]).tolist()))
     got = int(corpus.weight[idx].sum())

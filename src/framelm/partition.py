@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from framelm import fsutil
+from framelm.columnar import Categories, code_totals, row_groups
 from framelm.config import StageConfig, field
 from framelm.errors import ConfigError, FramelmError
 from framelm.rundir import RunDir
@@ -154,17 +155,6 @@ def partition_documents(cfg: PartitionConfig, run: RunDir) -> dict[str, Any]:
     return counts
 
 
-def _dict_codes(col) -> tuple[list, Any]:
-    """(dictionary values, int codes) of a string or dictionary array; nulls get an arbitrary code."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    if not pa.types.is_dictionary(col.type):
-        col = pc.dictionary_encode(col)
-    indices = col.indices if col.indices.null_count == 0 else pc.fill_null(col.indices, 0)
-    return col.dictionary.to_pylist(), indices.to_numpy(zero_copy_only=False)
-
-
 def _valid_mask(col) -> Any:
     import numpy as np
     import pyarrow.compute as pc
@@ -179,15 +169,7 @@ def _numbers(col, dtype) -> Any:
 
     if col.null_count:
         col = pc.fill_null(col, 0)
-    return col.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
-
-
-def _global_codes(values: list, codes: Any, table: dict) -> Any:
-    """Map a batch's dictionary codes to codes in `table` (value -> global code, extended as needed)."""
-    import numpy as np
-
-    lut = np.array([table.setdefault(v, len(table)) for v in values] or [0], np.int32)
-    return lut[codes] if len(values) else np.zeros(len(codes), np.int32)
+    return col.to_numpy().astype(dtype, copy=False)
 
 
 def _load_numeric(scores: Path, fit_split: str) -> dict[str, Any]:
@@ -201,33 +183,31 @@ def _load_numeric(scores: Path, fit_split: str) -> dict[str, Any]:
     n_tokens = np.empty(n, np.int64)
     source, split = np.empty(n, np.int16), np.empty(n, np.int16)  # widened if some file has > 32767 values
     valid = np.empty(n, bool)
-    sources: dict[str, int] = {}
-    splits: dict[str, int] = {}
+    sources, splits, statuses = Categories(), Categories(), Categories()
     at = 0
-    for batch in parquet.iter_batches(batch_size=WRITE_BATCH_ROWS, columns=["source", "split", "n_tokens", "ppl", "pd", "status"]):
-        m = batch.num_rows
-        sl = slice(at, at + m)
-        status_values, status = _dict_codes(batch.column("status"))
-        ok = (status == status_values.index("ok")) if "ok" in status_values else np.zeros(m, bool)
-        ok &= _valid_mask(batch.column("status"))
-        for name in ("n_tokens", "ppl", "pd", "source", "split"):
-            ok &= _valid_mask(batch.column(name))
-        n_tokens[sl] = _numbers(batch.column("n_tokens"), np.int64)
-        ppl[sl] = _numbers(batch.column("ppl"), np.float64)
-        pd_[sl] = _numbers(batch.column("pd"), np.float64)
-        ok &= np.isfinite(ppl[sl]) & np.isfinite(pd_[sl])
-        valid[sl] = ok
-        source_codes = _global_codes(*_dict_codes(batch.column("source")), sources)
-        split_codes = _global_codes(*_dict_codes(batch.column("split")), splits)
-        if len(sources) > np.iinfo(source.dtype).max:
+    for table in row_groups(parquet, ["source", "split", "n_tokens", "ppl", "pd", "status"]):
+        sl = slice(at, at + table.num_rows)
+        ok = statuses.codes(table.column("status")) == statuses.code_of("ok")  # a null status is -1, never ok
+        source_codes, split_codes = sources.codes(table.column("source")), splits.codes(table.column("split"))
+        if len(sources.values) > np.iinfo(source.dtype).max:
             source = source.astype(np.int32)
-        if len(splits) > np.iinfo(split.dtype).max:
+        if len(splits.values) > np.iinfo(split.dtype).max:
             split = split.astype(np.int32)
         source[sl], split[sl] = source_codes, split_codes
-        at += m
-    fit_code = splits.get(fit_split, -1)
+        ok &= (source_codes >= 0) & (split_codes >= 0)
+        for name in ("n_tokens", "ppl", "pd"):
+            ok &= _valid_mask(table.column(name))
+        n_tokens[sl] = _numbers(table.column("n_tokens"), np.int64)
+        ppl[sl] = _numbers(table.column("ppl"), np.float64)
+        pd_[sl] = _numbers(table.column("pd"), np.float64)
+        ok &= np.isfinite(ppl[sl]) & np.isfinite(pd_[sl])
+        valid[sl] = ok
+        at += table.num_rows
+    source[source < 0] = 0  # a null source or split excludes its row; any code keeps the arrays indexable
+    split[split < 0] = 0
+    fit_code = splits.code_of(fit_split)
     return {"n": n, "ppl": ppl, "pd": pd_, "n_tokens": n_tokens, "source": source, "split": split, "valid": valid,
-            "fit": valid & (split == fit_code), "source_names": list(sources), "split_names": list(splits)}
+            "fit": valid & (split == fit_code), "source_names": sources.values, "split_names": splits.values}
 
 
 def _quantile_cont(values: Any, quantiles: list[float]) -> list[float]:
@@ -255,11 +235,14 @@ def _numpy_cuts(values: Any, fit: Any, group_codes: list[tuple[Any, Any]], quant
         v = values[fit]
         return {(): _quantile_cont(v, quantiles)} if len(v) else {}
     sizes = [len(names) for names, _ in group_codes]
-    key = np.zeros(len(values), np.int32 if math.prod(sizes) < 1 << 31 else np.int64)
+    n_groups = math.prod(sizes)
+    # Built in place: at 100 M rows every temporary array costs a second of fresh memory.
+    key = np.zeros(len(values), np.int16 if n_groups < 1 << 15 else np.int32 if n_groups < 1 << 31 else np.int64)
     for (names, codes), size in zip(group_codes, sizes):
-        key = key * size + codes
-    key = np.where(fit, key, -1)
-    counts = np.bincount(key[key >= 0], minlength=math.prod(sizes)) if fit.any() else np.zeros(0, np.int64)
+        key *= size
+        key += codes
+    key[~fit] = n_groups  # rows outside the fit land in an overflow slot
+    counts = np.bincount(key, minlength=n_groups + 1)[:n_groups]
     out = {}
     for k in np.flatnonzero(counts).tolist():
         group, rest = [], k
@@ -291,7 +274,7 @@ def _partition(con, cfg: PartitionConfig, scores: Path, out_dir: Path) -> dict[s
     END"""
     # Numeric columns in numpy (one pass); labels, docs-weighted cut points and per-cell counts
     # are computed there. DuckDB only names exclusion reasons (when some row is excluded) and
-    # fits tokens-weighted cut points.
+    # fits tokens-weighted cut points. The ids are only copied through, read while writing.
     data = _load_numeric(scores, cfg.fit_split)
     import pyarrow as pa
 
@@ -353,22 +336,25 @@ def _partition(con, cfg: PartitionConfig, scores: Path, out_dir: Path) -> dict[s
 def _bins(cfg: PartitionConfig, data: dict, ppl_cuts: dict, pd_cuts: dict | None, ppl_bin: Any = None) -> tuple[Any, dict]:
     """ppl_bin of every row (and with pd_cuts: pd_bin and which rows get a label).
 
-    A bin counts the cut points strictly below the value (a value equal to a cut falls low)."""
+    A bin counts the cut points strictly below the value (a value equal to a cut falls low).
+    Rows go through in slices so that the per-row cut points stay small temporaries."""
     import numpy as np
 
     n_ppl, n_pd = len(cfg.ppl_quantiles), len(cfg.pd_quantiles)
     strat, nested = cfg.stratify_by_source, cfg.split == "nested"
     names = data["source_names"] if strat else [ALL_SOURCES]
     gindex = {g: i for i, g in enumerate(names)}
-    g = data["source"] if strat else np.zeros(data["n"], np.int32)
+    group = data["source"] if strat else np.broadcast_to(np.int16(0), (data["n"],))
+    slices = [slice(lo, lo + BIN_SLICE_ROWS) for lo in range(0, data["n"], BIN_SLICE_ROWS)]
     if ppl_bin is None:
         P = np.full((len(names), n_ppl), np.nan)
         for k, v in ppl_cuts.items():
             P[gindex[k[0]] if strat else 0] = v
         ppl_bin = np.zeros(data["n"], np.int8)
-        ppl = data["ppl"]
-        for i in range(n_ppl):  # NaN (no cuts) compares false; such rows are dropped below
-            ppl_bin += ppl > (P[:, i][g] if strat else P[0, i])
+        for sl in slices:
+            cuts = P[group[sl]]
+            for i in range(n_ppl):  # NaN (no cuts) compares false; such rows are dropped below
+                ppl_bin[sl] += data["ppl"][sl] > cuts[:, i]
     if pd_cuts is None:
         return ppl_bin, {}
     has_ppl = np.zeros(len(names), bool)
@@ -381,17 +367,19 @@ def _bins(cfg: PartitionConfig, data: dict, ppl_cuts: dict, pd_cuts: dict | None
             D[gi, int(k[-1])] = v
         else:
             D[gi, :] = v
-    has_pd = ~np.isnan(D).any(axis=2)
-    cell_group = g.astype(np.int32) * (n_ppl + 1) + ppl_bin
-    keep = data["valid"] & has_ppl[g] & has_pd.reshape(-1)[cell_group]
-    pd_bin = np.zeros(data["n"], np.int8)
-    pd = data["pd"]
-    Dflat = D.reshape(-1, n_pd)
-    for j in range(n_pd):
-        pd_bin += pd > Dflat[:, j][cell_group]
+    has_cuts = (~np.isnan(D).any(axis=2) & has_ppl[:, None]).reshape(-1)
+    D = D.reshape(-1, n_pd)
+    keep, pd_bin = np.empty(data["n"], bool), np.zeros(data["n"], np.int8)
+    for sl in slices:
+        cell_group = group[sl].astype(np.int32) * (n_ppl + 1) + ppl_bin[sl]
+        keep[sl] = data["valid"][sl] & has_cuts[cell_group]
+        cuts = D[cell_group]
+        for j in range(n_pd):
+            pd_bin[sl] += data["pd"][sl] > cuts[:, j]
     return ppl_bin, {"pd_bin": pd_bin, "keep": keep}
 
 
+BIN_SLICE_ROWS = 1 << 20
 WRITE_BATCH_ROWS = 1 << 20
 
 
@@ -399,7 +387,7 @@ def _write_labelled(cfg: PartitionConfig, scores: Path, out: Path, data: dict, p
                     keep: Any) -> tuple[int, list[tuple]]:
     """Write quadrants.parquet with pyarrow, batch by batch, in scores.parquet's row order.
 
-    ids pass through as read (never re-encoded by a query engine); source, split and quadrant
+    ids pass through as read (never held whole: 1.6 GB at 100 M rows); source, split and quadrant
     go in as dictionary arrays (they read back as strings). Returns (rows written, per
     (quadrant, ppl_bin, pd_bin, split, source): docs, tokens)."""
     import numpy as np
@@ -415,23 +403,19 @@ def _write_labelled(cfg: PartitionConfig, scores: Path, out: Path, data: dict, p
     source_names, split_names = data["source_names"], data["split_names"]
     ns, nsrc = max(len(split_names), 1), max(len(source_names), 1)
     size = len(names) * ns * nsrc
-    # One code per (cell, split, source), computed in place to keep the peak low.
-    key = cell.astype(np.int32 if size < 1 << 31 else np.int64)
-    key *= ns
-    key += data["split"]
-    key *= nsrc
-    key += data["source"]
-    key[~keep] = size  # unlabelled rows land in an overflow slot
-    docs = np.bincount(key, minlength=size + 1)[:size]
-    n_tok = data["n_tokens"]
-    bound = max(abs(int(n_tok.min())), abs(int(n_tok.max()))) * len(n_tok) if len(n_tok) else 0
-    if bound < 1 << 53:  # float64 sums of integers below 2**53 are exact
-        tokens = np.rint(np.bincount(key, weights=n_tok, minlength=size + 1)[:size]).astype(np.int64)
-    else:
-        tokens = np.zeros(size + 1, np.int64)
-        np.add.at(tokens, key, n_tok)
-        tokens = tokens[:size]
-    del key
+
+    def key(part: slice) -> Any:
+        """One code per (cell, split, source); unlabelled rows land in an overflow slot."""
+        k = cell[part].astype(np.int32 if size < 1 << 31 else np.int64)
+        k *= ns
+        k += data["split"][part]
+        k *= nsrc
+        k += data["source"][part]
+        k[~keep[part]] = size
+        return k
+
+    docs, tokens = code_totals(key, data["n_tokens"], size + 1)
+    docs, tokens = docs[:size], tokens[:size]
     per_cell = []
     for k in np.flatnonzero(docs):
         c, rest = divmod(int(k), ns * nsrc)
@@ -443,20 +427,21 @@ def _write_labelled(cfg: PartitionConfig, scores: Path, out: Path, data: dict, p
     parquet = pq.ParquetFile(scores)
     id_type = parquet.schema_arrow.field("id").type
     id_type = pa.large_string() if pa.types.is_large_string(id_type) or pa.types.is_large_binary(id_type) else pa.string()
-    schema = pa.schema([("id", id_type), ("source", category), ("split", category), ("n_tokens", pa.int64()),
-                        ("ppl", pa.float64()), ("pd", pa.float64()), ("ppl_bin", pa.int8()), ("pd_bin", pa.int8()),
-                        ("quadrant", category)])
+    # Declared non-null (labelled rows have every value), which spares the writer the definition levels.
+    schema = pa.schema([pa.field("id", id_type)] + [pa.field(name, t, nullable=False) for name, t in [
+        ("source", category), ("split", category), ("n_tokens", pa.int64()), ("ppl", pa.float64()), ("pd", pa.float64()),
+        ("ppl_bin", pa.int8()), ("pd_bin", pa.int8()), ("quadrant", category)]])
     quadrants = pa.array(names, pa.string())
     sources, splits = pa.array(source_names, pa.string()), pa.array(split_names, pa.string())
 
-    def label(lo: int, ids: Any) -> Any:
-        sl = slice(lo, lo + len(ids))
+    def label(lo: int, batch_ids: Any) -> Any:
+        sl = slice(lo, lo + len(batch_ids))
         k = keep[sl]
         sel = (lambda a: a[sl]) if k.all() else (lambda a: a[sl][k])
         if not k.all():
-            ids = ids.filter(pa.array(k))
+            batch_ids = batch_ids.filter(pa.array(k))
         return pa.record_batch([
-            ids.cast(id_type),
+            batch_ids.cast(id_type).combine_chunks(),
             pa.DictionaryArray.from_arrays(pa.array(sel(data["source"]).astype(np.int32)), sources),
             pa.DictionaryArray.from_arrays(pa.array(sel(data["split"]).astype(np.int32)), splits),
             pa.array(sel(data["n_tokens"])), pa.array(sel(data["ppl"])), pa.array(sel(data["pd"])),
@@ -464,19 +449,26 @@ def _write_labelled(cfg: PartitionConfig, scores: Path, out: Path, data: dict, p
         ], schema=schema)
 
     # A helper thread reads ids and builds each batch while this one encodes and writes the
-    # previous (both release the GIL), so the two cores overlap.
+    # previous (both release the GIL), so the two cores overlap. Small row groups are merged
+    # so that the file's own row groups hold about WRITE_BATCH_ROWS rows.
     def batches() -> Any:
-        lo = 0
-        for batch in parquet.iter_batches(batch_size=WRITE_BATCH_ROWS, columns=["id"], use_threads=False):
-            yield label(lo, batch.column("id"))
-            lo += batch.num_rows
+        lo, pending, rows = 0, [], 0
+        for table in row_groups(parquet, ["id"]):
+            pending += table.column("id").chunks
+            rows += table.num_rows
+            if rows >= WRITE_BATCH_ROWS:
+                yield label(lo, pa.chunked_array(pending))
+                lo, pending, rows = lo + rows, [], 0
+        if pending:
+            yield label(lo, pa.chunked_array(pending))
 
     n_out = 0
     with fsutil.atomic_path(out) as tmp, ThreadPoolExecutor(1) as pool, pq.ParquetWriter(
             tmp, schema, use_dictionary=["source", "split", "quadrant"],
             compression={"id": "none", "source": "lz4", "split": "lz4", "n_tokens": "lz4", "ppl": "none", "pd": "none",
                          "ppl_bin": "lz4", "pd_bin": "lz4", "quadrant": "lz4"},
-            write_statistics=["source", "split", "n_tokens", "ppl", "pd", "ppl_bin", "pd_bin", "quadrant"],
+            # min/max of a dictionary column costs a third of the write and skips no row group
+            write_statistics=["n_tokens", "ppl", "pd", "ppl_bin", "pd_bin"],
             store_schema=False) as writer:
         it = batches()
         pending = pool.submit(next, it, None)

@@ -30,7 +30,10 @@ import json
 import logging
 import math
 import zlib
+from collections.abc import Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,6 +41,7 @@ import numpy as np
 import pyarrow as pa
 
 from framelm import fsutil
+from framelm.columnar import Categories, code_totals, in_background, index_dtype, row_groups
 from framelm.config import StageConfig, field, load_yaml
 from framelm.errors import ConfigError, FramelmError
 from framelm.rundir import RunDir
@@ -119,6 +123,7 @@ class ScheduleConfig(StageConfig):
     logistic_steepness: float = field(10.0, help="slope of the logistic S-curve over the window (larger: closer to hard)")
     max_epochs: float | None = field(None, help="most epochs any source may be repeated (None: no cap)")
     weight_tolerance: float = field(1e-3, help="how far the mixture weights and stage shares of a yaml schedule may sum from 1")
+    threads: int = field(2, help="threads that permute pools and gather ids while order.parquet is written", hash=False)
 
     def validate(self) -> None:
         if not self.strategies:
@@ -138,6 +143,8 @@ class ScheduleConfig(StageConfig):
             raise ConfigError(f"'logistic_steepness' must be positive, got {self.logistic_steepness}")
         if self.max_epochs is not None and self.max_epochs <= 0:
             raise ConfigError(f"'max_epochs' must be positive, got {self.max_epochs}")
+        if self.threads < 1:
+            raise ConfigError(f"'threads' must be >= 1, got {self.threads}")
 
     def hashed_dict(self) -> dict[str, Any]:
         # A yaml strategy's result depends on its file's content, not only on its path.
@@ -165,31 +172,36 @@ def check_weights(weights: dict[str, float], where: str, tolerance: float = 1e-3
 
 @dataclass
 class Corpus:
-    """The split == "train" documents, as arrays indexed by row."""
+    """The training documents, as arrays indexed by document.
 
-    ids: Any  # pyarrow string array (one chunk: taking from it is ~3x faster); None: still on disk in `path`
-    weight: np.ndarray  # int64 tokens each document puts into the stream: n_tokens + its EOS
-    cell: np.ndarray  # int32 index into cell_names
-    source: np.ndarray  # int32 index into source_names
+    The arrays are as narrow as their values allow (weight int32 unless a document has over
+    2**31 tokens, cell and source int16 below 32768 values): the planner and the writer gather
+    them at random, and at 100 M documents half the bytes is nearly half the time."""
+
+    weight: np.ndarray  # tokens each document puts into the stream: n_tokens + its EOS
+    cell: np.ndarray  # index into cell_names
+    source: np.ndarray  # index into source_names
     cell_names: list[str]
     cell_bins: list[tuple[int, int]]  # (ppl_bin, pd_bin) of each cell
     source_names: list[str]
+    rows: np.ndarray  # row of each document in `path` (or the table it was read from)
+    ids: Any = None  # one Arrow string array, document i's id at i; or a Future of it
     path: Path | None = None  # quadrants.parquet; `sorted` reads score columns from it or from its run's scores
-    id_rows: np.ndarray | None = None  # index into `ids` of each document; None: ids[i] is document i's
 
-    def doc_ids(self, rows: np.ndarray | None = None) -> Any:
-        """The ids of documents `rows` (default: all), in that order.
+    def doc_ids(self, docs: np.ndarray | None = None) -> Any:
+        """The ids of documents `docs` (default: all), in that order."""
+        if isinstance(self.ids, Future):
+            self.ids = self.ids.result()  # read in the background while the schedule was planned
+        return self.ids if docs is None else self.ids.take(pa.array(docs))
 
-        load_corpus leaves the ids on disk and the first call reads them: planning a schedule
-        never needs them, so they only take memory once the plan's own arrays are freed."""
-        import pyarrow.parquet as pq
-
-        if self.ids is None:
-            self.ids = _one_chunk(pq.read_table(self.path, columns=["id"]).column("id"))
-            _release_arrow_memory()
-        if rows is None:
-            return self.ids if self.id_rows is None else self.ids.take(pa.array(self.id_rows))
-        return self.ids.take(pa.array(rows if self.id_rows is None else self.id_rows[rows]))
+    @cached_property
+    def pair(self) -> np.ndarray:
+        """One code per document for its (cell, source): cell * n_sources + source. The writer
+        gathers this one array at random instead of two."""
+        pair = self.cell.astype(_code_dtype(len(self.cell_names) * len(self.source_names)))
+        pair *= len(self.source_names)
+        pair += self.source
+        return pair
 
     def column(self, name: str) -> np.ndarray:
         """A numeric column for every document, from quadrants.parquet or else score/scores.parquet."""
@@ -197,7 +209,7 @@ class Corpus:
         import pyarrow.parquet as pq
 
         if name == "n_tokens":
-            return self.weight - 1
+            return (self.weight - 1).astype(float)
         if self.path is None:
             raise FramelmError(f"column {name!r} is not loaded")
         scores = self.path.parent.parent / SCORES
@@ -209,7 +221,7 @@ class Corpus:
         if name not in numeric:
             raise ConfigError(f"'column' = {name!r} is not a numeric column of {' or '.join(available)}; choose one of {', '.join(numeric)}")
         if name in available["quadrants.parquet"].names:
-            return _read_train(self.path, [name]).column(name).to_numpy().astype(float)
+            return pq.read_table(self.path, columns=[name]).column(name).to_numpy().astype(float)[self.rows]
         table = pq.ParquetFile(scores).read(columns=["id", name])
         row = pc.index_in(self.doc_ids(), value_set=table.column("id")).to_numpy(zero_copy_only=False)
         values = table.column(name).to_numpy(zero_copy_only=False).astype(float)[row]
@@ -218,41 +230,79 @@ class Corpus:
         return values
 
     @classmethod
-    def from_table(cls, table: Any, cells: list[dict[str, Any]], path: Path | None = None, keep: np.ndarray | None = None) -> "Corpus":
-        """From a table with columns source, quadrant, n_tokens, id (optional when `path` has
-        them) and the partition's cell list.
+    def from_table(cls, table: Any, cells: list[dict[str, Any]]) -> "Corpus":
+        """From an in-memory table (columns id, source, quadrant, n_tokens; optional split) and
+        the partition's cell list."""
+        corpus = cls.read([table], table.num_rows, cells)
+        corpus.ids = _one_chunk(table.column("id")).take(pa.array(corpus.rows))
+        return corpus
 
-        keep: which rows are documents (default: all). The ids stay unfiltered and documents
-        find theirs through `id_rows`: filtering 100 M strings would copy them for nothing."""
+    @classmethod
+    def read(cls, tables: Iterable[Any], n_rows: int, cells: list[dict[str, Any]], path: Path | None = None) -> "Corpus":
+        """From tables of n_rows rows in all with columns source, quadrant, n_tokens and
+        optionally split, where only split == "train" rows are documents."""
         where = path or "quadrants"
-        ids = _one_chunk(table.column("id")) if "id" in table.column_names else None
-        id_rows = None
-        if keep is not None:
-            table = table.select(["source", "quadrant", "n_tokens"]).filter(pa.array(keep))
-            id_rows = np.flatnonzero(keep).astype(np.int32 if len(keep) < 1 << 31 else np.int64)
         cell_names = [c["name"] for c in cells]
-        cell_values, cell = _codes(table.column("quadrant"))
-        missing = [q for q in cell_values if q not in cell_names]
+        quadrants, sources, splits = Categories(), Categories(), Categories()
+        weight = np.empty(n_rows, np.int32)
+        cell, source = np.empty(n_rows, np.int32), np.empty(n_rows, np.int32)
+        rows = np.empty(n_rows, index_dtype(n_rows))
+        at = row = 0
+        for table in tables:
+            m = table.num_rows
+            keep = slice(None)
+            if "split" in table.column_names:
+                keep = np.flatnonzero(splits.codes(table.column("split")) == splits.code_of("train"))
+            k = m if isinstance(keep, slice) else len(keep)
+            part = slice(at, at + k)
+            rows[part] = np.arange(row, row + m)[keep]
+            quadrant_codes = quadrants.codes(table.column("quadrant"))[keep]
+            source_codes = sources.codes(table.column("source"))[keep]
+            if k and min(quadrant_codes.min(), source_codes.min()) < 0:
+                raise FramelmError(f"{where}: a source or quadrant value is missing")
+            cell[part], source[part] = quadrant_codes, source_codes
+            n_tokens = table.column("n_tokens")
+            if n_tokens.null_count:
+                raise FramelmError(f"{where}: n_tokens is missing in some rows; re-run framelm partition")
+            n_tokens = n_tokens.to_numpy().astype(np.int64, copy=False)[keep]
+            if k and n_tokens.min() < 0:
+                raise FramelmError(f"{where}: negative n_tokens in row {row + int(np.flatnonzero(n_tokens < 0)[0])}")
+            if k and n_tokens.max() >= np.iinfo(weight.dtype).max:
+                weight = weight.astype(np.int64)
+            weight[part] = n_tokens + 1
+            at += k
+            row += m
+        missing = [q for q in quadrants.values if q not in cell_names]
         if missing:
             raise FramelmError(f"{where}: cell {missing[0]!r} is not in the partition summary's cells {cell_names}; re-run framelm partition")
-        cell = np.array([cell_names.index(q) for q in cell_values], np.int32)[cell]
-        source_values, source = _codes(table.column("source"))
-        source_names = sorted(source_values)
-        source = np.array([source_names.index(v) for v in source_values], np.int32)[source]
-        weight = table.column("n_tokens").to_numpy().astype(np.int64)
-        if len(weight) and weight.min() < 0:
-            raise FramelmError(f"{where}: negative n_tokens in row {int(np.argmin(weight))}")
-        weight += 1
-        return cls(ids=ids, weight=weight, cell=cell, source=source, cell_names=cell_names,
-                   cell_bins=[(int(c["ppl_bin"]), int(c["pd_bin"])) for c in cells], source_names=source_names, path=path,
-                   id_rows=id_rows)
+        cell = np.array([cell_names.index(q) for q in quadrants.values] or [0], _code_dtype(len(cell_names)))[cell[:at]]
+        source_names = sorted(sources.values)
+        source = np.array([source_names.index(v) for v in sources.values] or [0], _code_dtype(len(source_names)))[source[:at]]
+        return cls(weight=weight[:at], cell=cell, source=source, cell_names=cell_names,
+                   cell_bins=[(int(c["ppl_bin"]), int(c["pd_bin"])) for c in cells], source_names=source_names,
+                   rows=rows[:at], path=path)
 
 
-def _release_arrow_memory() -> None:
-    """Hand memory that Arrow freed back to the system. Its allocator keeps freed pages for
-    reuse, but the schedule's big arrays are numpy's: at 100 M documents the pages held after
-    reading quadrants.parquet would otherwise add ~5 GB to the peak."""
-    pa.default_memory_pool().release_unused()
+def _code_dtype(n_values: int) -> type:
+    return np.int16 if n_values <= np.iinfo(np.int16).max else np.int32
+
+
+def _document_ids(path: Path, rows: Future) -> Any:
+    """The ids of rows `rows` (ascending) of a Parquet file as one contiguous array: Arrow's take
+    on a chunked array concatenates every chunk on each call, which at 100 M ids would be a
+    1.6 GB copy per chunk written. Filtered a row group at a time, so the unfiltered column is
+    never whole in memory; `rows` (a Future) is awaited only after the reading."""
+    import pyarrow.parquet as pq
+
+    chunks = [chunk for table in row_groups(pq.ParquetFile(path), ["id"]) for chunk in table.column("id").chunks]
+    keep = np.zeros(sum(len(c) for c in chunks), bool)
+    keep[rows.result()] = True
+    kept, at = [], 0
+    for i, chunk in enumerate(chunks):
+        kept.append(chunk.filter(pa.array(keep[at:at + len(chunk)])))
+        at += len(chunk)
+        chunks[i] = None  # free each row group's ids once filtered
+    return _one_chunk(pa.chunked_array(kept, pq.read_schema(path).field("id").type))
 
 
 def _one_chunk(ids: Any) -> Any:
@@ -261,42 +311,8 @@ def _one_chunk(ids: Any) -> Any:
     return ids.combine_chunks()
 
 
-def _codes(column: Any) -> tuple[list[Any], np.ndarray]:
-    """(distinct values, index of each row's value) of a string or dictionary column."""
-    import pyarrow.compute as pc
-
-    if not pa.types.is_dictionary(column.type):
-        column = pc.dictionary_encode(column)
-    column = pa.chunked_array(column.chunks if isinstance(column, pa.ChunkedArray) else [column], column.type).unify_dictionaries()
-    if column.num_chunks == 0:
-        return [], np.empty(0, np.int32)
-    if column.null_count:
-        raise FramelmError("quadrants.parquet: a source or quadrant value is missing")
-    array = column.combine_chunks()
-    return array.dictionary.to_pylist(), array.indices.to_numpy(zero_copy_only=False).astype(np.int32)
-
-
-def _read_train(path: Path, columns: list[str]) -> Any:
-    """The split == "train" rows of some columns of quadrants.parquet, in file order.
-
-    Filtered batch by batch, so memory holds the kept rows plus one batch, not the whole file twice."""
-    import pyarrow.parquet as pq
-
-    categorical = [c for c in ("source", "quadrant", "split") if c in (*columns, "split")]
-    parquet = pq.ParquetFile(path, read_dictionary=categorical)
-    kept = []
-    for batch in parquet.iter_batches(batch_size=1 << 20, columns=[*columns, "split"]):
-        split = batch.column("split")
-        values = split.dictionary.to_pylist()
-        keep = split.indices.to_numpy(zero_copy_only=False) == values.index("train") if "train" in values else np.zeros(len(split), bool)
-        kept.append(batch.filter(pa.array(keep)).drop_columns(["split"]))
-    if not kept:  # a file without rows
-        return parquet.read(columns=columns)
-    return pa.Table.from_batches(kept)
-
-
 def load_corpus(run: RunDir) -> Corpus:
-    import pyarrow.compute as pc
+    """The split == "train" rows of quadrants.parquet; their ids are read in the background."""
     import pyarrow.parquet as pq
 
     path, summary_path = run.path(QUADRANTS), run.path(SUMMARY)
@@ -304,13 +320,19 @@ def load_corpus(run: RunDir) -> Corpus:
         if not p.is_file():
             raise FramelmError(f"{p} not found; run the partition stage first: framelm partition --run-dir {run.root}")
     summary = json.loads(summary_path.read_text())
-    table = pq.read_table(path, columns=["source", "quadrant", "n_tokens", "split"], read_dictionary=["source", "quadrant", "split"])
-    train = pc.fill_null(pc.equal(table.column("split"), "train"), False).to_numpy()
-    if not train.any():
+    parquet = pq.ParquetFile(path, read_dictionary=["source", "quadrant", "split"])
+    rows: Future = Future()
+    ids = in_background(lambda: _document_ids(path, rows))
+    try:
+        corpus = Corpus.read(row_groups(parquet, ["source", "quadrant", "n_tokens", "split"]), parquet.metadata.num_rows,
+                             summary["cells"], path=path)
+    except BaseException as exc:
+        rows.set_exception(exc)  # the id reader waits on it
+        raise
+    rows.set_result(corpus.rows)
+    corpus.ids = ids
+    if not len(corpus.weight):
         raise FramelmError(f"{path}: no document has split 'train'; nothing to schedule")
-    corpus = Corpus.from_table(table, summary["cells"], path, keep=train)
-    del table, train
-    _release_arrow_memory()
     return corpus
 
 
@@ -332,43 +354,56 @@ class PoolStream:
         self.tokens = int(weight[members].sum())
         self.target = 0.0  # tokens asked for so far
         self.position = 0  # documents handed out so far, over all epochs
-        self._epoch: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._epoch: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
 
-    def _perm(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    def permute(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(documents, their weights, cumulative tokens from 0) of an epoch, in stream order."""
         if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = None  # free the previous epoch's arrays first
             rng = np.random.default_rng([self.seed, _key_seed(self.key), epoch])
-            order = self.members[rng.permutation(len(self.members))]
-            cum = np.concatenate([[0], np.cumsum(self.weight[order])])
-            self._epoch = (epoch, order, cum)
-        return self._epoch[1], self._epoch[2]
+            perm = np.arange(len(self.members), dtype=index_dtype(len(self.members)))
+            rng.shuffle(perm)  # the same draws as rng.permutation, in half the bytes
+            order = self.members[perm]
+            del perm
+            w = self.weight[order]
+            cum = np.zeros(len(w) + 1, np.int64)
+            np.cumsum(w, out=cum[1:])
+            self._epoch = (epoch, order, w, cum)
+        return self._epoch[1], self._epoch[2], self._epoch[3]
 
-    def take(self, budget: float) -> tuple[np.ndarray, np.ndarray]:
-        """Documents (row indices) and their epoch numbers worth about `budget` tokens."""
+    def take(self, budget: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Documents (row indices), their epoch numbers and weights, worth about `budget` tokens."""
         n = len(self.members)
         if budget <= 0 or n == 0:
-            return np.empty(0, np.int64), np.empty(0, np.int32)
+            return _empty_draw()
         if self.tokens == 0:
             raise FramelmError(f"pool {self.key!r} has no tokens to draw {budget:.0f} from")
         self.target += budget
         full, rest = divmod(self.target, self.tokens)
         k = 0
         if rest > 0:  # an exact multiple of the pool ends at an epoch boundary: no need to permute the next epoch
-            _, cum = self._perm(int(full))
+            _, _, cum = self.permute(int(full))
             k = int(np.searchsorted(cum, rest))
             if k > 0 and rest - cum[k - 1] < cum[k] - rest:
                 k -= 1
         end = int(full) * n + k
-        idx, epochs = [], []
+        parts = []
         while self.position < end:
             epoch, offset = divmod(self.position, n)
             stop = min(end - epoch * n, n)
-            order, _ = self._perm(epoch)
-            idx.append(order[offset:stop])
-            epochs.append(np.full(stop - offset, epoch, np.int32))
+            order, w, _ = self.permute(epoch)
+            parts.append((order[offset:stop], np.full(stop - offset, epoch, np.int32), w[offset:stop]))
             self.position = epoch * n + stop
-        if not idx:
-            return np.empty(0, np.int64), np.empty(0, np.int32)
-        return np.concatenate(idx).astype(np.int64), np.concatenate(epochs)
+        return _concat(parts)
+
+
+def permute_first_epochs(streams: list[PoolStream], threads: int) -> None:
+    """Permute every pool's first epoch, `threads` pools at a time: the shuffles and gathers are
+    random memory accesses that release the GIL, the slowest part of planning a big corpus."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        list(pool.map(lambda s: s.permute(0), [s for s in streams if len(s.members)]))
 
 
 # -- plans --------------------------------------------------------------------------------
@@ -379,6 +414,7 @@ class Stage:
     name: str
     idx: np.ndarray  # row indices into the corpus, in stream order
     epoch: np.ndarray
+    weight: np.ndarray  # each document's tokens (corpus.weight[idx]), carried so nothing gathers them again
 
 
 @dataclass
@@ -390,15 +426,25 @@ class Schedule:
     pool_tokens: dict[str, int]  # per source: unique tokens the schedule draws from
 
 
-def _concat(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+Draw = tuple[np.ndarray, np.ndarray, np.ndarray]  # (idx, epoch, weight)
+
+
+def _empty_draw() -> Draw:
+    return np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0, np.int64)
+
+
+def _concat(parts: list[Draw]) -> Draw:
     if not parts:
-        return np.empty(0, np.int64), np.empty(0, np.int32)
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        return _empty_draw()
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
 
 
-def _shuffle(seed: int, key: str, idx: np.ndarray, epoch: np.ndarray) -> Stage:
-    perm = np.random.default_rng([seed, _key_seed(key)]).permutation(len(idx))
-    return Stage(key, idx[perm], epoch[perm])
+def _shuffle(seed: int, key: str, idx: np.ndarray, epoch: np.ndarray, weight: np.ndarray) -> Stage:
+    perm = np.arange(len(idx), dtype=index_dtype(len(idx)))
+    np.random.default_rng([seed, _key_seed(key)]).shuffle(perm)
+    return Stage(key, idx[perm], epoch[perm], weight[perm])
 
 
 class Builder:
@@ -409,22 +455,27 @@ class Builder:
         self.weight = corpus.weight
         self.data_tokens = int(self.weight.sum())
         self.total = float(cfg.total_tokens if cfg.total_tokens is not None else self.data_tokens)
-        self.source_tokens = np.bincount(corpus.source, weights=self.weight, minlength=len(corpus.source_names)).astype(np.int64)
-        self.cell_tokens = np.bincount(corpus.cell, weights=self.weight, minlength=len(corpus.cell_names)).astype(np.int64)
+        self.source_tokens = code_totals(corpus.source, self.weight, len(corpus.source_names))[1]
+        self.cell_tokens = code_totals(corpus.cell, self.weight, len(corpus.cell_names))[1]
 
     # pools
     @staticmethod
     def _members(codes: np.ndarray, n_codes: int) -> list[np.ndarray]:
         """Row indices holding each code 0..n_codes-1, ascending."""
+        dtype = index_dtype(len(codes))
+        if n_codes <= 16:  # a pass per code beats a sort while the codes are few
+            return [np.flatnonzero(codes == c).astype(dtype) for c in range(n_codes)]
         if n_codes < np.iinfo(np.int16).max:
             codes = codes.astype(np.int16)  # numpy's stable sort is a linear-time radix sort at 16 bits
-        order = np.argsort(codes, kind="stable")
+        order = np.argsort(codes, kind="stable").astype(dtype)
         bounds = np.searchsorted(codes[order], np.arange(n_codes + 1))
         return [order[bounds[i]:bounds[i + 1]] for i in range(n_codes)]
 
     def cell_streams(self) -> dict[str, PoolStream]:
         members = self._members(self.corpus.cell, len(self.corpus.cell_names))
-        return {name: PoolStream(f"cell:{name}", members[i], self.weight, self.cfg.seed) for i, name in enumerate(self.corpus.cell_names)}
+        streams = {name: PoolStream(f"cell:{name}", members[i], self.weight, self.cfg.seed) for i, name in enumerate(self.corpus.cell_names)}
+        permute_first_epochs(list(streams.values()), self.cfg.threads)
+        return streams
 
     def source_streams(self, fraction: float = 1.0) -> dict[str, PoolStream]:
         """One stream per source; fraction < 1 first downsamples each source (seeded) to that share of its tokens."""
@@ -433,9 +484,9 @@ class Builder:
         for i, name in enumerate(self.corpus.source_names):
             pool = members[i]
             if fraction < 1:
-                pool, _ = PoolStream(f"subsample:{name}", pool, self.weight, self.cfg.seed).take(fraction * self.source_tokens[i])
-                pool = np.sort(pool)
+                pool = np.sort(PoolStream(f"subsample:{name}", pool, self.weight, self.cfg.seed).take(fraction * self.source_tokens[i])[0])
             streams[name] = PoolStream(f"source:{name}", pool, self.weight, self.cfg.seed)
+        permute_first_epochs(list(streams.values()), self.cfg.threads)
         return streams
 
     def _check_caps(self, strategy: StrategyConfig, needed: dict[str, tuple[float, str]]) -> None:
@@ -451,7 +502,7 @@ class Builder:
                     f"lower total_tokens, lower its weight, or raise epoch_caps.{source} / max_epochs")
 
     # cell-based strategies: each cell gets budget proportional to its tokens
-    def _cell_draws(self, strategy: StrategyConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def _cell_draws(self, strategy: StrategyConfig) -> dict[str, Draw]:
         scale = self.total / self.data_tokens  # every cell, hence every source, repeats `scale` times
         self._check_caps(strategy, {self.corpus.source_names[s]: (scale, "") for s in np.unique(self.corpus.source)})
         streams = self.cell_streams()
@@ -517,16 +568,16 @@ class Builder:
 
     def _sorted(self, strategy: StrategyConfig) -> list[Stage]:
         draws = self._cell_draws(strategy)
-        idx, epoch = _concat([draws[n] for n in self.corpus.cell_names])
+        idx, epoch, weight = _concat([draws[n] for n in self.corpus.cell_names])
         values = self.corpus.column(strategy.column)[idx]
         order = np.lexsort((idx, epoch, -values if strategy.descending else values))  # last key sorts first
-        idx, epoch = idx[order], epoch[order]
-        cum = np.cumsum(self.weight[idx])
+        idx, epoch, weight = idx[order], epoch[order], weight[order]
+        cum = np.cumsum(weight, dtype=np.int64)
         total = cum[-1] if len(cum) else 0
         cuts = np.searchsorted(cum, [total * k / strategy.n_stages for k in range(1, strategy.n_stages)])
         bounds = [0, *cuts.tolist(), len(idx)]
         name = f"{strategy.column}_{'desc' if strategy.descending else 'asc'}"
-        return [Stage(name if strategy.n_stages == 1 else f"{name}_{k + 1}", idx[a:b], epoch[a:b])
+        return [Stage(name if strategy.n_stages == 1 else f"{name}_{k + 1}", idx[a:b], epoch[a:b], weight[a:b])
                 for k, (a, b) in enumerate(zip(bounds, bounds[1:]))]
 
     def _source_weights(self, blend: dict[str, float], tiers: dict[str, str], where: str) -> dict[str, float]:
@@ -713,9 +764,20 @@ def _interleave(wa: np.ndarray, wb: np.ndarray, kind: str, steepness: float) -> 
     return np.argsort(np.concatenate([ua, ub]), kind="stable")
 
 
-def assemble(stages: list[Stage], weight: np.ndarray, kind: str, window: float, steepness: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Concatenate stages into one stream, blending each boundary. Returns (idx, epoch, stage)."""
-    tokens = [int(weight[s.idx].sum()) for s in stages]
+@dataclass
+class Stream:
+    """A schedule as one document stream: each document's row, epoch, stage and tokens."""
+
+    names: list[str]  # of the stages
+    idx: np.ndarray
+    epoch: np.ndarray
+    stage: np.ndarray  # int32 index into names
+    weight: np.ndarray
+
+
+def assemble(stages: list[Stage], kind: str, window: float, steepness: float) -> Stream:
+    """Concatenate stages into one stream, blending each boundary."""
+    tokens = [int(st.weight.sum()) for st in stages]
     head = [0] * len(stages)  # documents of each stage's start that go into the window before it
     tail = [0] * len(stages)
     if kind != "hard" and window > 0:
@@ -723,25 +785,29 @@ def assemble(stages: list[Stage], weight: np.ndarray, kind: str, window: float, 
             half = window * min(tokens[k], tokens[k + 1]) / 2
             if half <= 0:
                 continue
-            tail[k] = int(np.searchsorted(np.cumsum(weight[stages[k].idx[::-1]]), half, side="right"))
-            head[k + 1] = int(np.searchsorted(np.cumsum(weight[stages[k + 1].idx]), half, side="right"))
+            tail[k] = int(np.searchsorted(np.cumsum(stages[k].weight[::-1], dtype=np.int64), half, side="right"))
+            head[k + 1] = int(np.searchsorted(np.cumsum(stages[k + 1].weight, dtype=np.int64), half, side="right"))
             if tail[k] == 0 or head[k + 1] == 0:
                 tail[k] = head[k + 1] = 0
     n = sum(len(st.idx) for st in stages)
-    idx, epoch, label = np.empty(n, np.int64), np.empty(n, np.int32), np.empty(n, np.int32)
+    idx = np.empty(n, np.result_type(np.int32, *(st.idx.dtype for st in stages)))
+    weight = np.empty(n, np.result_type(np.int32, *(st.weight.dtype for st in stages)))
+    epoch, label = np.empty(n, np.int32), np.empty(n, np.int32)
     at = 0
     for k, st in enumerate(stages):
         lo, hi = head[k], len(st.idx) - tail[k]
-        idx[at:at + hi - lo], epoch[at:at + hi - lo], label[at:at + hi - lo] = st.idx[lo:hi], st.epoch[lo:hi], k
+        part = slice(at, at + hi - lo)
+        idx[part], epoch[part], weight[part], label[part] = st.idx[lo:hi], st.epoch[lo:hi], st.weight[lo:hi], k
         at += hi - lo
         if k + 1 < len(stages) and tail[k]:
             nxt, m = stages[k + 1], tail[k] + head[k + 1]
-            order = _interleave(weight[st.idx[hi:]], weight[nxt.idx[:head[k + 1]]], kind, steepness)
-            idx[at:at + m] = np.concatenate([st.idx[hi:], nxt.idx[:head[k + 1]]])[order]
-            epoch[at:at + m] = np.concatenate([st.epoch[hi:], nxt.epoch[:head[k + 1]]])[order]
-            label[at:at + m] = (order >= tail[k]) + k
+            order = _interleave(st.weight[hi:], nxt.weight[:head[k + 1]], kind, steepness)
+            part = slice(at, at + m)
+            for out, a, b in ((idx, st.idx, nxt.idx), (epoch, st.epoch, nxt.epoch), (weight, st.weight, nxt.weight)):
+                out[part] = np.concatenate([a[hi:], b[:head[k + 1]]])[order]
+            label[part] = (order >= tail[k]) + k
             at += m
-    return idx, epoch, label
+    return Stream([st.name for st in stages], idx, epoch, label, weight)
 
 
 # -- writing ------------------------------------------------------------------------------
@@ -752,30 +818,29 @@ def _shares(tokens: np.ndarray, names: list[str]) -> dict[str, float]:
     return {n: round(float(t / total), 6) for n, t in zip(names, tokens) if t > 0} if total else {}
 
 
-def describe(schedule: Schedule, corpus: Corpus, cfg: ScheduleConfig, transition: str) -> dict[str, Any]:
-    """The stages.yaml content: nominal stage ranges, steps, composition, epochs per source."""
-    weight = corpus.weight
+def describe(schedule: Schedule, stream: Stream, docs: np.ndarray, mix: np.ndarray, builder: Builder,
+             transition: str) -> dict[str, Any]:
+    """The stages.yaml content: nominal stage ranges, steps, composition, epochs per source.
+
+    docs, mix: documents and tokens per (stage, cell, source), as write_order counted them. A
+    stage's nominal range holds its own documents' tokens, wherever blending put them."""
+    corpus, cfg = builder.corpus, builder.cfg
     per_step = cfg.seq_len * cfg.global_batch
+    docs = docs.sum(axis=(1, 2))
     stages, start = [], 0
-    n_cells, n_sources = len(corpus.cell_names), len(corpus.source_names)
-    scheduled = np.zeros(n_sources, np.int64)
-    # One code per (cell, source) pair: a stage's documents are then gathered once for both compositions.
-    pair = corpus.cell * n_sources + corpus.source
-    for st in schedule.stages:
-        w = weight[st.idx]
-        tokens = int(w.sum())
+    for k, name in enumerate(stream.names):
+        tokens = int(mix[k].sum())
         end = start + tokens
-        mix = np.bincount(pair[st.idx], weights=w, minlength=n_cells * n_sources).reshape(n_cells, n_sources)
-        scheduled += mix.sum(axis=0).astype(np.int64)
         stages.append({
-            "name": st.name, "start_token": start, "end_token": end,
+            "name": name, "start_token": start, "end_token": end,
             "start_step": start // per_step, "end_step": -(-end // per_step),
-            "docs": int(len(st.idx)), "tokens": tokens,
-            "composition": {"cells": _shares(mix.sum(axis=1), corpus.cell_names),
-                            "sources": _shares(mix.sum(axis=0), corpus.source_names)},
+            "docs": int(docs[k]), "tokens": tokens,
+            "composition": {"cells": _shares(mix[k].sum(axis=1), corpus.cell_names),
+                            "sources": _shares(mix[k].sum(axis=0), corpus.source_names)},
         })
         start = end
-    available = np.bincount(corpus.source, weights=weight, minlength=len(corpus.source_names)).astype(np.int64)
+    scheduled = mix.sum(axis=(0, 1))
+    available = builder.source_tokens
     sources = {}
     for i, s in enumerate(corpus.source_names):
         pool = schedule.pool_tokens.get(s, 0)
@@ -785,7 +850,7 @@ def describe(schedule: Schedule, corpus: Corpus, cfg: ScheduleConfig, transition
     return {
         "strategy": schedule.name, "kind": schedule.kind, "seed": cfg.seed,
         "seq_len": cfg.seq_len, "global_batch": cfg.global_batch, "tokens_per_step": per_step,
-        "total_tokens": start, "total_docs": int(sum(len(s.idx) for s in schedule.stages)),
+        "total_tokens": start, "total_docs": int(len(stream.idx)),
         "total_steps": -(-start // per_step),
         "transition": {"kind": transition, "window": cfg.transition_window if transition != "hard" else 0.0,
                        "steepness": cfg.logistic_steepness if transition == "logistic" else None},
@@ -793,47 +858,65 @@ def describe(schedule: Schedule, corpus: Corpus, cfg: ScheduleConfig, transition
     }
 
 
-def write_order(path: Path, corpus: Corpus, idx: np.ndarray, epoch: np.ndarray, stage: np.ndarray) -> None:
-    """order.parquet in row groups, so memory stays bounded by a couple of chunks of ids.
+def write_order(path: Path, corpus: Corpus, stream: Stream, threads: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """order.parquet in row groups, so memory stays bounded by a few chunks of ids. Returns
+    the documents and tokens written per (stage, cell, source), which stages.yaml reports.
 
-    The next chunk is gathered in a helper thread while the current one is encoded and
-    compressed (both release the GIL), which keeps two cores busy. source and quadrant go in
-    as dictionary arrays built from the corpus codes, so the writer copies indices instead of
-    hashing strings; without the Arrow schema in the file they read back as plain strings.
-    Positions count up by one, which delta encoding stores in almost no bytes."""
+    `threads` helpers gather the next chunks' ids, sources and cells (random reads, the slow
+    part at 100 M documents) while this thread encodes and compresses the current one; all of
+    it releases the GIL. source and quadrant go in as dictionary arrays built from the corpus
+    codes, so the writer copies indices instead of hashing strings; without the Arrow schema
+    in the file they read back as plain strings. Positions count up by one, which delta
+    encoding stores in almost no bytes."""
     import pyarrow.parquet as pq
+    from collections import deque
     from concurrent.futures import ThreadPoolExecutor
     from tqdm import tqdm
 
     category = pa.dictionary(pa.int32(), pa.string())
-    schema = pa.schema([("position", pa.int64()), ("id", pa.string()), ("stage", pa.int32()), ("source", category),
-                        ("quadrant", category), ("n_tokens", pa.int64()), ("epoch", pa.int32())])
+    # Declared non-null (every scheduled document has every value but perhaps an id), which
+    # spares the writer the definition levels.
+    schema = pa.schema([pa.field(name, t, nullable=name == "id") for name, t in [
+        ("position", pa.int64()), ("id", pa.string()), ("stage", pa.int32()), ("source", category),
+        ("quadrant", category), ("n_tokens", pa.int64()), ("epoch", pa.int32())]])
     sources, cells = pa.array(corpus.source_names, pa.string()), pa.array(corpus.cell_names, pa.string())
+    n_cells, n_sources = len(corpus.cell_names), len(corpus.source_names)
+    shape = (len(stream.names), n_cells, n_sources)
+    pairs = corpus.pair  # computed here, once, rather than by the first helpers at the same time
 
-    def gather(lo: int) -> Any:
-        rows = idx[lo:lo + WRITE_CHUNK_ROWS]
+    def gather(lo: int) -> tuple[Any, tuple[np.ndarray, np.ndarray]]:
+        part = slice(lo, lo + WRITE_CHUNK_ROWS)
+        docs, stage, weight = stream.idx[part], stream.stage[part], stream.weight[part]
+        pair = pairs[docs].astype(np.int64)
+        key = stage * (n_cells * n_sources) + pair
+        counts = np.bincount(key, minlength=math.prod(shape)), np.bincount(key, weights=weight, minlength=math.prod(shape))
+        cell, source = np.divmod(pair, n_sources)
         return pa.record_batch([
-            pa.array(np.arange(lo, lo + len(rows), dtype=np.int64)), corpus.doc_ids(rows).cast(pa.string()),
-            pa.array(stage[lo:lo + WRITE_CHUNK_ROWS]), pa.DictionaryArray.from_arrays(corpus.source[rows], sources),
-            pa.DictionaryArray.from_arrays(corpus.cell[rows], cells), pa.array(corpus.weight[rows] - 1),
-            pa.array(epoch[lo:lo + WRITE_CHUNK_ROWS]),
-        ], schema=schema)
+            pa.array(np.arange(lo, lo + len(docs), dtype=np.int64)), corpus.doc_ids(docs).cast(pa.string()),
+            pa.array(stage), pa.DictionaryArray.from_arrays(source.astype(np.int32), sources),
+            pa.DictionaryArray.from_arrays(cell.astype(np.int32), cells),
+            pa.array(weight.astype(np.int64) - 1), pa.array(stream.epoch[part]),
+        ], schema=schema), counts
 
-    starts = range(0, max(len(idx), 1), WRITE_CHUNK_ROWS)
-    with fsutil.atomic_path(path) as tmp, ThreadPoolExecutor(1) as pool, pq.ParquetWriter(
+    starts = range(0, max(len(stream.idx), 1), WRITE_CHUNK_ROWS)
+    with fsutil.atomic_path(path) as tmp, ThreadPoolExecutor(threads) as pool, pq.ParquetWriter(
             tmp, schema, use_dictionary=["source", "quadrant"],
             # ids are near-random bytes to a block compressor: compressing them costs time, saves
             # little. stage and epoch come in long runs that lz4 squeezes faster than a dictionary.
             compression={"position": "lz4", "id": "none", "stage": "lz4", "source": "lz4",
                          "quadrant": "lz4", "n_tokens": "lz4", "epoch": "lz4"},
-            write_statistics=["position", "stage", "source", "quadrant", "n_tokens", "epoch"],
+            write_statistics=["position", "stage", "n_tokens", "epoch"],  # not the costly dictionary ones
             column_encoding={"position": "DELTA_BINARY_PACKED"}, store_schema=False) as writer:
-        pending = pool.submit(gather, starts[0])
+        pending = deque(pool.submit(gather, lo) for lo in starts[:threads])
+        docs, tokens = np.zeros(math.prod(shape), np.int64), np.zeros(math.prod(shape), np.float64)
         for k in tqdm(range(len(starts)), desc=f"write {path.parent.name}/order", unit="chunk"):
-            batch = pending.result()
-            if k + 1 < len(starts):
-                pending = pool.submit(gather, starts[k + 1])
+            batch, (batch_docs, batch_tokens) = pending.popleft().result()
+            if k + threads < len(starts):
+                pending.append(pool.submit(gather, starts[k + threads]))
             writer.write_batch(batch)
+            docs += batch_docs
+            tokens += batch_tokens  # float64 sums of token counts are exact below 2**53
+    return docs.reshape(shape), np.rint(tokens).astype(np.int64).reshape(shape)
 
 
 def build_schedules(cfg: ScheduleConfig, run: RunDir) -> dict[str, Any]:
@@ -850,11 +933,11 @@ def build_schedules(cfg: ScheduleConfig, run: RunDir) -> dict[str, Any]:
         else:
             schedule = builder.build(strategy)
             transition = cfg.transition if schedule.smooth else "hard"
-            info = describe(schedule, corpus, cfg, transition)
-            idx, epoch, stage = assemble(schedule.stages, corpus.weight, transition, cfg.transition_window, cfg.logistic_steepness)
-            del schedule  # its per-stage arrays are copied into the stream; free them before writing
-            write_order(order_path, corpus, idx, epoch, stage)
-            del idx, epoch, stage
+            stream = assemble(schedule.stages, transition, cfg.transition_window, cfg.logistic_steepness)
+            schedule.stages.clear()  # their documents are in the stream now: free them before writing
+            docs, mix = write_order(order_path, corpus, stream, cfg.threads)
+            info = describe(schedule, stream, docs, mix, builder, transition)
+            del stream
             fsutil.write_yaml(stages_path, info)
             fsutil.mark_done(stages_path)
         counts[f"{strategy.label}_tokens"] = info["total_tokens"]
