@@ -155,6 +155,7 @@ def test_realised_share_in_the_window_tracks_the_curve(kind):
     weight = rng.integers(1, 20, 2 * n).astype(np.int64)
     stages = [Stage("A", np.arange(n), np.zeros(n, np.int32), weight[:n]), Stage("B", np.arange(n, 2 * n), np.zeros(n, np.int32), weight[n:])]
     stream = assemble(stages, kind, window=0.5, steepness=10)
+    assert stages == []  # consumed
     idx, stage = stream.idx, stream.stage
     assert (stream.weight == weight[idx]).all()
     assert sorted(idx.tolist()) == list(range(2 * n))
@@ -311,7 +312,7 @@ def test_property_cell_strategies_conserve_documents_and_budgets(seed, n, scale,
     total = None if scale > 2.5 else max(1, int(data * scale))
     cfg = ScheduleConfig(total_tokens=total, transition=transition, transition_window=window, strategies=[], seed=seed)
     sched = Builder(corpus, cfg).build(StrategyConfig(kind=kind, column="n_tokens"))
-    stream = assemble(sched.stages, transition, window, 10.0)
+    stream = assemble(list(sched.stages), transition, window, 10.0)
     idx, epoch, stage = stream.idx, stream.epoch, stream.stage
     assert (stream.weight == corpus.weight[idx]).all()
     assert Counter(zip(idx.tolist(), epoch.tolist())) == Counter(
@@ -411,3 +412,18 @@ def test_order_written_in_many_row_groups_equals_one(run, monkeypatch):
     build(run, [{"kind": "frame", "name": "chunked"}])
     assert pq.ParquetFile(run.path("schedule/chunked/order.parquet")).metadata.num_row_groups > 10
     assert pq.read_table(run.path("schedule/chunked/order.parquet")).equals(whole)
+
+
+def test_kept_ids_are_copied_into_one_array():
+    from framelm.schedule import _concat_kept
+
+    rng = np.random.default_rng(0)
+    chunks = [pa.array([f"d{i}-{'x' * int(rng.integers(0, 5))}" for i in range(lo, lo + n)], pa.string())
+              for lo, n in ((0, 5), (5, 0), (5, 7), (12, 3))]
+    full = pa.concat_arrays(chunks)
+    keep = rng.random(len(full)) < 0.6
+    assert _concat_kept(list(chunks), keep).equals(full.filter(pa.array(keep)))
+    assert _concat_kept([c.cast(pa.large_string()) for c in chunks], keep).equals(full.filter(pa.array(keep)))
+    sliced = [full.slice(2, 8), full.slice(10, 5)]  # chunks that start at an offset
+    keep = rng.random(13) < 0.5
+    assert _concat_kept(list(sliced), keep).equals(pa.concat_arrays(sliced).filter(pa.array(keep)))

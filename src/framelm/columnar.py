@@ -20,13 +20,28 @@ MAX_GROUP_ROWS = 1 << 22  # a larger row group is read in slices, so memory stay
 
 
 def row_groups(parquet: Any, columns: list[str], max_rows: int = MAX_GROUP_ROWS) -> Iterator[pa.Table]:
-    """`columns` of a pyarrow ParquetFile, a row group (or a slice of a big one) at a time, in file order."""
-    for i in range(parquet.num_row_groups):
-        if parquet.metadata.row_group(i).num_rows <= max_rows:
-            yield parquet.read_row_group(i, columns=columns)
-        else:
-            for batch in parquet.iter_batches(batch_size=max_rows, row_groups=[i], columns=columns):
-                yield pa.Table.from_batches([batch])
+    """`columns` of a pyarrow ParquetFile, a row group (or a slice of a big one) at a time, in
+    file order. The next piece is read in a helper thread while the caller works on this one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def pieces() -> Iterator[Callable[[], pa.Table]]:
+        for i in range(parquet.num_row_groups):
+            if parquet.metadata.row_group(i).num_rows <= max_rows:
+                yield lambda i=i: parquet.read_row_group(i, columns=columns)
+            else:
+                batches = parquet.iter_batches(batch_size=max_rows, row_groups=[i], columns=columns)
+                for _ in range(-(-parquet.metadata.row_group(i).num_rows // max_rows)):
+                    yield lambda: pa.Table.from_batches([next(batches)])
+
+    with ThreadPoolExecutor(1) as pool:
+        pending = None
+        for read in pieces():
+            future = pool.submit(read)
+            if pending is not None:
+                yield pending.result()
+            pending = future
+        if pending is not None:
+            yield pending.result()
 
 
 def index_dtype(n: int) -> type:

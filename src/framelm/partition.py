@@ -53,7 +53,7 @@ class PartitionConfig(StageConfig):
         "docs", help="docs: quantiles of documents; tokens: quantiles of tokens (equal tokens per cell rather than equal documents)")
     fit_split: str = field("train", help="documents of this split fit the cut points; every scored document is labelled")
     memory_limit: str = field("4GB", help="DuckDB memory limit; larger tables spill to disk", hash=False)
-    threads: int = field(2, help="DuckDB worker threads", hash=False)
+    threads: int = field(2, help="worker threads (DuckDB's, and numpy work split across cores)", hash=False)
 
     def validate(self) -> None:
         for key in ("ppl_quantiles", "pd_quantiles"):
@@ -225,11 +225,13 @@ def _quantile_cont(values: Any, quantiles: list[float]) -> list[float]:
     return out
 
 
-def _numpy_cuts(values: Any, fit: Any, group_codes: list[tuple[Any, Any]], quantiles: list[float]) -> dict[tuple, list[float]]:
-    """Docs-weighted cut points of `values` over `fit` rows per group.
+def _numpy_cuts(values: Any, fit: Any, group_codes: list[tuple[Any, Any]], quantiles: list[float],
+                threads: int = 1) -> dict[tuple, list[float]]:
+    """Docs-weighted cut points of `values` over `fit` rows per group, `threads` groups at a time.
 
     group_codes: (key-part values, codes array) per grouping column; a group with no fit row has no cuts."""
     import numpy as np
+    from concurrent.futures import ThreadPoolExecutor
 
     if not group_codes:
         v = values[fit]
@@ -243,15 +245,18 @@ def _numpy_cuts(values: Any, fit: Any, group_codes: list[tuple[Any, Any]], quant
         key += codes
     key[~fit] = n_groups  # rows outside the fit land in an overflow slot
     counts = np.bincount(key, minlength=n_groups + 1)[:n_groups]
-    out = {}
-    for k in np.flatnonzero(counts).tolist():
+
+    def group_cuts(k: int) -> tuple[tuple, list[float]]:
         group, rest = [], k
         for size in reversed(sizes):
             rest, r = divmod(rest, size)
             group.append(r)
         group.reverse()
-        out[tuple(names[c] for (names, _), c in zip(group_codes, group))] = _quantile_cont(values[key == k], quantiles)
-    return dict(sorted(out.items()))
+        # the mask, the copy and the selection release the GIL: groups run side by side
+        return tuple(names[c] for (names, _), c in zip(group_codes, group)), _quantile_cont(values[key == k], quantiles)
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        return dict(sorted(pool.map(group_cuts, np.flatnonzero(counts).tolist())))
 
 
 def _partition(con, cfg: PartitionConfig, scores: Path, out_dir: Path) -> dict[str, Any]:
@@ -298,13 +303,13 @@ def _partition(con, cfg: PartitionConfig, scores: Path, out_dir: Path) -> dict[s
     source_group = ["source"] if cfg.stratify_by_source else []
     src_codes = [(data["source_names"], data["source"])] if cfg.stratify_by_source else []
     if cfg.weight == "docs":
-        ppl_cuts = _numpy_cuts(data["ppl"], data["fit"], src_codes, cfg.ppl_quantiles)
+        ppl_cuts = _numpy_cuts(data["ppl"], data["fit"], src_codes, cfg.ppl_quantiles, cfg.threads)
     else:
         ppl_cuts = _fit_cuts(con, "fit", "ppl", source_group, cfg.ppl_quantiles, cfg.weight)
     ppl_bin, _ = _bins(cfg, data, ppl_cuts, None)
     if cfg.weight == "docs":
         bin_codes = [(list(range(n_ppl + 1)), ppl_bin)] if cfg.split == "nested" else []
-        pd_cuts = _numpy_cuts(data["pd"], data["fit"], src_codes + bin_codes, cfg.pd_quantiles)
+        pd_cuts = _numpy_cuts(data["pd"], data["fit"], src_codes + bin_codes, cfg.pd_quantiles, cfg.threads)
     else:
         con.execute("CREATE TEMP TABLE ppl_cuts (g VARCHAR, cuts DOUBLE[])")
         con.executemany("INSERT INTO ppl_cuts VALUES (?, ?)", [[k[0] if k else ALL_SOURCES, v] for k, v in ppl_cuts.items()])
@@ -337,8 +342,14 @@ def _bins(cfg: PartitionConfig, data: dict, ppl_cuts: dict, pd_cuts: dict | None
     """ppl_bin of every row (and with pd_cuts: pd_bin and which rows get a label).
 
     A bin counts the cut points strictly below the value (a value equal to a cut falls low).
-    Rows go through in slices so that the per-row cut points stay small temporaries."""
+    Rows go through in slices, cfg.threads at a time, so that the per-row cut points stay small
+    temporaries and both cores work."""
     import numpy as np
+    from concurrent.futures import ThreadPoolExecutor
+
+    def each_slice(fn: Any) -> None:
+        with ThreadPoolExecutor(cfg.threads) as pool:
+            list(pool.map(fn, slices))
 
     n_ppl, n_pd = len(cfg.ppl_quantiles), len(cfg.pd_quantiles)
     strat, nested = cfg.stratify_by_source, cfg.split == "nested"
@@ -351,10 +362,13 @@ def _bins(cfg: PartitionConfig, data: dict, ppl_cuts: dict, pd_cuts: dict | None
         for k, v in ppl_cuts.items():
             P[gindex[k[0]] if strat else 0] = v
         ppl_bin = np.zeros(data["n"], np.int8)
-        for sl in slices:
+
+        def ppl_slice(sl: slice) -> None:
             cuts = P[group[sl]]
             for i in range(n_ppl):  # NaN (no cuts) compares false; such rows are dropped below
                 ppl_bin[sl] += data["ppl"][sl] > cuts[:, i]
+
+        each_slice(ppl_slice)
     if pd_cuts is None:
         return ppl_bin, {}
     has_ppl = np.zeros(len(names), bool)
@@ -370,12 +384,15 @@ def _bins(cfg: PartitionConfig, data: dict, ppl_cuts: dict, pd_cuts: dict | None
     has_cuts = (~np.isnan(D).any(axis=2) & has_ppl[:, None]).reshape(-1)
     D = D.reshape(-1, n_pd)
     keep, pd_bin = np.empty(data["n"], bool), np.zeros(data["n"], np.int8)
-    for sl in slices:
+
+    def pd_slice(sl: slice) -> None:
         cell_group = group[sl].astype(np.int32) * (n_ppl + 1) + ppl_bin[sl]
         keep[sl] = data["valid"][sl] & has_cuts[cell_group]
         cuts = D[cell_group]
         for j in range(n_pd):
             pd_bin[sl] += data["pd"][sl] > cuts[:, j]
+
+    each_slice(pd_slice)
     return ppl_bin, {"pd_bin": pd_bin, "keep": keep}
 
 

@@ -290,19 +290,43 @@ def _code_dtype(n_values: int) -> type:
 def _document_ids(path: Path, rows: Future) -> Any:
     """The ids of rows `rows` (ascending) of a Parquet file as one contiguous array: Arrow's take
     on a chunked array concatenates every chunk on each call, which at 100 M ids would be a
-    1.6 GB copy per chunk written. Filtered a row group at a time, so the unfiltered column is
-    never whole in memory; `rows` (a Future) is awaited only after the reading."""
+    1.6 GB copy per chunk written. `rows` (a Future) is awaited only after the reading."""
     import pyarrow.parquet as pq
 
     chunks = [chunk for table in row_groups(pq.ParquetFile(path), ["id"]) for chunk in table.column("id").chunks]
     keep = np.zeros(sum(len(c) for c in chunks), bool)
     keep[rows.result()] = True
-    kept, at = [], 0
+    if any(c.null_count for c in chunks) or not all(pa.types.is_string(c.type) or pa.types.is_large_string(c.type) for c in chunks):
+        kept = [c.filter(pa.array(keep[lo:lo + len(c)])) for c, lo in zip(chunks, np.cumsum([0] + [len(c) for c in chunks]))]
+        return _one_chunk(pa.chunked_array(kept, pq.read_schema(path).field("id").type))
+    return _concat_kept(chunks, keep)
+
+
+def _concat_kept(chunks: list[Any], keep: np.ndarray) -> Any:
+    """The kept strings of null-free string chunks, copied into one array chunk by chunk while
+    each chunk is freed, so the column is never in memory twice (pa.concat_arrays would be)."""
+    def bounds(c: Any) -> tuple[np.ndarray, np.ndarray]:
+        offsets = np.frombuffer(c.buffers()[1], np.int64 if pa.types.is_large_string(c.type) else np.int32, len(c) + 1, c.offset)
+        data = np.frombuffer(c.buffers()[2], np.uint8) if c.buffers()[2] is not None else np.empty(0, np.uint8)
+        return offsets, data
+
+    total = sum(int(bounds(c)[0][-1] - bounds(c)[0][0]) for c in chunks)  # an upper bound on the kept bytes
+    large = total >= 1 << 31
+    n_kept = int(keep.sum())
+    offsets = np.zeros(n_kept + 1, np.int64 if large else np.int32)
+    data = np.empty(total, np.uint8)  # pages past the kept bytes are never touched
+    row = byte = lo = 0
     for i, chunk in enumerate(chunks):
-        kept.append(chunk.filter(pa.array(keep[at:at + len(chunk)])))
-        at += len(chunk)
-        chunks[i] = None  # free each row group's ids once filtered
-    return _one_chunk(pa.chunked_array(kept, pq.read_schema(path).field("id").type))
+        part = chunk.filter(pa.array(keep[lo:lo + len(chunk)]))
+        lo += len(chunk)
+        chunks[i] = None  # free each row group's ids once copied
+        o, d = bounds(part)
+        size = int(o[-1] - o[0])
+        data[byte:byte + size] = d[o[0]:o[-1]]
+        offsets[row + 1:row + len(part) + 1] = o[1:] - o[0] + byte
+        row, byte = row + len(part), byte + size
+    return pa.Array.from_buffers(pa.large_string() if large else pa.string(), n_kept,
+                                 [None, pa.py_buffer(offsets), pa.py_buffer(data[:byte])])
 
 
 def _one_chunk(ids: Any) -> Any:
@@ -354,22 +378,29 @@ class PoolStream:
         self.tokens = int(weight[members].sum())
         self.target = 0.0  # tokens asked for so far
         self.position = 0  # documents handed out so far, over all epochs
-        self._epoch: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._epoch: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._cum: np.ndarray | None = None
 
-    def permute(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(documents, their weights, cumulative tokens from 0) of an epoch, in stream order."""
+    def permute(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(documents, their weights) of an epoch, in stream order."""
         if self._epoch is None or self._epoch[0] != epoch:
-            self._epoch = None  # free the previous epoch's arrays first
+            self._epoch = self._cum = None  # free the previous epoch's arrays first
             rng = np.random.default_rng([self.seed, _key_seed(self.key), epoch])
             perm = np.arange(len(self.members), dtype=index_dtype(len(self.members)))
             rng.shuffle(perm)  # the same draws as rng.permutation, in half the bytes
             order = self.members[perm]
             del perm
-            w = self.weight[order]
-            cum = np.zeros(len(w) + 1, np.int64)
-            np.cumsum(w, out=cum[1:])
-            self._epoch = (epoch, order, w, cum)
-        return self._epoch[1], self._epoch[2], self._epoch[3]
+            self._epoch = (epoch, order, self.weight[order])
+        return self._epoch[1], self._epoch[2]
+
+    def _cumulative(self, epoch: int) -> np.ndarray:
+        """Tokens before each document of an epoch (from 0), computed only when a budget ends
+        inside the epoch: a whole pass does not need it."""
+        _, w = self.permute(epoch)
+        if self._cum is None:
+            self._cum = np.zeros(len(w) + 1, np.int64)
+            np.cumsum(w, out=self._cum[1:])
+        return self._cum
 
     def take(self, budget: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Documents (row indices), their epoch numbers and weights, worth about `budget` tokens."""
@@ -382,7 +413,7 @@ class PoolStream:
         full, rest = divmod(self.target, self.tokens)
         k = 0
         if rest > 0:  # an exact multiple of the pool ends at an epoch boundary: no need to permute the next epoch
-            _, _, cum = self.permute(int(full))
+            cum = self._cumulative(int(full))
             k = int(np.searchsorted(cum, rest))
             if k > 0 and rest - cum[k - 1] < cum[k] - rest:
                 k -= 1
@@ -391,8 +422,10 @@ class PoolStream:
         while self.position < end:
             epoch, offset = divmod(self.position, n)
             stop = min(end - epoch * n, n)
-            order, w, _ = self.permute(epoch)
-            parts.append((order[offset:stop], np.full(stop - offset, epoch, np.int32), w[offset:stop]))
+            order, w = self.permute(epoch)
+            # the epoch column as a broadcast view: a pass over 100 M documents would otherwise
+            # fill 400 MB with one number
+            parts.append((order[offset:stop], np.broadcast_to(np.int32(epoch), (stop - offset,)), w[offset:stop]))
             self.position = epoch * n + stop
         return _concat(parts)
 
@@ -771,12 +804,17 @@ class Stream:
     names: list[str]  # of the stages
     idx: np.ndarray
     epoch: np.ndarray
-    stage: np.ndarray  # int32 index into names
+    stage: np.ndarray  # index into names
     weight: np.ndarray
 
 
 def assemble(stages: list[Stage], kind: str, window: float, steepness: float) -> Stream:
-    """Concatenate stages into one stream, blending each boundary."""
+    """Concatenate stages into one stream, blending each boundary.
+
+    Empties `stages` as it goes, so each stage's arrays are freed once copied (at 100 M
+    documents the stages and the stream would otherwise be 2.5 GB at once). The epoch array
+    starts as untouched zero pages and only stages with repeats write into it."""
+    names = [st.name for st in stages]
     tokens = [int(st.weight.sum()) for st in stages]
     head = [0] * len(stages)  # documents of each stage's start that go into the window before it
     tail = [0] * len(stages)
@@ -792,22 +830,32 @@ def assemble(stages: list[Stage], kind: str, window: float, steepness: float) ->
     n = sum(len(st.idx) for st in stages)
     idx = np.empty(n, np.result_type(np.int32, *(st.idx.dtype for st in stages)))
     weight = np.empty(n, np.result_type(np.int32, *(st.weight.dtype for st in stages)))
-    epoch, label = np.empty(n, np.int32), np.empty(n, np.int32)
+    epoch, label = np.zeros(n, np.int32), np.empty(n, _code_dtype(len(stages)))
+
+    def put(out: np.ndarray, part: slice, values: np.ndarray) -> None:
+        if out is not epoch or (len(values) and values.max() > 0):
+            out[part] = values
+
     at = 0
-    for k, st in enumerate(stages):
+    for k in range(len(stages)):
+        st = stages[k]
         lo, hi = head[k], len(st.idx) - tail[k]
         part = slice(at, at + hi - lo)
-        idx[part], epoch[part], weight[part], label[part] = st.idx[lo:hi], st.epoch[lo:hi], st.weight[lo:hi], k
+        for out, values in ((idx, st.idx), (epoch, st.epoch), (weight, st.weight)):
+            put(out, part, values[lo:hi])
+        label[part] = k
         at += hi - lo
         if k + 1 < len(stages) and tail[k]:
             nxt, m = stages[k + 1], tail[k] + head[k + 1]
             order = _interleave(st.weight[hi:], nxt.weight[:head[k + 1]], kind, steepness)
             part = slice(at, at + m)
             for out, a, b in ((idx, st.idx, nxt.idx), (epoch, st.epoch, nxt.epoch), (weight, st.weight, nxt.weight)):
-                out[part] = np.concatenate([a[hi:], b[:head[k + 1]]])[order]
+                put(out, part, np.concatenate([a[hi:], b[:head[k + 1]]])[order])
             label[part] = (order >= tail[k]) + k
             at += m
-    return Stream([st.name for st in stages], idx, epoch, label, weight)
+        stages[k] = None  # copied: let its arrays go
+    stages.clear()
+    return Stream(names, idx, epoch, label, weight)
 
 
 # -- writing ------------------------------------------------------------------------------
@@ -888,12 +936,12 @@ def write_order(path: Path, corpus: Corpus, stream: Stream, threads: int = 2) ->
         part = slice(lo, lo + WRITE_CHUNK_ROWS)
         docs, stage, weight = stream.idx[part], stream.stage[part], stream.weight[part]
         pair = pairs[docs].astype(np.int64)
-        key = stage * (n_cells * n_sources) + pair
+        key = stage.astype(np.int64) * (n_cells * n_sources) + pair
         counts = np.bincount(key, minlength=math.prod(shape)), np.bincount(key, weights=weight, minlength=math.prod(shape))
         cell, source = np.divmod(pair, n_sources)
         return pa.record_batch([
             pa.array(np.arange(lo, lo + len(docs), dtype=np.int64)), corpus.doc_ids(docs).cast(pa.string()),
-            pa.array(stage), pa.DictionaryArray.from_arrays(source.astype(np.int32), sources),
+            pa.array(stage.astype(np.int32)), pa.DictionaryArray.from_arrays(source.astype(np.int32), sources),
             pa.DictionaryArray.from_arrays(cell.astype(np.int32), cells),
             pa.array(weight.astype(np.int64) - 1), pa.array(stream.epoch[part]),
         ], schema=schema), counts
@@ -934,7 +982,6 @@ def build_schedules(cfg: ScheduleConfig, run: RunDir) -> dict[str, Any]:
             schedule = builder.build(strategy)
             transition = cfg.transition if schedule.smooth else "hard"
             stream = assemble(schedule.stages, transition, cfg.transition_window, cfg.logistic_steepness)
-            schedule.stages.clear()  # their documents are in the stream now: free them before writing
             docs, mix = write_order(order_path, corpus, stream, cfg.threads)
             info = describe(schedule, stream, docs, mix, builder, transition)
             del stream
