@@ -937,7 +937,7 @@ def write_order(path: Path, corpus: Corpus, stream: Stream, threads: int = 2) ->
         docs, stage, weight = stream.idx[part], stream.stage[part], stream.weight[part]
         pair = pairs[docs].astype(np.int64)
         key = stage.astype(np.int64) * (n_cells * n_sources) + pair
-        counts = np.bincount(key, minlength=math.prod(shape)), np.bincount(key, weights=weight, minlength=math.prod(shape))
+        counts = code_totals(key, weight, math.prod(shape))
         cell, source = np.divmod(pair, n_sources)
         return pa.record_batch([
             pa.array(np.arange(lo, lo + len(docs), dtype=np.int64)), corpus.doc_ids(docs).cast(pa.string()),
@@ -956,15 +956,15 @@ def write_order(path: Path, corpus: Corpus, stream: Stream, threads: int = 2) ->
             write_statistics=["position", "stage", "n_tokens", "epoch"],  # not the costly dictionary ones
             column_encoding={"position": "DELTA_BINARY_PACKED"}, store_schema=False) as writer:
         pending = deque(pool.submit(gather, lo) for lo in starts[:threads])
-        docs, tokens = np.zeros(math.prod(shape), np.int64), np.zeros(math.prod(shape), np.float64)
+        docs, tokens = np.zeros(math.prod(shape), np.int64), np.zeros(math.prod(shape), np.int64)
         for k in tqdm(range(len(starts)), desc=f"write {path.parent.name}/order", unit="chunk"):
             batch, (batch_docs, batch_tokens) = pending.popleft().result()
             if k + threads < len(starts):
                 pending.append(pool.submit(gather, starts[k + threads]))
             writer.write_batch(batch)
             docs += batch_docs
-            tokens += batch_tokens  # float64 sums of token counts are exact below 2**53
-    return docs.reshape(shape), np.rint(tokens).astype(np.int64).reshape(shape)
+            tokens += batch_tokens
+    return docs.reshape(shape), tokens.reshape(shape)
 
 
 def build_schedules(cfg: ScheduleConfig, run: RunDir) -> dict[str, Any]:
