@@ -85,11 +85,13 @@ class ScoreConfig(StageConfig):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = field("sdpa", help="attention kernel passed to transformers", hash=False)
     executor: Literal["local", "ray"] = field("local", help="local: this process; ray: a Ray Data actor pool (one GPU per actor when CUDA is present)", hash=False)
     ray_actors: int = field(1, help="number of Ray scoring actors (executor: ray)", hash=False)
+    ray_cpus_per_actor: int | None = field(None, help="CPU cores each Ray actor reserves and runs torch on when scoring without a GPU "
+                                                      "(default: the cluster's CPUs shared among the actors, at most one machine's)", hash=False)
     rank: int = field(default_factory=lambda: _env_int("RANK", 0), help="this process's rank (default: $RANK from torchrun, else 0)", hash=False)
     world_size: int = field(default_factory=lambda: _env_int("WORLD_SIZE", 1), help="number of scoring processes (default: $WORLD_SIZE, else 1)", hash=False)
 
     def validate(self) -> None:
-        for key in ("docs_per_shard", "tokens_per_batch", "logit_chunk_tokens", "ray_actors", "world_size"):
+        for key in ("docs_per_shard", "tokens_per_batch", "logit_chunk_tokens", "ray_actors", "ray_cpus_per_actor", "world_size"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"'{key}' = {getattr(self, key)} must be at least 1")
         if self.context_tokens is not None and self.context_tokens < 2:

@@ -173,7 +173,8 @@ def test_ray_executor_writes_the_same_shards(scored, ref_models, tmp_path):
     ray = pytest.importorskip("ray")
     _, _, local = scored
     run = make_run(tmp_path / "run", ref_models)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # One actor on as many cores as this process's torch threads: the same float sums, bit for bit.
+    ray.init(num_cpus=torch.get_num_threads(), include_dashboard=False, log_to_driver=False)
     try:
         counts = run_stage("score", ScoreConfig(executor="ray", **SETTINGS), run)
     finally:
