@@ -44,10 +44,10 @@ SHAPES = {
 H200_BF16_FLOPS = 989e12  # dense bf16 peak
 
 
-def read_documents(max_docs: int) -> list[dict]:
-    files = sorted(CORPUS.glob("*.jsonl.gz"))
+def read_documents(corpus: Path, max_docs: int) -> list[dict]:
+    files = sorted(corpus.glob("*.jsonl.gz"))
     if not files:
-        sys.exit(f"no corpus at {CORPUS}; this benchmark reads ../shared/data/corpus")
+        sys.exit(f"no corpus at {corpus}; this benchmark reads ../shared/data/corpus (or --corpus DIR of *.jsonl.gz)")
     per_source = math.ceil(max_docs / len(files))
     docs = []
     for f in files:
@@ -149,11 +149,12 @@ def main() -> None:
     p.add_argument("--shape", choices=sorted(SHAPES), default="smollm-360m")
     p.add_argument("--tokens-per-batch", type=int, default=65536)
     p.add_argument("--docs-per-shard", type=int, default=512)
+    p.add_argument("--corpus", type=Path, default=CORPUS, help="folder of *.jsonl.gz files with id, source, text (default: %(default)s)")
     args = p.parse_args()
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    docs = read_documents(args.max_docs)
+    docs = read_documents(args.corpus, args.max_docs)
     texts = [d["text"] for d in docs]
     with tempfile.TemporaryDirectory() as tmp:
         models, flops_per_token = build_models(Path(tmp) / "models", docs, args.shape)
