@@ -1,9 +1,9 @@
-"""Benchmark: the report's score figures on a large quadrants table, against pandas + hexbin.
+"""Benchmark: the report's score figures on a large labelled score table, against pandas + hexbin.
 
-Synthetic RUN/partition/quadrants.parquet (ppl lognormal, pd normal, 5 sources, 10 % held
-out, FRAME's nested-median quadrants). framelm runs `build_report` on a run directory that
-holds only that table (DuckDB bins it out of core: the density figure, the quadrant bars and
-table). The baseline is what a user would write: pandas reads the columns, matplotlib
+Synthetic RUN/score/scores.parquet (ppl lognormal, pd normal, 5 sources, 10 % held out) with
+its labels RUN/partition/quadrants.parquet (FRAME's nested-median quadrants). framelm runs
+`build_report` on a run directory that holds only those (DuckDB joins and bins them out of
+core: the density figure, the quadrant bars and table). The baseline is what a user would write: pandas reads the columns, matplotlib
 `hexbin` draws every document (all sources + one panel per source), a groupby + stacked bar
 plot gives the quadrant composition. Each job runs in its own process so its peak RSS is its
 own. Prints one JSON object.
@@ -30,35 +30,38 @@ SOURCES = ["web", "books", "forum", "math", "wiki"]
 CHUNK = 2_000_000
 
 
-def make_quadrants(path: Path, rows: int, seed: int = 0) -> None:
+def make_scored_run(root: Path, rows: int, seed: int = 0) -> None:
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    from framelm.partition import write_labels
+
     rng = np.random.default_rng(seed)
     sources, splits = pa.array(SOURCES), pa.array(["train", "heldout"])
-    path.parent.mkdir(parents=True, exist_ok=True)
+    scores = root / "score" / "scores.parquet"
+    for p in (scores, root / "partition" / "quadrants.parquet"):
+        p.parent.mkdir(parents=True, exist_ok=True)
     # cut points of FRAME's nested medians, fit on the distribution the rows are drawn from
     ppl_cut, pd_cut = float(np.exp(3.0)), 0.3
-    writer = None
+    writer, cells = None, []
     for lo in range(0, rows, CHUNK):
         n = min(CHUNK, rows - lo)
         ppl = rng.lognormal(3.0, 0.6, n)
         pd = rng.normal(0.3, 0.1, n)
-        ppl_bin = (ppl > ppl_cut).astype(np.int8)
-        pd_bin = (pd > pd_cut).astype(np.int8)
+        cells.append(2 * (ppl > ppl_cut).astype(np.int16) + (pd > pd_cut))
         table = pa.table({
             "id": pc.binary_join_element_wise("doc-", pa.array(np.arange(lo, lo + n)).cast(pa.string()), ""),
             "source": sources.take(pa.array(rng.integers(0, len(SOURCES), n))),
             "split": splits.take(pa.array((rng.random(n) < 0.1).astype(np.int64))),
             "n_tokens": np.maximum(1, rng.lognormal(6, 1, n)).astype(np.int64),
-            "ppl": ppl, "pd": pd, "ppl_bin": ppl_bin, "pd_bin": pd_bin,
-            "quadrant": pa.array(np.array(["Q1", "Q2", "Q3", "Q4"])[2 * ppl_bin + pd_bin]),
+            "ppl": ppl, "pd": pd, "status": pa.repeat(pa.scalar("ok"), n),
         })
         if writer is None:
-            writer = pq.ParquetWriter(path, table.schema, compression="zstd")
+            writer = pq.ParquetWriter(scores, table.schema, compression="zstd")
         writer.write_table(table)
     writer.close()
+    write_labels(root / "partition" / "quadrants.parquet", scores, [("Q1", 0, 0), ("Q2", 0, 1), ("Q3", 1, 0), ("Q4", 1, 1)], cells)
 
 
 def run_framelm(run_dir: str) -> None:
@@ -75,8 +78,8 @@ def run_baseline(run_dir: str) -> None:
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    df = pd.read_parquet(Path(run_dir) / "partition" / "quadrants.parquet",
-                         columns=["source", "split", "n_tokens", "ppl", "pd", "quadrant"])
+    df = pd.read_parquet(Path(run_dir) / "score" / "scores.parquet", columns=["source", "split", "n_tokens", "ppl", "pd"])
+    df["quadrant"] = pd.read_parquet(Path(run_dir) / "partition" / "quadrants.parquet")["quadrant"].to_numpy()
     groups = [("all sources", df)] + list(df.groupby("source"))
     fig, axes = plt.subplots(2, 3, figsize=(12.6, 6.8))
     for ax, (name, g) in zip(axes.flat, groups):
@@ -109,14 +112,14 @@ def measure(which: str, run_dir: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=5_000_000, help="documents in the quadrants table")
+    ap.add_argument("--rows", type=int, default=5_000_000, help="documents in the score table")
     ap.add_argument("--child", nargs=2, metavar=("WHICH", "RUN_DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(*args.child)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        make_quadrants(Path(tmp) / "partition" / "quadrants.parquet", args.rows)
+        make_scored_run(Path(tmp), args.rows)
         framelm = measure("framelm", tmp)
         baseline = measure("baseline", tmp)
     print(json.dumps({

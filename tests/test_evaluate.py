@@ -17,6 +17,7 @@ from framelm.builtin_tasks import LAST_WORD, NEXT_LINE, write_builtin_tasks
 from framelm.errors import FramelmError
 from framelm.evaltasks import check_task_file, run_harness, write_task_configs
 from framelm.evaluate import EvalConfig, evaluate_heldout
+from framelm.partition import write_labels
 from framelm.pipeline import run_stage
 from framelm.rundir import RunDir
 
@@ -257,9 +258,11 @@ def run(tmp_path, model_dir) -> RunDir:
                              "n_bytes": pa.array([len(d[3].encode()) for d in DOCS], pa.int64())}), tok_dir / "index.parquet")
     (tok_dir / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": len(tok), "eos_id": tok.eos_token_id,
                                                     "n_docs": len(DOCS), "n_tokens": len(flat)}))
+    run.path("score").mkdir()
+    pq.write_table(pa.table({"id": table["id"], "split": table["split"]}), run.path("score", "scores.parquet"))
     run.path("partition").mkdir()
-    pq.write_table(pa.table({"id": ["a1", "a2", "a3", "a4"], "quadrant": ["Q1", "Q2", "Q1", "Q4"]}),
-                   run.path("partition", "quadrants.parquet"))
+    write_labels(run.path("partition", "quadrants.parquet"), run.path("score", "scores.parquet"),
+                 [("Q1", 0, 0), ("Q2", 0, 1), ("Q3", 1, 0), ("Q4", 1, 1)], [np.array([0, 1, 0, 3, 2])])
     for key in ("ingest", "tokenize"):
         run.update_record(key, {"status": "done", "hash": key})
     return run

@@ -8,7 +8,7 @@ import pytest
 
 from framelm.cli import main
 from framelm.errors import ConfigError, FramelmError
-from framelm.partition import PartitionConfig, cell_name, partition_documents
+from framelm.partition import PartitionConfig, cell_name, labelled_sql, partition_documents, read_labelled, read_labels
 from framelm.rundir import RunDir
 
 
@@ -28,7 +28,7 @@ def write_scores(run: RunDir, rows: dict) -> None:
 
 
 def labels(run: RunDir) -> dict[str, str]:
-    t = pq.read_table(run.path("partition/quadrants.parquet"))
+    t = read_labelled(run, ["id"])
     return dict(zip(t.column("id").to_pylist(), t.column("quadrant").to_pylist()))
 
 
@@ -66,9 +66,12 @@ def test_nested_medians_give_frame_quadrants(run):
 def test_bins_and_names_match_the_contract(run):
     write_scores(run, {"ppl": [1, 2, 3, 4], "pd": [1, 2, 3, 4]})
     partition_documents(PartitionConfig(split="independent"), run)
-    t = pq.read_table(run.path("partition/quadrants.parquet"))
+    # The label file: one nullable string column lined up with scores.parquet, nothing copied from it.
+    raw = pq.read_table(run.path("partition/quadrants.parquet"))
+    assert raw.column_names == ["quadrant"] and raw.num_rows == 4
+    t = read_labelled(run)
     assert t.schema.field("ppl_bin").type == pa.int8() and t.schema.field("pd_bin").type == pa.int8()
-    assert t.column_names == ["id", "source", "split", "n_tokens", "ppl", "pd", "ppl_bin", "pd_bin", "quadrant"]
+    assert t.column_names[-3:] == ["quadrant", "ppl_bin", "pd_bin"]
     for b_ppl, b_pd, q in zip(t.column("ppl_bin").to_pylist(), t.column("pd_bin").to_pylist(), t.column("quadrant").to_pylist()):
         assert q == cell_name(b_ppl, b_pd, 2, 2)
     assert t.column("quadrant").to_pylist() == ["Q1", "Q1", "Q4", "Q4"]
@@ -131,7 +134,7 @@ def test_grid_cells_are_named_by_bins(run):
     assert sorted(c) == ["P0D0", "P0D1", "P1D0", "P1D1", "P2D0", "P2D1"]
     assert {x["docs"] for x in c.values()} == {10}
     assert summary(run)["grid"] == {"ppl_bins": 3, "pd_bins": 2}
-    t = pq.read_table(run.path("partition/quadrants.parquet")).to_pandas()
+    t = read_labelled(run).to_pandas()
     assert (t.groupby("quadrant").ppl.max() < t.groupby("quadrant").ppl.min().shift(-2).fillna(np.inf)).all()
 
 
@@ -145,6 +148,33 @@ def test_bad_scores_are_excluded_and_counted(run):
     assert counts["excluded_by_reason"] == {"nan_ppl": 1, "inf_ppl": 1, "missing_ppl": 1, "inf_pd": 1, "nan_pd": 1, "too_short": 1}
     assert summary(run)["excluded"] == counts["excluded_by_reason"]
     assert sorted(labels(run)) == ["d0000", "d0001", "d0002", "d0003"]
+
+
+def test_label_file_lines_up_with_scores_and_refuses_changed_scores(run):
+    import duckdb
+
+    write_scores(run, {"ppl": [1, 2, float("nan"), 4, 5], "pd": [5, 4, 3, 2, 1]})
+    partition_documents(PartitionConfig(), run)
+    codes, cells = read_labels(run)
+    assert codes.tolist()[2] == -1 and min(codes.tolist()[:2] + codes.tolist()[3:]) >= 0  # row 2 has no usable score
+    assert [c[0] for c in cells] == ["Q1", "Q2", "Q3", "Q4"]
+    via_duckdb = duckdb.sql(f"SELECT id, file_row_number, quadrant, ppl_bin, pd_bin FROM {labelled_sql(run)} ORDER BY file_row_number").fetchall()
+    t = read_labelled(run, ["id"])
+    columns = [t.column(c).to_pylist() for c in ("id", "quadrant", "ppl_bin", "pd_bin")]
+    assert columns[0] == ["d0000", "d0001", "d0003", "d0004"]
+    assert via_duckdb == [(i, row, q, p, d) for row, (i, q, p, d) in zip([0, 1, 3, 4], zip(*columns))]
+    write_scores(run, {"ppl": [1, 2, 3, 4, 5, 6], "pd": [1, 2, 3, 4, 5, 6]})  # re-scored, not re-partitioned
+    for read in (read_labels, read_labelled, labelled_sql):
+        with pytest.raises(FramelmError, match=r"quadrants\.parquet labels a scores file of 5 rows.*has 6 rows.*framelm partition"):
+            read(run)
+    # Re-scored to the same rows and bytes, one value changed: the footer's statistics differ.
+    write_scores(run, {"ppl": [1, 2, float("nan"), 4, 5], "pd": [5, 4, 3, 2, 1]})
+    partition_documents(PartitionConfig(), run)
+    size = run.path("score/scores.parquet").stat().st_size
+    write_scores(run, {"ppl": [1, 2, float("nan"), 4, 6], "pd": [5, 4, 3, 2, 1]})
+    assert run.path("score/scores.parquet").stat().st_size == size
+    with pytest.raises(FramelmError, match=r"of 5 rows and .* bytes \(and other contents\): the scores changed"):
+        read_labels(run)
 
 
 def test_nan_only_column_is_caught_despite_parquet_statistics(run):
@@ -174,10 +204,10 @@ def test_output_keeps_input_order_and_is_reproducible(run):
     write_scores(run, {"ppl": rng.lognormal(size=3000), "pd": rng.uniform(size=3000),
                        "source": rng.choice(["a", "b"], 3000).tolist()})
     partition_documents(PartitionConfig(stratify_by_source=True, threads=2), run)
-    first = pq.read_table(run.path("partition/quadrants.parquet"))
+    first = read_labelled(run)
     assert first.column("id").to_pylist() == [f"d{i:04d}" for i in range(3000)]
     partition_documents(PartitionConfig(stratify_by_source=True, threads=1), run)
-    assert pq.read_table(run.path("partition/quadrants.parquet")).equals(first)
+    assert read_labelled(run).equals(first)
 
 
 def test_missing_inputs_and_columns_are_named(run):
@@ -212,3 +242,39 @@ def test_cli_runs_the_stage_and_prints_the_table(run, capsys):
     rec = run.record("partition")
     assert rec["status"] == "done" and rec["counts"]["labelled"] == 8
     assert math.isclose(sum(c["token_share"] for c in cells(run).values()), 1.0)
+
+
+def test_broken_label_and_score_files_are_named(run):
+    write_scores(run, {"ppl": [1, 2, 3, 4], "pd": [4, 3, 2, 1]})
+    partition_documents(PartitionConfig(), run)
+    labels_path, scores_path = run.path("partition/quadrants.parquet"), run.path("score/scores.parquet")
+    good = labels_path.read_bytes()
+    # a quadrants.parquet of the earlier format (ids and scores copied, no label metadata)
+    pq.write_table(pa.table({"id": ["d0000"], "quadrant": ["Q1"]}), labels_path)
+    with pytest.raises(FramelmError, match=r"quadrants\.parquet: not a framelm label file.*framelm partition"):
+        read_labels(run)
+    labels_path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(FramelmError, match=r"quadrants\.parquet: not a readable Parquet file"):
+        read_labels(run)
+    labels_path.write_bytes(good)
+    scores_path.write_bytes(scores_path.read_bytes()[:-20])  # truncated
+    with pytest.raises(FramelmError, match=r"scores\.parquet: not a readable Parquet file"):
+        read_labels(run)
+    scores_path.unlink()
+    with pytest.raises(FramelmError, match=r"scores\.parquet not found; run the score stage first"):
+        read_labels(run)
+
+
+def test_a_failed_count_leaves_no_label_file(run, monkeypatch):
+    from framelm import partition as part
+
+    write_scores(run, {"ppl": [1, 2, 3, 4], "pd": [4, 3, 2, 1]})
+
+    def fail(*args, **kwargs):
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(part, "code_totals", fail)
+    with pytest.raises(MemoryError):
+        partition_documents(PartitionConfig(), run)
+    assert not run.path("partition/quadrants.parquet").exists()
+    assert not [p.name for p in run.path("partition").iterdir() if "quadrants" in p.name]  # nor its temporary file

@@ -18,6 +18,7 @@ from PIL import Image
 
 from framelm.cli import main
 from framelm.errors import ConfigError, FramelmError
+from framelm.partition import read_labelled, write_labels
 from framelm.pipeline import run_stage
 from framelm.report import ReportConfig, _lines_from_data, _stated_lines, build_report
 from framelm.rundir import RunDir
@@ -47,8 +48,12 @@ def write_partition(root: Path, rng: np.random.Generator, n_docs: int = 400, wit
         "id": [f"doc{i}" for i in range(n_docs)], "source": source, "split": split, "n_tokens": n_tokens,
         "ppl": ppl, "pd": pd_, "ppl_bin": ppl_bin, "pd_bin": pd_bin, "quadrant": quadrant,
     })
-    (root / "partition").mkdir(parents=True)
-    pq.write_table(table, root / "partition" / "quadrants.parquet")
+    for stage in ("score", "partition"):
+        (root / stage).mkdir(parents=True)
+    scores = root / "score" / "scores.parquet"
+    pq.write_table(table.drop_columns(["ppl_bin", "pd_bin", "quadrant"]), scores)
+    write_labels(root / "partition" / "quadrants.parquet", scores, [("Q1", 0, 0), ("Q2", 0, 1), ("Q3", 1, 0), ("Q4", 1, 1)],
+                 [2 * ppl_bin.astype(np.int16) + pd_bin])
     summary = {"excluded": {"no_score": 3}, "cut_points": []}
     if with_cuts:  # the shape framelm.partition writes for a nested split
         summary["cut_points"] = [{"axis": "ppl", "source": None, "ppl_bin": None, "cuts": [ppl_cut]}] + [
@@ -205,7 +210,7 @@ def test_full_report_has_every_figure_and_references_exactly_them(full_report):
 def test_quadrant_table_matches_the_data(full_report):
     run, _ = full_report
     text = run.path("report", "index.html").read_text()
-    t = pq.read_table(run.path("partition", "quadrants.parquet")).to_pandas()
+    t = read_labelled(run).to_pandas()
     train = t[t.split == "train"]
     assert len(train) < len(t)
     for q, g in train.groupby("quadrant"):
@@ -301,7 +306,7 @@ def test_report_without_summary_cuts_draws_cuts_from_the_bins(tmp_path, monkeypa
     text = (root / "report" / "index.html").read_text()
     assert "the boundaries between the quadrant bins" in text and "No lines on" not in text
     assert "medians over one document in every 4." in text
-    t = pq.read_table(root / "partition" / "quadrants.parquet").to_pandas().iloc[::4]
+    t = read_labelled(RunDir(root)).to_pandas().iloc[::4]
     q1 = t[(t.split == "train") & (t.quadrant == "Q1")]
     assert f"<td>{np.median(q1.ppl):.4g}</td><td>{np.median(q1.pd):.3g}</td>" in text
 
@@ -325,9 +330,11 @@ def test_bad_log_line_names_file_and_line_and_unfinished_last_line_is_skipped(tm
 
 def test_bad_parquet_columns_are_named(tmp_path):
     root = tmp_path / "run"
-    (root / "partition").mkdir(parents=True)
-    pq.write_table(pa.table({"id": ["a"], "ppl": [1.0]}), root / "partition" / "quadrants.parquet")
-    with pytest.raises(FramelmError, match=r"quadrants\.parquet: missing column\(s\) source, n_tokens, pd"):
+    for stage in ("score", "partition"):
+        (root / stage).mkdir(parents=True)
+    pq.write_table(pa.table({"id": ["a"], "ppl": [1.0]}), root / "score" / "scores.parquet")
+    write_labels(root / "partition" / "quadrants.parquet", root / "score" / "scores.parquet", [("Q1", 0, 0)], [[0]])
+    with pytest.raises(FramelmError, match=r"scores\.parquet: missing column\(s\) source, n_tokens, pd"):
         build_report(ReportConfig(), RunDir(root))
 
 
@@ -456,3 +463,22 @@ def test_unsorted_order_is_refused_with_the_row(tmp_path):
     pq.write_table(t.set_column(0, "position", pa.array(position)), path)
     with pytest.raises(FramelmError, match=r"frame/order\.parquet: row 6: 'position' 5 does not increase"):
         build_report(ReportConfig(), run)
+
+
+@pytest.mark.parametrize("lo, hi, expected", [(250.0, 2000.0, ["500", "1,000", "2,000"]), (1.5, 3e4, ["10", "100", "1,000", "10,000"])])
+def test_log_ppl_axis_labels_are_plain_numbers_that_do_not_crowd(lo, hi, expected):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from framelm.plots import _plain_log_ticks
+
+    fig = Figure()
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.set_xscale("log")
+    _plain_log_ticks(ax.xaxis, lo, hi)
+    ax.set_xlim(lo, hi)
+    fig.canvas.draw()
+    shown = [t.get_text() for t in ax.get_xticklabels() if t.get_text() and lo <= t.get_position()[0] <= hi]
+    assert shown == expected
+    assert not any(t.get_text() for t in ax.xaxis.get_minorticklabels())  # matplotlib's 3x10^2, 4x10^2, ... are off

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from framelm.errors import ConfigError, FramelmError
-from framelm.partition import PartitionConfig, partition_documents
+from framelm.partition import PartitionConfig, partition_documents, read_labelled
 from framelm.rundir import RunDir
 from framelm.schedule import (
     Builder, Corpus, PoolStream, ScheduleConfig, Stage, StrategyConfig, assemble, build_schedules, load_stages,
@@ -36,7 +36,8 @@ def random_corpus(n=400, seed=0, sources=("web", "math", "books")) -> Corpus:
 
 @pytest.fixture
 def run(tmp_path):
-    """A run directory with a partition of 600 scored documents (3 sources, 10 % held out)."""
+    """A run directory with a partition of 600 scored documents (3 sources, 10 % held out; d0001
+    has no usable score, so no label)."""
     run = RunDir(tmp_path / "run")
     rng = np.random.default_rng(0)
     n = 600
@@ -45,7 +46,7 @@ def run(tmp_path):
         "id": [f"d{i:04d}" for i in range(n)], "source": rng.choice(["web", "math", "books"], n).tolist(),
         "split": np.where(np.arange(n) % 10 == 0, "heldout", "train").tolist(),
         "n_tokens": pa.array(rng.integers(1, 80, n), pa.int64()),
-        "ppl": rng.lognormal(2, 0.5, n), "pd": rng.beta(2, 5, n), "status": ["ok"] * n,
+        "ppl": rng.lognormal(2, 0.5, n), "pd": rng.beta(2, 5, n), "status": ["ok", "too_short"] + ["ok"] * (n - 2),
     }), run.path("score/scores.parquet"))
     partition_documents(PartitionConfig(), run)
     return run
@@ -66,8 +67,9 @@ def test_frame_orders_q3_q4_q1_q2_over_train_documents(run):
     o = order(run, "frame")
     assert o.quadrant.tolist() == sorted(o.quadrant, key=["Q3", "Q4", "Q1", "Q2"].index)
     assert (o.stage.values == o.quadrant.map({"Q3": 0, "Q4": 1, "Q1": 2, "Q2": 3}).values).all()
-    train = pq.read_table(run.path("partition/quadrants.parquet"), filters=[("split", "==", "train")])
-    assert sorted(o.id) == sorted(train.column("id").to_pylist())  # one pass, train only
+    labelled = read_labelled(run, ["id", "split"]).to_pandas()
+    assert sorted(o.id) == sorted(labelled.id[labelled.split == "train"])  # one pass, labelled train documents only
+    assert "d0001" not in set(o.id) and len(o) == 539
     assert o.position.tolist() == list(range(len(o))) and set(o.epoch) == {0}
     # budgets proportional to quadrant tokens: one pass gives exactly each quadrant's tokens
     by_cell = (o.n_tokens + 1).groupby(o.quadrant).sum()
@@ -123,7 +125,7 @@ def test_sorted_and_permutation_orders(run):
     build(run, [{"kind": "sorted", "column": "pd", "descending": True, "n_stages": 2},
                 {"kind": "permutation", "name": "reverse", "order": ["Q2", "Q1", "Q4", "Q3"]}], transition="hard")
     o = order(run, "sorted")
-    q = pq.read_table(run.path("partition/quadrants.parquet")).to_pandas().set_index("id")
+    q = read_labelled(run).to_pandas().set_index("id")
     pd = q.loc[o.id, "pd"].values
     assert (np.diff(pd) <= 0).all()
     assert [s["name"] for s in load_stages(run.path("schedule/sorted/stages.yaml"))["stages"]] == ["pd_desc_1", "pd_desc_2"]
@@ -378,6 +380,7 @@ def test_sorted_reads_any_numeric_score_column(run):
     scores = pq.read_table(run.path("score/scores.parquet"))
     pq.write_table(scores.append_column("bpb_weak", pa.array(np.arange(scores.num_rows, 0, -1), pa.float64())),
                    run.path("score/scores.parquet"))
+    partition_documents(PartitionConfig(), run)  # the labels belong to the file they were made for
     build(run, [{"kind": "sorted", "column": "bpb_weak"}])
     ids = order(run, "sorted").id
     assert ids.tolist() == sorted(ids, key=lambda i: -int(i[1:]))  # bpb_weak falls with the row number
@@ -414,16 +417,57 @@ def test_order_written_in_many_row_groups_equals_one(run, monkeypatch):
     assert pq.read_table(run.path("schedule/chunked/order.parquet")).equals(whole)
 
 
-def test_kept_ids_are_copied_into_one_array():
-    from framelm.schedule import _concat_kept
+def test_ids_are_read_into_one_array(tmp_path):
+    from framelm.schedule import _read_ids
 
     rng = np.random.default_rng(0)
-    chunks = [pa.array([f"d{i}-{'x' * int(rng.integers(0, 5))}" for i in range(lo, lo + n)], pa.string())
-              for lo, n in ((0, 5), (5, 0), (5, 7), (12, 3))]
-    full = pa.concat_arrays(chunks)
-    keep = rng.random(len(full)) < 0.6
-    assert _concat_kept(list(chunks), keep).equals(full.filter(pa.array(keep)))
-    assert _concat_kept([c.cast(pa.large_string()) for c in chunks], keep).equals(full.filter(pa.array(keep)))
-    sliced = [full.slice(2, 8), full.slice(10, 5)]  # chunks that start at an offset
-    keep = rng.random(13) < 0.5
-    assert _concat_kept(list(sliced), keep).equals(pa.concat_arrays(sliced).filter(pa.array(keep)))
+    ids = [f"d{i}-{'x' * int(rng.integers(0, 5))}" for i in range(40)]
+    path = tmp_path / "scores.parquet"
+    for kind in (pa.string(), pa.large_string()):
+        pq.write_table(pa.table({"id": pa.array(ids, kind)}), path, row_group_size=7)  # six row groups
+        got = _read_ids(path)
+        assert isinstance(got, pa.Array) and got.to_pylist() == ids  # one array, not a chunked one
+    # Repeated ids dictionary-encode into fewer bytes than they expand to: the buffer grows.
+    repeated = ["a-rather-long-document-id"] * 300
+    pq.write_table(pa.table({"id": repeated}), path, row_group_size=100, use_dictionary=True)
+    assert _read_ids(path).to_pylist() == repeated
+    pq.write_table(pa.table({"id": pa.array(range(10), pa.int64())}), path)  # numbers read as their text
+    assert _read_ids(path).to_pylist() == [str(i) for i in range(10)]
+    pq.write_table(pa.table({"id": ["a", None, "c"]}), path)
+    with pytest.raises(FramelmError, match=r"scores\.parquet: 1 document\(s\) among rows 0-2 have no id"):
+        _read_ids(path)
+
+
+def test_pool_members_and_window_sizes_match_their_direct_computation(monkeypatch):
+    from framelm import schedule as sched
+
+    rng = np.random.default_rng(0)
+    monkeypatch.setattr(sched, "MEMBER_SLICE_ROWS", 1000)  # many slices, one of them short
+    for n_codes in (1, 5, 40):  # a pass per code, and the sort
+        codes = rng.integers(0, n_codes, 10_500).astype(np.int16)
+        members = Builder._members(codes, n_codes)
+        assert all(m.dtype == np.int32 for m in members)
+        assert [m.tolist() for m in members] == [np.flatnonzero(codes == c).tolist() for c in range(n_codes)]
+    weight = rng.integers(1, 50, 300_000).astype(np.int32)
+    cum = np.cumsum(weight, dtype=np.int64)
+    for tokens in (0, 10, 1e5, 1.7e6, 3.2e6, float(cum[-1]), 1e12):  # inside the first block, later blocks, past the end
+        assert sched._docs_within(weight, tokens) == np.searchsorted(cum, tokens, side="right")
+    back = np.cumsum(weight[::-1], dtype=np.int64)
+    assert sched._docs_within(weight[::-1], 2.5e6) == np.searchsorted(back, 2.5e6, side="right")
+
+
+def test_bucket_shuffle_is_a_uniform_permutation_moving_arrays_together(monkeypatch):
+    from framelm import schedule as sched
+
+    monkeypatch.setattr(sched, "SHUFFLE_BUCKET_ROWS", 2)  # 12 rows: 6 buckets
+    a, b = np.arange(12), np.arange(12) * 10
+    x, y = sched.shuffled(np.random.default_rng(1), a, b)
+    assert sorted(x.tolist()) == list(range(12)) and (y == x * 10).all() and x.tolist() != list(range(12))
+    again, _ = sched.shuffled(np.random.default_rng(1), a, b)
+    assert (again == x).all()  # the seed decides
+    rng = np.random.default_rng(0)
+    where = np.zeros((12, 12))  # row i: how often element i lands at each position
+    for _ in range(6000):
+        (perm,) = sched.shuffled(rng, a)
+        where[perm, np.arange(12)] += 1
+    assert np.abs(where - 500).max() < 5 * np.sqrt(500)  # every position equally likely, to 5 standard deviations

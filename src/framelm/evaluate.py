@@ -13,7 +13,8 @@ path, by name from `task_dir`, or "builtin" for tasks cut from the held-out docu
 (framelm.builtin_tasks).
 
 Reads: the model folder; RUN/tokenize/{tokens.bin,index.parquet,meta.json,tokenizer/};
-RUN/partition/quadrants.parquet (optional); RUN/ingest/documents (built-in tasks).
+RUN/partition/quadrants.parquet with RUN/score/scores.parquet (optional); RUN/ingest/documents
+(built-in tasks).
 Writes: RUN/eval/<name>/results.json, RUN/eval/<name>/harness/<task>.yaml,
 RUN/eval/tasks/rows<rows>-seed<seed>/<builtin task>.jsonl.
 """

@@ -1,7 +1,8 @@
 """Held-out evaluation sets and the loss of a framelm model on them.
 
 Reads RUN/tokenize/{index.parquet, meta.json, tokens.bin} (documents with split == "heldout")
-and, when it exists, RUN/partition/quadrants.parquet (which labels held-out documents too).
+and, when it exists, RUN/partition/quadrants.parquet with RUN/score/scores.parquet (the partition
+labels held-out documents too).
 Writes nothing. The training loop logs these losses every few steps; the eval stage reuses
 `heldout_sets` and `heldout_loss` on any framelm model.
 
@@ -20,10 +21,12 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
 from framelm.errors import FramelmError
+from framelm.partition import LABELS, SCORES, read_labels
 from framelm.rundir import RunDir
 
 SHUFFLE_SEED = 0
@@ -57,6 +60,18 @@ def read_token_store(run: RunDir) -> tuple[np.ndarray, dict]:
     return tokens, meta
 
 
+def _heldout_quadrants(run: RunDir) -> pd.Series:
+    """Quadrant by id of the labelled held-out documents; the other rows' ids are never copied."""
+    import pyarrow.compute as pc
+
+    codes, cells = read_labels(run)
+    scores = pq.read_table(run.path(SCORES), columns=["id", "split"])
+    rows = np.flatnonzero((codes >= 0) & pc.equal(scores.column("split"), "heldout").fill_null(False).to_numpy(zero_copy_only=False))
+    names = np.array([c[0] for c in cells], dtype=object)
+    by_id = pd.Series(names[codes[rows]], index=scores.column("id").take(rows).to_pandas())
+    return by_id[~by_id.index.duplicated()]
+
+
 def heldout_sets(run: RunDir, max_tokens_per_set: int = 200_000) -> dict[str, HeldoutSet]:
     """Sets "all", "source/<s>" and (with a partition) "quadrant/<q>" of held-out documents."""
     tokens, _ = read_token_store(run)
@@ -70,10 +85,8 @@ def heldout_sets(run: RunDir, max_tokens_per_set: int = 200_000) -> dict[str, He
     groups: dict[str, np.ndarray] = {"all": np.ones(len(docs), dtype=bool)}
     for source in sorted(docs["source"].unique()):
         groups[f"source/{source}"] = (docs["source"] == source).to_numpy()
-    quadrants_path = run.path("partition", "quadrants.parquet")
-    if quadrants_path.is_file():
-        labels = pq.read_table(quadrants_path, columns=["id", "quadrant"]).to_pandas()
-        quadrant = docs["id"].map(labels.drop_duplicates("id").set_index("id")["quadrant"])
+    if run.path(LABELS).is_file():
+        quadrant = docs["id"].map(_heldout_quadrants(run))
         for q in sorted(quadrant.dropna().unique()):
             groups[f"quadrant/{q}"] = (quadrant == q).to_numpy()
     out = {}

@@ -1,10 +1,16 @@
 """Split scored documents into FRAME quadrants (or a k x m grid) by PPL and PD.
 
 Reads  RUN/score/scores.parquet (columns id, source, split, n_tokens, ppl, pd, status).
-Writes RUN/partition/quadrants.parquet  id, source, split, n_tokens, ppl, pd,
-                                        ppl_bin: int8, pd_bin: int8, quadrant: string
+Writes RUN/partition/quadrants.parquet  quadrant: string, one row per row of scores.parquet, in
+                                        its order; null where the document has no usable score
        RUN/partition/summary.json       cut points, per cell docs / tokens / token share /
                                         source mix, excluded documents counted by reason.
+
+quadrants.parquet is an attribute file, as Dolma's are: it holds only the label and lines up
+with scores.parquet row by row, so that 100 M ids and scores are not copied into a second
+table. Its metadata names the cells ((name, ppl_bin, pd_bin)) and fingerprints the scores file
+it labels (rows, bytes, a hash of its Parquet footer); `read_labels`, `read_labelled` and
+`labelled_sql` join the two and refuse a scores file that changed after the partition.
 
 Cut points are quantiles of the `fit_split` documents (default "train") and are then applied
 to every scored document, so held-out and reference documents get labels too. A bin counts
@@ -12,11 +18,10 @@ from 0 at the low end; a value equal to a cut point falls in the lower bin. With
 axis the cells carry FRAME's names (Q1 = low PPL/low PD, Q2 = low/high, Q3 = high/low,
 Q4 = high/high); finer grids name cells `P{ppl_bin}D{pd_bin}`.
 
-The numeric and categorical columns are read once into numpy (about 33 bytes a row); labels,
+The numeric and categorical columns are read once into numpy (about 29 bytes a row); labels,
 docs-weighted cut points (DuckDB's quantile_cont: linear interpolation at (n - 1) q) and
-per-cell counts are computed there, and quadrants.parquet is written with pyarrow batch by
-batch in scores.parquet's row order, the ids passed through as read. DuckDB only names the
-exclusion reasons (when some document is excluded) and fits tokens-weighted cut points.
+per-cell counts are computed there. DuckDB only names the exclusion reasons (when some
+document is excluded) and fits tokens-weighted cut points.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -68,6 +75,11 @@ class PartitionConfig(StageConfig):
                 raise ConfigError(f"'{key}' has {len(qs)} cuts; at most 126 fit an int8 bin")
         if self.threads < 1:
             raise ConfigError(f"'threads' must be >= 1, got {self.threads}")
+
+    def hashed_dict(self) -> dict[str, Any]:
+        # The version of what the stage writes: a run directory partitioned by a framelm whose
+        # quadrants.parquet held ids and scores re-runs the stage instead of failing its readers.
+        return {**super().hashed_dict(), "output_format": LABELS_FORMAT}
 
 
 def cell_name(ppl_bin: int, pd_bin: int, n_ppl_bins: int, n_pd_bins: int) -> str:
@@ -180,7 +192,7 @@ def _load_numeric(scores: Path, fit_split: str) -> dict[str, Any]:
     parquet = pq.ParquetFile(scores, read_dictionary=["source", "split", "status"])
     n = parquet.metadata.num_rows
     ppl, pd_ = np.empty(n, np.float64), np.empty(n, np.float64)
-    n_tokens = np.empty(n, np.int64)
+    n_tokens = np.empty(n, np.int32)  # widened if some value does not fit 32 bits
     source, split = np.empty(n, np.int16), np.empty(n, np.int16)  # widened if some file has > 32767 values
     valid = np.empty(n, bool)
     sources, splits, statuses = Categories(), Categories(), Categories()
@@ -197,7 +209,10 @@ def _load_numeric(scores: Path, fit_split: str) -> dict[str, Any]:
         ok &= (source_codes >= 0) & (split_codes >= 0)
         for name in ("n_tokens", "ppl", "pd"):
             ok &= _valid_mask(table.column(name))
-        n_tokens[sl] = _numbers(table.column("n_tokens"), np.int64)
+        tokens = _numbers(table.column("n_tokens"), np.int64)
+        if len(tokens) and not np.iinfo(n_tokens.dtype).min <= tokens.min() <= tokens.max() <= np.iinfo(n_tokens.dtype).max:
+            n_tokens = n_tokens.astype(np.int64)
+        n_tokens[sl] = tokens
         ppl[sl] = _numbers(table.column("ppl"), np.float64)
         pd_[sl] = _numbers(table.column("pd"), np.float64)
         ok &= np.isfinite(ppl[sl]) & np.isfinite(pd_[sl])
@@ -279,7 +294,7 @@ def _partition(con, cfg: PartitionConfig, scores: Path, out_dir: Path) -> dict[s
     END"""
     # Numeric columns in numpy (one pass); labels, docs-weighted cut points and per-cell counts
     # are computed there. DuckDB only names exclusion reasons (when some row is excluded) and
-    # fits tokens-weighted cut points. The ids are only copied through, read while writing.
+    # fits tokens-weighted cut points. The ids are never read: the label file lines up by row.
     data = _load_numeric(scores, cfg.fit_split)
     import pyarrow as pa
 
@@ -292,7 +307,7 @@ def _partition(con, cfg: PartitionConfig, scores: Path, out_dir: Path) -> dict[s
         tally = con.execute(f"SELECT reason, count(*) FROM (SELECT {reason} AS reason FROM {src}) "
                             f"WHERE reason IS NOT NULL GROUP BY ALL ORDER BY ALL").fetchall()
         excluded = {r: int(n) for r, n in tally}
-    con.execute(f"CREATE VIEW valid AS SELECT id, source, split, n_tokens, ppl::DOUBLE AS ppl, pd::DOUBLE AS pd "
+    con.execute(f"CREATE VIEW valid AS SELECT source, split, n_tokens, ppl::DOUBLE AS ppl, pd::DOUBLE AS pd "
                 f"FROM {src} WHERE ({reason}) IS NULL")
     con.execute(f"CREATE VIEW fit AS SELECT * FROM valid WHERE split = {_sql_str(cfg.fit_split)}")
     if n_fit == 0:
@@ -322,9 +337,8 @@ def _partition(con, cfg: PartitionConfig, scores: Path, out_dir: Path) -> dict[s
     ppl_bin, labelled = _bins(cfg, data, ppl_cuts, pd_cuts, ppl_bin)
     pd_bin = labelled.pop("pd_bin")
     keep = labelled.pop("keep")
-    del data["valid"], data["fit"]  # free them before writing
-    out = out_dir / "quadrants.parquet"
-    n_labelled, per_cell = _write_labelled(cfg, scores, out, data, ppl_bin, pd_bin, keep)
+    del data["valid"], data["fit"]
+    n_labelled, per_cell = _label(cfg, scores, out_dir / Path(LABELS).name, data, ppl_bin, pd_bin, keep)
     del data
     if n_valid > n_labelled:
         # A stratified fit has no cut points for a source (or source x PPL bin) without fit documents.
@@ -400,26 +414,22 @@ BIN_SLICE_ROWS = 1 << 20
 WRITE_BATCH_ROWS = 1 << 20
 
 
-def _write_labelled(cfg: PartitionConfig, scores: Path, out: Path, data: dict, ppl_bin: Any, pd_bin: Any,
-                    keep: Any) -> tuple[int, list[tuple]]:
-    """Write quadrants.parquet with pyarrow, batch by batch, in scores.parquet's row order.
-
-    ids pass through as read (never held whole: 1.6 GB at 100 M rows); source, split and quadrant
-    go in as dictionary arrays (they read back as strings). Returns (rows written, per
+def _label(cfg: PartitionConfig, scores: Path, out: Path, data: dict, ppl_bin: Any, pd_bin: Any,
+           keep: Any) -> tuple[int, list[tuple]]:
+    """Write the label file and count the labelled rows. Returns (rows labelled, per
     (quadrant, ppl_bin, pd_bin, split, source): docs, tokens)."""
     import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from concurrent.futures import ThreadPoolExecutor
 
-    n_ppl, n_pd = len(cfg.ppl_quantiles), len(cfg.pd_quantiles)
-    names = [cell_name(i, j, n_ppl + 1, n_pd + 1) for i in range(n_ppl + 1) for j in range(n_pd + 1)]
+    from framelm.columnar import in_background
+
+    n_ppl, n_pd = len(cfg.ppl_quantiles) + 1, len(cfg.pd_quantiles) + 1
+    cells = [(cell_name(i, j, n_ppl, n_pd), i, j) for i in range(n_ppl) for j in range(n_pd)]
     cell = ppl_bin.astype(np.int16)
-    cell *= n_pd + 1
+    cell *= n_pd
     cell += pd_bin
     source_names, split_names = data["source_names"], data["split_names"]
     ns, nsrc = max(len(split_names), 1), max(len(source_names), 1)
-    size = len(names) * ns * nsrc
+    size = len(cells) * ns * nsrc
 
     def key(part: slice) -> Any:
         """One code per (cell, split, source); unlabelled rows land in an overflow slot."""
@@ -431,72 +441,176 @@ def _write_labelled(cfg: PartitionConfig, scores: Path, out: Path, data: dict, p
         k[~keep[part]] = size
         return k
 
-    docs, tokens = code_totals(key, data["n_tokens"], size + 1)
-    docs, tokens = docs[:size], tokens[:size]
+    stop = threading.Event()
+
+    def codes() -> Iterator[Any]:
+        for lo in range(0, data["n"], WRITE_BATCH_ROWS):
+            if stop.is_set():
+                raise FramelmError(f"{out}: not written, the partition failed")
+            yield np.where(keep[lo:lo + WRITE_BATCH_ROWS], cell[lo:lo + WRITE_BATCH_ROWS], np.int16(-1))
+
+    # A helper thread writes the labels (pyarrow releases the GIL) while this one counts; the
+    # file takes its name only once both have succeeded.
+    with fsutil.atomic_path(out) as tmp:
+        written = in_background(lambda: write_labels(tmp, scores, cells, codes()))
+        try:
+            docs, tokens = code_totals(key, data["n_tokens"], size + 1)
+        except BaseException:
+            stop.set()
+            written.exception()  # wait for the writer, so that no file appears after the cleanup
+            raise
+        written.result()
     per_cell = []
-    for k in np.flatnonzero(docs):
+    for k in np.flatnonzero(docs[:size]):
         c, rest = divmod(int(k), ns * nsrc)
         sp, so = divmod(rest, nsrc)
-        per_cell.append((names[c], c // (n_pd + 1), c % (n_pd + 1), split_names[sp], source_names[so], int(docs[k]), int(tokens[k])))
+        per_cell.append((*cells[c], split_names[sp], source_names[so], int(docs[k]), int(tokens[k])))
     per_cell.sort()
+    return int(docs[:size].sum()), per_cell
 
-    category = pa.dictionary(pa.int32(), pa.string())
-    parquet = pq.ParquetFile(scores)
-    id_type = parquet.schema_arrow.field("id").type
-    id_type = pa.large_string() if pa.types.is_large_string(id_type) or pa.types.is_large_binary(id_type) else pa.string()
-    # Declared non-null (labelled rows have every value), which spares the writer the definition levels.
-    schema = pa.schema([pa.field("id", id_type)] + [pa.field(name, t, nullable=False) for name, t in [
-        ("source", category), ("split", category), ("n_tokens", pa.int64()), ("ppl", pa.float64()), ("pd", pa.float64()),
-        ("ppl_bin", pa.int8()), ("pd_bin", pa.int8()), ("quadrant", category)]])
-    quadrants = pa.array(names, pa.string())
-    sources, splits = pa.array(source_names, pa.string()), pa.array(split_names, pa.string())
 
-    def label(lo: int, batch_ids: Any) -> Any:
-        sl = slice(lo, lo + len(batch_ids))
-        k = keep[sl]
-        sel = (lambda a: a[sl]) if k.all() else (lambda a: a[sl][k])
-        if not k.all():
-            batch_ids = batch_ids.filter(pa.array(k))
-        return pa.record_batch([
-            batch_ids.cast(id_type).combine_chunks(),
-            pa.DictionaryArray.from_arrays(pa.array(sel(data["source"]).astype(np.int32)), sources),
-            pa.DictionaryArray.from_arrays(pa.array(sel(data["split"]).astype(np.int32)), splits),
-            pa.array(sel(data["n_tokens"])), pa.array(sel(data["ppl"])), pa.array(sel(data["pd"])),
-            pa.array(sel(ppl_bin)), pa.array(sel(pd_bin)), pa.DictionaryArray.from_arrays(pa.array(sel(cell).astype(np.int32)), quadrants),
-        ], schema=schema)
+# -- the label file ---------------------------------------------------------------------------
 
-    # A helper thread reads ids and builds each batch while this one encodes and writes the
-    # previous (both release the GIL), so the two cores overlap. Small row groups are merged
-    # so that the file's own row groups hold about WRITE_BATCH_ROWS rows.
-    def batches() -> Any:
-        lo, pending, rows = 0, [], 0
-        for table in row_groups(parquet, ["id"]):
-            pending += table.column("id").chunks
-            rows += table.num_rows
-            if rows >= WRITE_BATCH_ROWS:
-                yield label(lo, pa.chunked_array(pending))
-                lo, pending, rows = lo + rows, [], 0
-        if pending:
-            yield label(lo, pa.chunked_array(pending))
+LABELS = "partition/quadrants.parquet"
+LABELS_METADATA = b"framelm.labels"
+LABELS_FORMAT = 2  # 1: quadrants.parquet copied id, source, split, n_tokens, ppl, pd beside the labels
 
-    n_out = 0
-    with fsutil.atomic_path(out) as tmp, ThreadPoolExecutor(1) as pool, pq.ParquetWriter(
-            tmp, schema, use_dictionary=["source", "split", "quadrant"],
-            compression={"id": "none", "source": "lz4", "split": "lz4", "n_tokens": "lz4", "ppl": "none", "pd": "none",
-                         "ppl_bin": "lz4", "pd_bin": "lz4", "quadrant": "lz4"},
-            # min/max of a dictionary column costs a third of the write and skips no row group
-            write_statistics=["n_tokens", "ppl", "pd", "ppl_bin", "pd_bin"],
-            store_schema=False) as writer:
-        it = batches()
-        pending = pool.submit(next, it, None)
-        while True:
-            b = pending.result()
-            if b is None:
-                break
-            pending = pool.submit(next, it, None)
-            writer.write_batch(b, row_group_size=WRITE_BATCH_ROWS)
-            n_out += b.num_rows
-    return n_out, per_cell
+
+def write_labels(path: Path, scores: Path, cells: list[tuple[str, int, int]], codes: Any) -> None:
+    """Write a label file for `scores`: `codes` yields, a slice of scores' rows at a time, each
+    row's index into `cells` ((name, ppl_bin, pd_bin)), -1 for no label."""
+    import json
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    meta = {**_fingerprint(scores), "cells": [list(c) for c in cells]}
+    n_rows = meta["scores_rows"]
+    schema = pa.schema([pa.field("quadrant", pa.dictionary(pa.int16(), pa.string()))],
+                       metadata={LABELS_METADATA: json.dumps(meta).encode()})
+    names = pa.array([c[0] for c in cells], pa.string())
+    written = 0
+    with fsutil.atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="lz4", write_statistics=False) as writer:
+        for part in codes:
+            part = np.asarray(part, np.int16)
+            labels = pa.DictionaryArray.from_arrays(pa.array(part, mask=part < 0), names)
+            writer.write_batch(pa.record_batch([labels], schema=schema), row_group_size=WRITE_BATCH_ROWS)
+            written += len(part)
+        if written != n_rows:  # a caller's bug; the temporary file is discarded
+            raise FramelmError(f"{path}: {written} labels written for the {n_rows} rows of {scores}")
+
+
+def _fingerprint(scores: Path) -> dict[str, Any]:
+    """What identifies a scores file cheaply: its rows, bytes and a hash of its Parquet footer
+    (which holds every column chunk's offsets, sizes and min/max), so a file re-scored to the
+    same size is told apart unless every column chunk also kept its min and max. Hashing the
+    whole file would catch that too, at seconds per reader on 100 M rows; the manifest's
+    config and input hashes are what re-run the partition after a re-score."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.ParquetFile(scores).metadata.num_rows  # first, as it checks the file is Parquet
+    except Exception as exc:  # truncated or not Parquet at all
+        raise FramelmError(f"{scores}: not a readable Parquet file ({exc}); re-run: framelm score --force") from None
+    with open(scores, "rb") as f:
+        f.seek(-8, 2)
+        footer_len = int.from_bytes(f.read(4), "little")
+        f.seek(-8 - footer_len, 2)
+        footer = hashlib.sha256(f.read(footer_len)).hexdigest()
+    return {"scores_rows": rows, "scores_bytes": scores.stat().st_size, "scores_footer_sha256": footer}
+
+
+def _label_file(run: RunDir) -> tuple[Any, dict[str, Any]]:
+    """The label file (a ParquetFile) and its metadata, checked against scores.parquet."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    path, scores = run.path(LABELS), run.path(SCORES)
+    for p, stage in ((scores, "score"), (path, "partition")):
+        if not p.is_file():
+            raise FramelmError(f"{p} not found; run the {stage} stage first: framelm {stage} --run-dir {run.root}")
+    rerun = f"re-run: framelm partition --run-dir {run.root} --force"
+    try:
+        parquet = pq.ParquetFile(path, read_dictionary=["quadrant"])
+    except Exception as exc:  # truncated or not Parquet at all
+        raise FramelmError(f"{path}: not a readable Parquet file ({exc}); {rerun}") from None
+    raw = (parquet.schema_arrow.metadata or {}).get(LABELS_METADATA)
+    try:
+        meta = json.loads(raw) if raw is not None and "quadrant" in parquet.schema_arrow.names else None
+        if meta is not None:
+            meta["cells"] = [(str(name), int(p), int(d)) for name, p, d in meta["cells"]]
+            int(meta["scores_rows"]), int(meta["scores_bytes"])
+    except (ValueError, TypeError, KeyError):
+        meta = None
+    if meta is None:  # e.g. a quadrants.parquet of framelm before labels became their own file
+        raise FramelmError(f"{path}: not a framelm label file (a 'quadrant' column and {LABELS_METADATA.decode()} metadata "
+                           f"listing cells and the scores file expected); {rerun}")
+    now = _fingerprint(scores)
+    if any(meta.get(k) != v for k, v in now.items()) or parquet.metadata.num_rows != now["scores_rows"]:
+        raise FramelmError(f"{path} labels a scores file of {meta['scores_rows']:,} rows and {meta['scores_bytes']:,} bytes, "
+                           f"but {scores} has {now['scores_rows']:,} rows and {now['scores_bytes']:,} bytes"
+                           f"{' (and other contents)' if meta['scores_bytes'] == now['scores_bytes'] else ''}: "
+                           f"the scores changed after the partition. {rerun[0].upper()}{rerun[1:]}")
+    return parquet, meta
+
+
+def read_labels(run: RunDir) -> tuple[Any, list[tuple[str, int, int]]]:
+    """Each scores.parquet row's cell as an int16 index into the returned cells ((name,
+    ppl_bin, pd_bin)); -1 where the row has no label."""
+    import numpy as np
+
+    parquet, meta = _label_file(run)
+    cells = meta["cells"]
+    index = {name: i for i, (name, _, _) in enumerate(cells)}
+    codes = np.empty(parquet.metadata.num_rows, np.int16)
+    at = 0
+    for table in row_groups(parquet, ["quadrant"]):
+        for chunk in table.column("quadrant").chunks:
+            unknown = sorted(set(chunk.dictionary.to_pylist()) - set(index))
+            if unknown:
+                raise FramelmError(f"{run.path(LABELS)}: label {unknown[0]!r} is not one of its cells {list(index)}; "
+                                   f"re-run: framelm partition --run-dir {run.root} --force")
+            lut = np.array([index[v] for v in chunk.dictionary.to_pylist()] + [-1], np.int16)
+            codes[at:at + len(chunk)] = lut[chunk.indices.fill_null(-1).to_numpy()]
+            at += len(chunk)
+    return codes, cells
+
+
+def read_labelled(run: RunDir, columns: list[str] | None = None) -> Any:
+    """The labelled rows of scores.parquet (`columns`, default all) with quadrant, ppl_bin and
+    pd_bin appended, as one in-memory pyarrow Table: for small runs and tests. Large readers
+    stream (`read_labels`) or aggregate in DuckDB (`labelled_sql`)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    codes, cells = read_labels(run)
+    rows = np.flatnonzero(codes >= 0)
+    table = pq.read_table(run.path(SCORES), columns=columns).take(pa.array(rows))
+    cell = pa.array(codes[rows])
+    for name, values, kind in (("quadrant", [c[0] for c in cells], pa.string()), ("ppl_bin", [c[1] for c in cells], pa.int8()),
+                               ("pd_bin", [c[2] for c in cells], pa.int8())):
+        table = table.append_column(name, pa.array(values, kind).take(cell))
+    return table
+
+
+def labelled_sql(run: RunDir) -> str:
+    """A DuckDB subquery over the labelled rows of scores.parquet: its columns, `file_row_number`
+    (the row in scores.parquet) and quadrant, ppl_bin, pd_bin. Rows pair up by position."""
+    _, meta = _label_file(run)
+
+    def bin_of(k: int) -> str:  # CASE, not a join to a table of cells: DuckDB cannot size a
+        # Parquet scan, so it would build the join's hash table on the 100 M rows (GBs)
+        arms = " ".join(f"WHEN {_sql_str(c[0])} THEN {int(c[k])}" for c in meta["cells"])
+        return f"(CASE l.quadrant {arms} END)::TINYINT"
+
+    return (f"(SELECT s.*, l.quadrant, {bin_of(1)} AS ppl_bin, {bin_of(2)} AS pd_bin "
+            f"FROM read_parquet({_sql_str(str(run.path(SCORES)))}, file_row_number = true) s "
+            f"POSITIONAL JOIN read_parquet({_sql_str(str(run.path(LABELS)))}) l WHERE l.quadrant IS NOT NULL)")
 
 
 def _summary(cfg: PartitionConfig, ppl_cuts: dict, pd_cuts: dict, per_cell: list[tuple], excluded: dict[str, int],

@@ -17,6 +17,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from framelm import fsutil
 
@@ -78,6 +79,7 @@ def density(path: Path, panels: Sequence[DensityPanel], ppl_edges: np.ndarray, p
         for x0, x1, y in panel.pd_segments:
             ax.plot([x0, x1], [y, y], color="#d62728", lw=1.2, ls="--")
         ax.set_xscale("log")
+        _plain_log_ticks(ax.xaxis, ppl_edges[0], ppl_edges[-1])
         ax.set_xlim(ppl_edges[0], ppl_edges[-1])
         ax.set_ylim(pd_edges[0], pd_edges[-1])
         ax.set_title(f"{panel.title} ({int(panel.counts.sum()):,} docs)", fontsize=10)
@@ -85,6 +87,16 @@ def density(path: Path, panels: Sequence[DensityPanel], ppl_edges: np.ndarray, p
         ax.set_ylabel("PD")
     fig.colorbar(mesh, ax=fig.axes, label="documents per cell", shrink=0.8)
     _save(fig, path, dpi)
+
+
+def _plain_log_ticks(axis, lo: float, hi: float) -> None:
+    """Log-axis ticks as plain numbers (1,000,000, not 1e+06). Across a decade or two, matplotlib labels its minor
+    ticks as 3x10^2, 4x10^2, ..., which overlap on a small panel; there ticks go at 1, 2 and 5
+    of each decade instead, and wider spans keep one tick a decade."""
+    decades = math.log10(hi / lo) if lo > 0 and hi > lo else 1.0
+    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if decades <= 2 else (1.0,)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def quadrant_bars(path: Path, cells: list[str], sources: list[str], tokens: np.ndarray, dpi: int) -> None:

@@ -2,7 +2,8 @@
 
 Reads (each optional; a section whose inputs are missing says "not run yet" and names the
 command that makes them):
-    RUN/partition/quadrants.parquet, RUN/partition/summary.json     scores, cut points, quadrants
+    RUN/score/scores.parquet, RUN/partition/quadrants.parquet,      scores, their quadrant labels,
+    RUN/partition/summary.json                                      cut points
     RUN/schedule/<name>/order.parquet, stages.yaml                  each schedule's composition
     RUN/train/<name>/seed<k>/log.jsonl                              training and held-out loss
     RUN/export/<name>/stream/meta.json                              stage boundaries in tokens
@@ -33,12 +34,14 @@ import pyarrow.parquet as pq
 from framelm import fsutil, plots
 from framelm.config import StageConfig, field, load_yaml
 from framelm.errors import ConfigError, FramelmError
+from framelm.partition import LABELS, SCORES, labelled_sql
 from framelm.rundir import RunDir
 
 log = logging.getLogger("framelm")
 
 # What the report reads, relative to the run directory; its fingerprint decides re-runs.
 INPUT_PATTERNS = (
+    "score/scores.parquet",
     "partition/quadrants.parquet",
     "partition/summary.json",
     "schedule/*/order.parquet",
@@ -150,8 +153,10 @@ def _number(rec: dict[str, Any], key: str, where: str) -> float:
     return float(value)
 
 
-def _check_columns(con: Any, path: Path, needed: tuple[str, ...]) -> set[str]:
-    names = {row[0] for row in con.execute(f"DESCRIBE SELECT * FROM read_parquet({_sql_str(str(path))})").fetchall()}
+def _check_columns(con: Any, path: Path, needed: tuple[str, ...], relation: str | None = None) -> set[str]:
+    """The columns of `relation` (default: the Parquet file `path`); an error names `path` and what lacks."""
+    relation = relation or f"read_parquet({_sql_str(str(path))})"
+    names = {row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {relation}").fetchall()}
     lacking = [c for c in needed if c not in names]
     if lacking:
         raise FramelmError(f"{path}: missing column(s) {', '.join(lacking)}; expected at least {', '.join(needed)} "
@@ -291,10 +296,10 @@ def _quadrant_composition(cfg: ReportConfig, con: Any, sample: dict[str, np.ndar
 
 def _partition_section(cfg: ReportConfig, run: RunDir, out: Path, con: Any) -> Section:
     title, anchor = "Scores and quadrants", "quadrants"
-    path = run.path("partition", "quadrants.parquet")
-    if not path.is_file():
+    if not run.path(LABELS).is_file():
         return _not_run(title, anchor, "no partition/quadrants.parquet", f"framelm partition --run-dir {run.root}")
-    columns = _check_columns(con, path, QUADRANT_COLUMNS)
+    path, labelled = run.path(SCORES), labelled_sql(run)
+    columns = _check_columns(con, path, QUADRANT_COLUMNS, labelled)
     summary_path = run.path("partition", "summary.json")
     summary = _read_json(summary_path) if summary_path.is_file() else None
     is_train = "split = 'train'" if "split" in columns else "false"
@@ -303,8 +308,8 @@ def _partition_section(cfg: ReportConfig, run: RunDir, out: Path, con: Any) -> S
     # 0.1-99.9 percentiles, and each quadrant's medians. Systematic by file row: deterministic.
     every = max(1, math.ceil(pq.ParquetFile(path).metadata.num_rows / SAMPLE_DOCS))
     sample = con.execute(
-        f"SELECT ln(ppl) AS log_ppl, pd, quadrant, {is_train} AS train FROM read_parquet({_sql_str(str(path))}, "
-        f"file_row_number = true) WHERE {valid} AND file_row_number % {every} = 0").fetchnumpy()
+        f"SELECT ln(ppl) AS log_ppl, pd, quadrant, {is_train} AS train FROM {labelled} "
+        f"WHERE {valid} AND file_row_number % {every} = 0").fetchnumpy()
     section = Section(title, anchor)
     if not len(sample["pd"]):
         section.missing = f"{html.escape(str(path))} has no document with a finite PPL and PD"
@@ -322,7 +327,7 @@ def _partition_section(cfg: ReportConfig, run: RunDir, out: Path, con: Any) -> S
         f"CREATE OR REPLACE TEMP TABLE binned AS SELECT source, quadrant, ppl_bin, pd_bin, {is_train} AS train, "
         f"least(greatest(floor((ln(ppl) - {q_lo!r}) / {(q_hi - q_lo) / n!r}), 0), {n - 1})::INT AS ppl_cell, "
         f"least(greatest(floor((pd - {d_lo!r}) / {(d_hi - d_lo) / n!r}), 0), {n - 1})::INT AS pd_cell, "
-        f"count(*) AS docs, sum(n_tokens) AS tokens FROM read_parquet({_sql_str(str(path))}) WHERE {valid} GROUP BY ALL")
+        f"count(*) AS docs, sum(n_tokens) AS tokens FROM {labelled} WHERE {valid} GROUP BY ALL")
     hist = con.execute("SELECT source, ppl_cell, pd_cell, sum(docs) FROM binned GROUP BY ALL").fetchall()
     ppl_edges = np.exp(np.linspace(q_lo, q_hi, n + 1))
     pd_edges = np.linspace(d_lo, d_hi, n + 1)
@@ -346,7 +351,7 @@ def _partition_section(cfg: ReportConfig, run: RunDir, out: Path, con: Any) -> S
             if ranges is None:
                 ranges = con.execute(
                     f"SELECT source, ppl_bin, pd_bin, min(ppl), max(ppl), min(pd), max(pd) "
-                    f"FROM read_parquet({_sql_str(str(path))}) WHERE {valid} GROUP BY ALL").fetchall()
+                    f"FROM {labelled} WHERE {valid} GROUP BY ALL").fetchall()
             merged: dict[tuple[int, int], list[float]] = {}
             for s, pb, db, pmin, pmax, dmin, dmax in ranges:
                 if s in sources:

@@ -1,7 +1,8 @@
 """Order the partitioned training documents into curricula: one schedule per strategy.
 
-Reads  RUN/partition/quadrants.parquet (split == "train" rows only) and RUN/partition/summary.json
-       (the grid of cells); a `yaml` strategy also reads the user's schedule file.
+Reads  RUN/score/scores.parquet with its labels RUN/partition/quadrants.parquet (labelled
+       split == "train" rows only) and RUN/partition/summary.json (the grid of cells); a `yaml`
+       strategy also reads the user's schedule file.
 Writes RUN/schedule/<strategy>/order.parquet   position: int64, id, stage: int32, source,
                                                quadrant, n_tokens, epoch: int32
        RUN/schedule/<strategy>/stages.yaml     per stage: name, start/end token, start/end
@@ -41,17 +42,16 @@ import numpy as np
 import pyarrow as pa
 
 from framelm import fsutil
-from framelm.columnar import Categories, code_totals, in_background, index_dtype, row_groups
+from framelm.columnar import Categories, code_counts, code_totals, in_background, index_dtype, row_groups
 from framelm.config import StageConfig, field, load_yaml
 from framelm.errors import ConfigError, FramelmError
+from framelm.partition import SCORES, read_labels
 from framelm.rundir import RunDir
 
 log = logging.getLogger("framelm")
 
-QUADRANTS = "partition/quadrants.parquet"
 SUMMARY = "partition/summary.json"
 KINDS = ("frame", "random", "permutation", "ppl_two_stage", "pd_two_stage", "sorted", "two_phase", "yaml")
-SCORES = "score/scores.parquet"
 WRITE_CHUNK_ROWS = 1 << 21
 
 
@@ -63,8 +63,8 @@ class StrategyConfig(StageConfig):
                       "two_phase: per-source blends per phase; yaml: a schedule file (`path`)")
     name: str = field("", help="output folder RUN/schedule/<name>; default: the kind")
     order: list[str] = field(default_factory=list, help="permutation: every cell name once, in stage order, e.g. [Q2, Q1, Q4, Q3]")
-    column: str = field("ppl", help="sorted: the numeric column to sort by, from quadrants.parquet (ppl, pd, n_tokens, ...) "
-                                    "or score/scores.parquet (ppl_weak, bpb_strong, ...)")
+    column: str = field("ppl", help="sorted: the numeric column of score/scores.parquet to sort by "
+                                    "(ppl, pd, n_tokens, ppl_weak, bpb_strong, ...)")
     descending: bool = field(False, help="sorted: largest value first")
     n_stages: int = field(1, help="sorted: cut the sorted stream into this many equal-token stages")
     phase_split: list[float] = field(default_factory=lambda: [0.6, 0.4], help="two_phase: token share of each phase (sums to 1)")
@@ -185,14 +185,14 @@ class Corpus:
     cell_bins: list[tuple[int, int]]  # (ppl_bin, pd_bin) of each cell
     source_names: list[str]
     rows: np.ndarray  # row of each document in `path` (or the table it was read from)
-    ids: Any = None  # one Arrow string array, document i's id at i; or a Future of it
-    path: Path | None = None  # quadrants.parquet; `sorted` reads score columns from it or from its run's scores
+    ids: Any = None  # one Arrow string array of every row's id (document i's at rows[i]); or a Future of it
+    path: Path | None = None  # scores.parquet, whose columns `sorted` reads
 
     def doc_ids(self, docs: np.ndarray | None = None) -> Any:
         """The ids of documents `docs` (default: all), in that order."""
         if isinstance(self.ids, Future):
             self.ids = self.ids.result()  # read in the background while the schedule was planned
-        return self.ids if docs is None else self.ids.take(pa.array(docs))
+        return self.ids.take(pa.array(self.rows if docs is None else self.rows[docs]))
 
     @cached_property
     def pair(self) -> np.ndarray:
@@ -204,81 +204,83 @@ class Corpus:
         return pair
 
     def column(self, name: str) -> np.ndarray:
-        """A numeric column for every document, from quadrants.parquet or else score/scores.parquet."""
-        import pyarrow.compute as pc
+        """A numeric column of scores.parquet for every document."""
         import pyarrow.parquet as pq
 
         if name == "n_tokens":
             return (self.weight - 1).astype(float)
         if self.path is None:
             raise FramelmError(f"column {name!r} is not loaded")
-        scores = self.path.parent.parent / SCORES
-        available = {"quadrants.parquet": pq.read_schema(self.path)}
-        if scores.is_file():
-            available["scores.parquet"] = pq.read_schema(scores)
-        numeric = sorted({f.name for schema in available.values() for f in schema
-                          if pa.types.is_integer(f.type) or pa.types.is_floating(f.type)})
+        numeric = sorted(f.name for f in pq.read_schema(self.path) if pa.types.is_integer(f.type) or pa.types.is_floating(f.type))
         if name not in numeric:
-            raise ConfigError(f"'column' = {name!r} is not a numeric column of {' or '.join(available)}; choose one of {', '.join(numeric)}")
-        if name in available["quadrants.parquet"].names:
-            return pq.read_table(self.path, columns=[name]).column(name).to_numpy().astype(float)[self.rows]
-        table = pq.ParquetFile(scores).read(columns=["id", name])
-        row = pc.index_in(self.doc_ids(), value_set=table.column("id")).to_numpy(zero_copy_only=False)
-        values = table.column(name).to_numpy(zero_copy_only=False).astype(float)[row]
+            raise ConfigError(f"'column' = {name!r} is not a numeric column of {self.path}; choose one of {', '.join(numeric)}")
+        values = pq.read_table(self.path, columns=[name]).column(name).to_numpy(zero_copy_only=False).astype(float)[self.rows]
         if not np.isfinite(values).all():
-            raise FramelmError(f"{scores}: column {name!r} is missing, NaN or infinite for some scheduled documents; sort by another column")
+            raise FramelmError(f"{self.path}: column {name!r} is missing, NaN or infinite for some scheduled documents; sort by another column")
         return values
 
     @classmethod
     def from_table(cls, table: Any, cells: list[dict[str, Any]]) -> "Corpus":
         """From an in-memory table (columns id, source, quadrant, n_tokens; optional split) and
-        the partition's cell list."""
-        corpus = cls.read([table], table.num_rows, cells)
-        corpus.ids = _one_chunk(table.column("id")).take(pa.array(corpus.rows))
+        the partition's cell list. Rows without a quadrant are not documents."""
+        index = {c["name"]: i for i, c in enumerate(cells)}
+        quadrants = table.column("quadrant").to_pylist()
+        unknown = sorted({q for q in quadrants if q is not None and q not in index})
+        if unknown:
+            raise FramelmError(f"cell {unknown[0]!r} is not in the partition's cells {list(index)}")
+        codes = np.array([-1 if q is None else index[q] for q in quadrants], np.int16)
+        corpus = cls.read([(table, codes)], table.num_rows, cells)
+        corpus.ids = _one_chunk(table.column("id"))
         return corpus
 
     @classmethod
-    def read(cls, tables: Iterable[Any], n_rows: int, cells: list[dict[str, Any]], path: Path | None = None) -> "Corpus":
-        """From tables of n_rows rows in all with columns source, quadrant, n_tokens and
-        optionally split, where only split == "train" rows are documents."""
-        where = path or "quadrants"
+    def read(cls, pieces: Iterable[tuple[Any, np.ndarray]], n_rows: int, cells: list[dict[str, Any]],
+             path: Path | None = None) -> "Corpus":
+        """From (table, cell codes) pieces of n_rows rows in all: tables with columns source,
+        n_tokens and optionally split, codes indexing `cells` (-1: no label). The documents
+        are the rows with a label and split == "train"."""
+        where = path or "the table"
         cell_names = [c["name"] for c in cells]
-        quadrants, sources, splits = Categories(), Categories(), Categories()
-        weight = np.empty(n_rows, np.int32)
-        cell, source = np.empty(n_rows, np.int32), np.empty(n_rows, np.int32)
+        sources, splits = Categories(), Categories()
+        weight = np.empty(n_rows, np.int32)  # widened if a document has 2**31 tokens or more
+        cell, source = np.empty(n_rows, _code_dtype(len(cells))), np.empty(n_rows, np.int16)
         rows = np.empty(n_rows, index_dtype(n_rows))
         at = row = 0
-        for table in tables:
+        for table, codes in pieces:
             m = table.num_rows
-            keep = slice(None)
+            labelled = codes >= 0
             if "split" in table.column_names:
-                keep = np.flatnonzero(splits.codes(table.column("split")) == splits.code_of("train"))
+                labelled &= splits.codes(table.column("split")) == splits.code_of("train")
+            keep = slice(None) if labelled.all() else np.flatnonzero(labelled)
             k = m if isinstance(keep, slice) else len(keep)
             part = slice(at, at + k)
-            rows[part] = np.arange(row, row + m)[keep]
-            quadrant_codes = quadrants.codes(table.column("quadrant"))[keep]
+            if isinstance(keep, slice):
+                rows[part] = np.arange(row, row + m)
+            else:
+                np.add(keep, row, out=rows[part], casting="unsafe")  # row + m < n_rows fits rows' type
+            cell[part] = codes[keep]
             source_codes = sources.codes(table.column("source"))[keep]
-            if k and min(quadrant_codes.min(), source_codes.min()) < 0:
-                raise FramelmError(f"{where}: a source or quadrant value is missing")
-            cell[part], source[part] = quadrant_codes, source_codes
+            if k and source_codes.min() < 0:
+                raise FramelmError(f"{where}: a labelled document has no source")
+            if len(sources.values) > np.iinfo(source.dtype).max:
+                source = source.astype(np.int32)
+            source[part] = source_codes
             n_tokens = table.column("n_tokens")
             if n_tokens.null_count:
-                raise FramelmError(f"{where}: n_tokens is missing in some rows; re-run framelm partition")
-            n_tokens = n_tokens.to_numpy().astype(np.int64, copy=False)[keep]
+                raise FramelmError(f"{where}: n_tokens is missing in some rows; re-run framelm score")
+            n_tokens = n_tokens.to_numpy()[keep]
             if k and n_tokens.min() < 0:
                 raise FramelmError(f"{where}: negative n_tokens in row {row + int(np.flatnonzero(n_tokens < 0)[0])}")
             if k and n_tokens.max() >= np.iinfo(weight.dtype).max:
                 weight = weight.astype(np.int64)
-            weight[part] = n_tokens + 1
+            np.add(n_tokens, 1, out=weight[part], casting="unsafe")  # checked to fit just above
             at += k
             row += m
-        missing = [q for q in quadrants.values if q not in cell_names]
-        if missing:
-            raise FramelmError(f"{where}: cell {missing[0]!r} is not in the partition summary's cells {cell_names}; re-run framelm partition")
-        cell = np.array([cell_names.index(q) for q in quadrants.values] or [0], _code_dtype(len(cell_names)))[cell[:at]]
         source_names = sorted(sources.values)
-        source = np.array([source_names.index(v) for v in sources.values] or [0], _code_dtype(len(source_names)))[source[:at]]
-        return cls(weight=weight[:at], cell=cell, source=source, cell_names=cell_names,
+        source, order = source[:at], np.array([source_names.index(v) for v in sources.values] or [0], source.dtype)
+        for lo in range(0, at, 1 << 22):  # renumbered in place, by name, a slice at a time
+            source[lo:lo + (1 << 22)] = order[source[lo:lo + (1 << 22)]]
+        return cls(weight=weight[:at], cell=cell[:at], source=source, cell_names=cell_names,
                    cell_bins=[(int(c["ppl_bin"]), int(c["pd_bin"])) for c in cells], source_names=source_names,
                    rows=rows[:at], path=path)
 
@@ -287,46 +289,40 @@ def _code_dtype(n_values: int) -> type:
     return np.int16 if n_values <= np.iinfo(np.int16).max else np.int32
 
 
-def _document_ids(path: Path, rows: Future) -> Any:
-    """The ids of rows `rows` (ascending) of a Parquet file as one contiguous array: Arrow's take
-    on a chunked array concatenates every chunk on each call, which at 100 M ids would be a
-    1.6 GB copy per chunk written. `rows` (a Future) is awaited only after the reading."""
+def _read_ids(path: Path) -> Any:
+    """Every id of a Parquet file as one contiguous string array. Each row group is copied in
+    as it is read and then freed, so the column is in memory once; Arrow's take on a chunked
+    array would concatenate every chunk on each call (1.6 GB per call at 100 M ids)."""
     import pyarrow.parquet as pq
 
-    chunks = [chunk for table in row_groups(pq.ParquetFile(path), ["id"]) for chunk in table.column("id").chunks]
-    keep = np.zeros(sum(len(c) for c in chunks), bool)
-    keep[rows.result()] = True
-    if any(c.null_count for c in chunks) or not all(pa.types.is_string(c.type) or pa.types.is_large_string(c.type) for c in chunks):
-        kept = [c.filter(pa.array(keep[lo:lo + len(c)])) for c, lo in zip(chunks, np.cumsum([0] + [len(c) for c in chunks]))]
-        return _one_chunk(pa.chunked_array(kept, pq.read_schema(path).field("id").type))
-    return _concat_kept(chunks, keep)
-
-
-def _concat_kept(chunks: list[Any], keep: np.ndarray) -> Any:
-    """The kept strings of null-free string chunks, copied into one array chunk by chunk while
-    each chunk is freed, so the column is never in memory twice (pa.concat_arrays would be)."""
-    def bounds(c: Any) -> tuple[np.ndarray, np.ndarray]:
-        offsets = np.frombuffer(c.buffers()[1], np.int64 if pa.types.is_large_string(c.type) else np.int32, len(c) + 1, c.offset)
-        data = np.frombuffer(c.buffers()[2], np.uint8) if c.buffers()[2] is not None else np.empty(0, np.uint8)
-        return offsets, data
-
-    total = sum(int(bounds(c)[0][-1] - bounds(c)[0][0]) for c in chunks)  # an upper bound on the kept bytes
-    large = total >= 1 << 31
-    n_kept = int(keep.sum())
-    offsets = np.zeros(n_kept + 1, np.int64 if large else np.int32)
-    data = np.empty(total, np.uint8)  # pages past the kept bytes are never touched
-    row = byte = lo = 0
-    for i, chunk in enumerate(chunks):
-        part = chunk.filter(pa.array(keep[lo:lo + len(chunk)]))
-        lo += len(chunk)
-        chunks[i] = None  # free each row group's ids once copied
-        o, d = bounds(part)
-        size = int(o[-1] - o[0])
-        data[byte:byte + size] = d[o[0]:o[-1]]
-        offsets[row + 1:row + len(part) + 1] = o[1:] - o[0] + byte
-        row, byte = row + len(part), byte + size
-    return pa.Array.from_buffers(pa.large_string() if large else pa.string(), n_kept,
-                                 [None, pa.py_buffer(offsets), pa.py_buffer(data[:byte])])
+    parquet = pq.ParquetFile(path)
+    n, column = parquet.metadata.num_rows, parquet.schema_arrow.get_field_index("id")
+    # Plain-encoded strings take 4 bytes more each than their characters: a bound on the bytes
+    # (pages never written to are never touched). A shortfall (repeated ids) grows the buffer.
+    bound = sum(parquet.metadata.row_group(g).column(column).total_uncompressed_size for g in range(parquet.num_row_groups))
+    offsets = np.zeros(n + 1, np.int64 if bound >= 1 << 31 else np.int32)
+    data = np.empty(bound, np.uint8)
+    row = byte = 0
+    for table in row_groups(parquet, ["id"]):
+        for chunk in table.column("id").chunks:
+            if chunk.null_count:
+                raise FramelmError(f"{path}: {chunk.null_count} document(s) among rows {row}-{row + len(chunk) - 1} have no id")
+            if not (pa.types.is_string(chunk.type) or pa.types.is_large_string(chunk.type)):
+                chunk = chunk.cast(pa.string())
+            o = np.frombuffer(chunk.buffers()[1], np.int64 if pa.types.is_large_string(chunk.type) else np.int32, len(chunk) + 1, chunk.offset)
+            d = np.frombuffer(chunk.buffers()[2], np.uint8) if chunk.buffers()[2] is not None else np.empty(0, np.uint8)
+            end = byte + int(o[-1] - o[0])
+            if end > len(data):
+                grown = np.empty(max(2 * len(data), end), np.uint8)
+                grown[:byte] = data[:byte]
+                data = grown
+            if end >= 1 << 31 and offsets.dtype == np.int32:
+                offsets = offsets.astype(np.int64)
+            data[byte:end] = d[o[0]:o[-1]]
+            offsets[row + 1:row + len(chunk) + 1] = o[1:].astype(offsets.dtype) - (int(o[0]) - byte)
+            row, byte = row + len(chunk), end
+    kind = pa.large_string() if offsets.dtype == np.int64 else pa.string()
+    return pa.Array.from_buffers(kind, n, [None, pa.py_buffer(offsets), pa.py_buffer(data[:byte])])
 
 
 def _one_chunk(ids: Any) -> Any:
@@ -336,27 +332,30 @@ def _one_chunk(ids: Any) -> Any:
 
 
 def load_corpus(run: RunDir) -> Corpus:
-    """The split == "train" rows of quadrants.parquet; their ids are read in the background."""
+    """The labelled split == "train" rows of scores.parquet; the ids are read in the background."""
     import pyarrow.parquet as pq
 
-    path, summary_path = run.path(QUADRANTS), run.path(SUMMARY)
-    for p in (path, summary_path):
-        if not p.is_file():
-            raise FramelmError(f"{p} not found; run the partition stage first: framelm partition --run-dir {run.root}")
+    summary_path = run.path(SUMMARY)
+    if not summary_path.is_file():
+        raise FramelmError(f"{summary_path} not found; run the partition stage first: framelm partition --run-dir {run.root}")
     summary = json.loads(summary_path.read_text())
-    parquet = pq.ParquetFile(path, read_dictionary=["source", "quadrant", "split"])
-    rows: Future = Future()
-    ids = in_background(lambda: _document_ids(path, rows))
-    try:
-        corpus = Corpus.read(row_groups(parquet, ["source", "quadrant", "n_tokens", "split"]), parquet.metadata.num_rows,
-                             summary["cells"], path=path)
-    except BaseException as exc:
-        rows.set_exception(exc)  # the id reader waits on it
-        raise
-    rows.set_result(corpus.rows)
+    path = run.path(SCORES)
+    codes, cells = read_labels(run)  # first: it refuses scores that changed after the partition
+    if [c[0] for c in cells] != [c["name"] for c in summary["cells"]]:
+        raise FramelmError(f"{run.path(SUMMARY)} and the labels in {run.path('partition')} name different cells; "
+                           f"re-run: framelm partition --run-dir {run.root} --force")
+    ids = in_background(lambda: _read_ids(path))
+
+    def pieces() -> Iterable[tuple[Any, np.ndarray]]:
+        at = 0
+        for table in row_groups(pq.ParquetFile(path, read_dictionary=["source", "split"]), ["source", "n_tokens", "split"]):
+            yield table, codes[at:at + table.num_rows]
+            at += table.num_rows
+
+    corpus = Corpus.read(pieces(), len(codes), summary["cells"], path=path)
     corpus.ids = ids
     if not len(corpus.weight):
-        raise FramelmError(f"{path}: no document has split 'train'; nothing to schedule")
+        raise FramelmError(f"{path}: no labelled document has split 'train'; nothing to schedule")
     return corpus
 
 
@@ -374,8 +373,8 @@ class PoolStream:
 
     def __init__(self, key: str, members: np.ndarray, weight: np.ndarray, seed: int):
         self.key, self.members, self.seed = key, members, seed
-        self.weight = weight
-        self.tokens = int(weight[members].sum())
+        self.member_weight = weight[members]  # members ascend: a streaming gather, done once
+        self.tokens = int(self.member_weight.sum())
         self.target = 0.0  # tokens asked for so far
         self.position = 0  # documents handed out so far, over all epochs
         self._epoch: tuple[int, np.ndarray, np.ndarray] | None = None
@@ -386,11 +385,7 @@ class PoolStream:
         if self._epoch is None or self._epoch[0] != epoch:
             self._epoch = self._cum = None  # free the previous epoch's arrays first
             rng = np.random.default_rng([self.seed, _key_seed(self.key), epoch])
-            perm = np.arange(len(self.members), dtype=index_dtype(len(self.members)))
-            rng.shuffle(perm)  # the same draws as rng.permutation, in half the bytes
-            order = self.members[perm]
-            del perm
-            self._epoch = (epoch, order, self.weight[order])
+            self._epoch = (epoch, *shuffled(rng, self.members, self.member_weight))
         return self._epoch[1], self._epoch[2]
 
     def _cumulative(self, epoch: int) -> np.ndarray:
@@ -475,9 +470,44 @@ def _concat(parts: list[Draw]) -> Draw:
 
 
 def _shuffle(seed: int, key: str, idx: np.ndarray, epoch: np.ndarray, weight: np.ndarray) -> Stage:
-    perm = np.arange(len(idx), dtype=index_dtype(len(idx)))
-    np.random.default_rng([seed, _key_seed(key)]).shuffle(perm)
-    return Stage(key, idx[perm], epoch[perm], weight[perm])
+    rng = np.random.default_rng([seed, _key_seed(key)])
+    if epoch.strides == (0,):  # one epoch number for all, as a broadcast view: nothing to move
+        idx, weight = shuffled(rng, idx, weight)
+        return Stage(key, idx, epoch, weight)
+    return Stage(key, *shuffled(rng, idx, epoch, weight))
+
+
+SHUFFLE_BUCKET_ROWS = 1 << 18  # two int32 arrays of a bucket fill 2 MB, about a core's L2 cache
+
+
+def shuffled(rng: np.random.Generator, *arrays: np.ndarray) -> list[np.ndarray]:
+    """The arrays (of one length) under one uniformly random permutation drawn from `rng`.
+
+    Rao-Sandelius: every row draws a random bucket, rows go to their buckets in a stable
+    (radix) sort, and each bucket, small enough for the cache, is permuted on its own. The
+    moves are runs of nearby reads and writes, where a permutation gathered at random misses
+    the cache on every row: 1.6 s instead of 2.6 s for two arrays of 24 M rows."""
+    n = len(arrays[0])
+    n_buckets = min(1 << 15, max(1, n // SHUFFLE_BUCKET_ROWS))
+    if n_buckets == 1:
+        perm = rng.permutation(n)
+        return [a[perm] for a in arrays]
+    bucket = rng.integers(0, n_buckets, n, dtype=np.int16)
+    by_bucket = np.argsort(bucket, kind="stable")
+    out = [a[by_bucket] for a in arrays]
+    del by_bucket
+    ends = np.cumsum(code_counts(bucket, n_buckets))
+    del bucket
+    lo = 0
+    for hi in ends.tolist():
+        perm = rng.permutation(hi - lo)
+        for a in out:
+            a[lo:hi] = a[lo:hi][perm]
+        lo = hi
+    return out
+
+
+MEMBER_SLICE_ROWS = 1 << 22
 
 
 class Builder:
@@ -488,16 +518,28 @@ class Builder:
         self.weight = corpus.weight
         self.data_tokens = int(self.weight.sum())
         self.total = float(cfg.total_tokens if cfg.total_tokens is not None else self.data_tokens)
-        self.source_tokens = code_totals(corpus.source, self.weight, len(corpus.source_names))[1]
-        self.cell_tokens = code_totals(corpus.cell, self.weight, len(corpus.cell_names))[1]
+        # documents and tokens per (cell, source), in one pass over the corpus
+        docs, tokens = code_totals(corpus.pair, self.weight, len(corpus.cell_names) * len(corpus.source_names))
+        self.pair_docs = docs.reshape(len(corpus.cell_names), len(corpus.source_names))
+        tokens = tokens.reshape(self.pair_docs.shape)
+        self.source_tokens, self.cell_tokens = tokens.sum(axis=0), tokens.sum(axis=1)
 
     # pools
     @staticmethod
     def _members(codes: np.ndarray, n_codes: int) -> list[np.ndarray]:
         """Row indices holding each code 0..n_codes-1, ascending."""
         dtype = index_dtype(len(codes))
-        if n_codes <= 16:  # a pass per code beats a sort while the codes are few
-            return [np.flatnonzero(codes == c).astype(dtype) for c in range(n_codes)]
+        if n_codes <= 16:
+            # A pass per code beats a sort while the codes are few. Counted first and filled a
+            # slice at a time, so that no index array exists twice or in 64 bits.
+            members, filled = [np.empty(int(c), dtype) for c in code_counts(codes, n_codes)], [0] * n_codes
+            for sl in (slice(lo, lo + MEMBER_SLICE_ROWS) for lo in range(0, len(codes), MEMBER_SLICE_ROWS)):
+                part = codes[sl]
+                for c in range(n_codes):
+                    idx = np.flatnonzero(part == c)
+                    np.add(idx, sl.start, out=members[c][filled[c]:filled[c] + len(idx)], casting="unsafe")
+                    filled[c] += len(idx)
+            return members
         if n_codes < np.iinfo(np.int16).max:
             codes = codes.astype(np.int16)  # numpy's stable sort is a linear-time radix sort at 16 bits
         order = np.argsort(codes, kind="stable").astype(dtype)
@@ -537,7 +579,8 @@ class Builder:
     # cell-based strategies: each cell gets budget proportional to its tokens
     def _cell_draws(self, strategy: StrategyConfig) -> dict[str, Draw]:
         scale = self.total / self.data_tokens  # every cell, hence every source, repeats `scale` times
-        self._check_caps(strategy, {self.corpus.source_names[s]: (scale, "") for s in np.unique(self.corpus.source)})
+        present = np.flatnonzero(self.pair_docs.sum(axis=0))
+        self._check_caps(strategy, {self.corpus.source_names[s]: (scale, "") for s in present})
         streams = self.cell_streams()
         return {name: streams[name].take(self.cell_tokens[i] * scale) for i, name in enumerate(self.corpus.cell_names)}
 
@@ -675,7 +718,7 @@ class Builder:
             if demand[n] > 0:
                 epochs = demand[n] / pool_tokens[i]
                 if by_cell:  # a cell is sampled evenly, so each of its sources repeats as often as the cell
-                    for s in np.unique(self.corpus.source[self.corpus.cell == i]):
+                    for s in np.flatnonzero(self.pair_docs[i]):
                         src = self.corpus.source_names[s]
                         if epochs > needed.get(src, (0.0, ""))[0]:
                             needed[src] = (epochs, f" (through cell {n})")
@@ -808,6 +851,20 @@ class Stream:
     weight: np.ndarray
 
 
+def _docs_within(weight: np.ndarray, tokens: float) -> int:
+    """How many leading documents of `weight` fit in `tokens` (their running sum stays <= tokens).
+    The running sum grows a doubling block at a time: a window is a small share of a stage."""
+    at, before, block = 0, 0, 1 << 16
+    while at < len(weight):
+        cum = np.cumsum(weight[at:at + block], dtype=np.int64)
+        cum += before
+        k = int(np.searchsorted(cum, tokens, side="right"))
+        if k < len(cum):
+            return at + k
+        at, before, block = at + len(cum), int(cum[-1]), 2 * block
+    return len(weight)
+
+
 def assemble(stages: list[Stage], kind: str, window: float, steepness: float) -> Stream:
     """Concatenate stages into one stream, blending each boundary.
 
@@ -823,8 +880,8 @@ def assemble(stages: list[Stage], kind: str, window: float, steepness: float) ->
             half = window * min(tokens[k], tokens[k + 1]) / 2
             if half <= 0:
                 continue
-            tail[k] = int(np.searchsorted(np.cumsum(stages[k].weight[::-1], dtype=np.int64), half, side="right"))
-            head[k + 1] = int(np.searchsorted(np.cumsum(stages[k + 1].weight, dtype=np.int64), half, side="right"))
+            tail[k] = _docs_within(stages[k].weight[::-1], half)
+            head[k + 1] = _docs_within(stages[k + 1].weight, half)
             if tail[k] == 0 or head[k + 1] == 0:
                 tail[k] = head[k + 1] = 0
     n = sum(len(st.idx) for st in stages)
@@ -922,8 +979,8 @@ def write_order(path: Path, corpus: Corpus, stream: Stream, threads: int = 2) ->
     from tqdm import tqdm
 
     category = pa.dictionary(pa.int32(), pa.string())
-    # Declared non-null (every scheduled document has every value but perhaps an id), which
-    # spares the writer the definition levels.
+    # Declared non-null, which spares the writer the definition levels: every scheduled document
+    # has every value. Only id stays nullable, for tables handed to Corpus.from_table.
     schema = pa.schema([pa.field(name, t, nullable=name == "id") for name, t in [
         ("position", pa.int64()), ("id", pa.string()), ("stage", pa.int32()), ("source", category),
         ("quadrant", category), ("n_tokens", pa.int64()), ("epoch", pa.int32())]])

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import build_tiny_run
 from framelm.export import ExportConfig, export_schedules
+from framelm.partition import write_labels
 
 schedule = pytest.importorskip("framelm.schedule")
 
@@ -22,13 +23,13 @@ def test_export_of_real_schedules(tmp_path):
     index = pq.read_table(tiny.run.path("tokenize", "index.parquet"))
     n = index.num_rows
     cell = np.arange(n) % 4
-    quadrants = pa.table({
+    scores = pa.table({
         "id": index.column("id"), "source": index.column("source"), "split": ["train"] * n,
-        "n_tokens": index.column("n_tokens"), "ppl": np.linspace(1, 2, n), "pd": np.linspace(0, 1, n),
-        "ppl_bin": pa.array([CELLS[c][1] for c in cell], pa.int8()), "pd_bin": pa.array([CELLS[c][2] for c in cell], pa.int8()),
-        "quadrant": [CELLS[c][0] for c in cell]})
+        "n_tokens": index.column("n_tokens"), "ppl": np.linspace(1, 2, n), "pd": np.linspace(0, 1, n)})
+    tiny.run.path("score").mkdir()
+    pq.write_table(scores, tiny.run.path("score", "scores.parquet"))
     tiny.run.path("partition").mkdir()
-    pq.write_table(quadrants, tiny.run.path("partition", "quadrants.parquet"))
+    write_labels(tiny.run.path("partition", "quadrants.parquet"), tiny.run.path("score", "scores.parquet"), CELLS, [cell])
     tiny.run.path("partition", "summary.json").write_text(json.dumps(
         {"cells": [{"name": name, "ppl_bin": p, "pd_bin": d} for name, p, d in CELLS]}))
     schedule.build_schedules(schedule.ScheduleConfig.from_dict(

@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from framelm.partition import read_labelled
 from framelm.rundir import RunDir
 
 from .conftest import assert_nothing_half_written, assert_user_error
@@ -34,7 +35,7 @@ def test_nan_inf_and_null_scores_are_counted_not_labelled(framelm_cli, tmp_path)
     run = scores_run(tmp_path / "run", good + bad)
     result = framelm_cli("partition", "--run-dir", run, "--quiet", "--threads", "1")
     assert result.code == 0, result.err
-    labelled = pq.read_table(run / "partition" / "quadrants.parquet").to_pylist()
+    labelled = read_labelled(RunDir(run)).to_pylist()
     assert sorted(r["id"] for r in labelled) == sorted(r["id"] for r in good)
     assert all(math.isfinite(r["ppl"]) and math.isfinite(r["pd"]) for r in labelled)
     summary = json.loads((run / "partition" / "summary.json").read_text())

@@ -13,11 +13,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from framelm.partition import write_labels
 from framelm.rundir import RunDir
 
 VOCAB = 64
 EOS = 0
 SOURCES = ("alpha", "beta")
+FRAME_CELLS = [("Q1", 0, 0), ("Q2", 0, 1), ("Q3", 1, 0), ("Q4", 1, 1)]
 
 
 def _doc(rng: np.random.Generator, source: int, length: int) -> np.ndarray:
@@ -33,7 +35,8 @@ def _doc(rng: np.random.Generator, source: int, length: int) -> np.ndarray:
 
 def make_tiny_run(root: Path, n_docs: int = 120, seed: int = 0, schedule: str = "frame",
                   tokenizer: bool = False) -> Path:
-    """Write RUN/tokenize, RUN/partition/quadrants.parquet and RUN/export/<schedule>/stream."""
+    """Write RUN/tokenize, RUN/score/scores.parquet (ids and splits only) with its labels
+    RUN/partition/quadrants.parquet, and RUN/export/<schedule>/stream."""
     rng = np.random.default_rng(seed)
     rows, chunks, offset = [], [], 0
     for i in range(n_docs):
@@ -53,9 +56,11 @@ def make_tiny_run(root: Path, n_docs: int = 120, seed: int = 0, schedule: str = 
                                               "n_tokens": len(store), "tokenizer": "tokenize/tokenizer"}))
     if tokenizer:
         write_tokenizer(tok / "tokenizer")
-    quadrants = [{"id": r["id"], "quadrant": "Q1" if r["source"] == "alpha" else "Q3"} for r in rows]
+    (root / "score").mkdir()
+    pq.write_table(pa.table({"id": [r["id"] for r in rows], "split": [r["split"] for r in rows]}), root / "score" / "scores.parquet")
     (root / "partition").mkdir()
-    pq.write_table(pa.Table.from_pylist(quadrants), root / "partition" / "quadrants.parquet")
+    write_labels(root / "partition" / "quadrants.parquet", root / "score" / "scores.parquet", FRAME_CELLS,
+                 [np.array([0 if r["source"] == "alpha" else 2 for r in rows])])  # Q1 or Q3
     # The schedule: all "alpha" training documents first (stage Q1), then all "beta" (stage Q3).
     train = [r for r in rows if r["split"] == "train"]
     stream_parts, stages, position = [], [], 0
