@@ -533,28 +533,28 @@ def _label_file(run: RunDir) -> tuple[Any, dict[str, Any]]:
     for p, stage in ((scores, "score"), (path, "partition")):
         if not p.is_file():
             raise FramelmError(f"{p} not found; run the {stage} stage first: framelm {stage} --run-dir {run.root}")
-    rerun = f"re-run: framelm partition --run-dir {run.root} --force"
+    rerun = f"framelm partition --run-dir {run.root} --force"
     try:
         parquet = pq.ParquetFile(path, read_dictionary=["quadrant"])
     except Exception as exc:  # truncated or not Parquet at all
-        raise FramelmError(f"{path}: not a readable Parquet file ({exc}); {rerun}") from None
+        raise FramelmError(f"{path}: not a readable Parquet file ({exc}); re-run: {rerun}") from None
     raw = (parquet.schema_arrow.metadata or {}).get(LABELS_METADATA)
     try:
         meta = json.loads(raw) if raw is not None and "quadrant" in parquet.schema_arrow.names else None
         if meta is not None:
             meta["cells"] = [(str(name), int(p), int(d)) for name, p, d in meta["cells"]]
-            int(meta["scores_rows"]), int(meta["scores_bytes"])
+            meta["scores_rows"], meta["scores_bytes"] = int(meta["scores_rows"]), int(meta["scores_bytes"])
     except (ValueError, TypeError, KeyError):
         meta = None
     if meta is None:  # e.g. a quadrants.parquet of framelm before labels became their own file
         raise FramelmError(f"{path}: not a framelm label file (a 'quadrant' column and {LABELS_METADATA.decode()} metadata "
-                           f"listing cells and the scores file expected); {rerun}")
+                           f"listing cells and the scores file expected); re-run: {rerun}")
     now = _fingerprint(scores)
     if any(meta.get(k) != v for k, v in now.items()) or parquet.metadata.num_rows != now["scores_rows"]:
         raise FramelmError(f"{path} labels a scores file of {meta['scores_rows']:,} rows and {meta['scores_bytes']:,} bytes, "
                            f"but {scores} has {now['scores_rows']:,} rows and {now['scores_bytes']:,} bytes"
                            f"{' (and other contents)' if meta['scores_bytes'] == now['scores_bytes'] else ''}: "
-                           f"the scores changed after the partition. {rerun[0].upper()}{rerun[1:]}")
+                           f"the scores changed after the partition. Re-run: {rerun}")
     return parquet, meta
 
 
