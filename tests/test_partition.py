@@ -278,3 +278,17 @@ def test_a_failed_count_leaves_no_label_file(run, monkeypatch):
         partition_documents(PartitionConfig(), run)
     assert not run.path("partition/quadrants.parquet").exists()
     assert not [p.name for p in run.path("partition").iterdir() if "quadrants" in p.name]  # nor its temporary file
+
+
+def test_a_label_outside_the_cells_is_named(run):
+    write_scores(run, {"ppl": [1, 2, 3, 4], "pd": [4, 3, 2, 1]})
+    partition_documents(PartitionConfig(), run)
+    path = run.path("partition/quadrants.parquet")
+    good = pq.read_table(path)
+    labels = pa.array(["Q1", None, "Q9", "Q4"]).dictionary_encode()
+    pq.write_table(pa.table({"quadrant": labels}).replace_schema_metadata(good.schema.metadata), path)
+    with pytest.raises(FramelmError, match=r"quadrants\.parquet: label 'Q9' is not one of its cells \['Q1', 'Q2', 'Q3', 'Q4'\]"):
+        read_labels(run)
+    pq.write_table(pa.table({"quadrant": pa.array(["Q1", None, "Q3", "Q4"]).dictionary_encode()})
+                   .replace_schema_metadata(good.schema.metadata), path)
+    assert read_labels(run)[0].tolist() == [0, -1, 2, 3]

@@ -471,3 +471,11 @@ def test_bucket_shuffle_is_a_uniform_permutation_moving_arrays_together(monkeypa
         (perm,) = sched.shuffled(rng, a)
         where[perm, np.arange(12)] += 1
     assert np.abs(where - 500).max() < 5 * np.sqrt(500)  # every position equally likely, to 5 standard deviations
+
+
+def test_table_rows_map_to_the_partition_cells_by_name():
+    corpus = make_corpus([5, 6, 7, 8], ["Q4", None, "Q1", "Q3"], ["web"] * 4)
+    assert [corpus.cell_names[c] for c in corpus.cell] == ["Q4", "Q1", "Q3"]  # the unlabelled row is no document
+    assert corpus.weight.tolist() == [6, 8, 9]
+    with pytest.raises(FramelmError, match=r"cell 'Q7' is not in the partition's cells \['Q1', 'Q2', 'Q3', 'Q4'\]"):
+        make_corpus([5, 6], ["Q1", "Q7"], ["web"] * 2)

@@ -9,7 +9,7 @@ quadrant) become small integer codes instead of Python or Arrow strings.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
@@ -51,11 +51,14 @@ def index_dtype(n: int) -> type:
 
 class Categories:
     """Integer codes for the values of a string column read in pieces: each new value gets the
-    next code, so codes agree across row groups whose own dictionaries differ."""
+    next code, so codes agree across row groups whose own dictionaries differ. `known` values
+    take codes 0, 1, ... in their order first, so codes can index a list fixed in advance."""
 
-    def __init__(self) -> None:
+    def __init__(self, known: Iterable[Any] = ()) -> None:
         self.values: list[Any] = []
         self._codes: dict[Any, int] = {}
+        for value in known:
+            self._code(value)
 
     def codes(self, column: Any) -> np.ndarray:
         """int32 code of each row of a string or dictionary column (chunked or not); -1 where null."""

@@ -565,18 +565,15 @@ def read_labels(run: RunDir) -> tuple[Any, list[tuple[str, int, int]]]:
 
     parquet, meta = _label_file(run)
     cells = meta["cells"]
-    index = {name: i for i, (name, _, _) in enumerate(cells)}
+    names = Categories(c[0] for c in cells)  # code i is cell i; any other value gets a code past them
     codes = np.empty(parquet.metadata.num_rows, np.int16)
     at = 0
     for table in row_groups(parquet, ["quadrant"]):
-        for chunk in table.column("quadrant").chunks:
-            unknown = sorted(set(chunk.dictionary.to_pylist()) - set(index))
-            if unknown:
-                raise FramelmError(f"{run.path(LABELS)}: label {unknown[0]!r} is not one of its cells {list(index)}; "
-                                   f"re-run: framelm partition --run-dir {run.root} --force")
-            lut = np.array([index[v] for v in chunk.dictionary.to_pylist()] + [-1], np.int16)
-            codes[at:at + len(chunk)] = lut[chunk.indices.fill_null(-1).to_numpy()]
-            at += len(chunk)
+        codes[at:at + table.num_rows] = names.codes(table.column("quadrant"))
+        at += table.num_rows
+        if len(names.values) > len(cells):
+            raise FramelmError(f"{run.path(LABELS)}: label {names.values[len(cells)]!r} is not one of its cells "
+                               f"{names.values[:len(cells)]}; re-run: framelm partition --run-dir {run.root} --force")
     return codes, cells
 
 

@@ -223,12 +223,10 @@ class Corpus:
     def from_table(cls, table: Any, cells: list[dict[str, Any]]) -> "Corpus":
         """From an in-memory table (columns id, source, quadrant, n_tokens; optional split) and
         the partition's cell list. Rows without a quadrant are not documents."""
-        index = {c["name"]: i for i, c in enumerate(cells)}
-        quadrants = table.column("quadrant").to_pylist()
-        unknown = sorted({q for q in quadrants if q is not None and q not in index})
-        if unknown:
-            raise FramelmError(f"cell {unknown[0]!r} is not in the partition's cells {list(index)}")
-        codes = np.array([-1 if q is None else index[q] for q in quadrants], np.int16)
+        names = Categories(c["name"] for c in cells)
+        codes = names.codes(table.column("quadrant")).astype(np.int16)
+        if len(names.values) > len(cells):
+            raise FramelmError(f"cell {names.values[len(cells)]!r} is not in the partition's cells {names.values[:len(cells)]}")
         corpus = cls.read([(table, codes)], table.num_rows, cells)
         corpus.ids = _one_chunk(table.column("id"))
         return corpus
