@@ -46,7 +46,9 @@ fi
   > "$OUT/machine.txt"
 status=0
 # One benchmark failing must not cost the other's figures: run both, report both exit codes.
-"$PY" -m bench.train "${train_args[@]}" > "$OUT/train.json" 2> "$OUT/train.err" || { status=$?; echo "bench.train failed ($status); see $OUT/train.err" >&2; }
-"$PY" -m bench.score --corpus .data/corpus "${score_args[@]}" > "$OUT/score.json" 2> "$OUT/score.err" || { status=$?; echo "bench.score failed ($status); see $OUT/score.err" >&2; }
+# Each gets its own time limit, so one that runs long cannot starve the other (the device call
+# allows 540 s); both print every measurement to their .err file as it finishes.
+timeout "${TRAIN_LIMIT_S:-270}" "$PY" -m bench.train "${train_args[@]}" > "$OUT/train.json" 2> "$OUT/train.err" || { status=$?; echo "bench.train failed ($status; 124 = time limit); see $OUT/train.err" >&2; }
+timeout "${SCORE_LIMIT_S:-240}" "$PY" -m bench.score --corpus .data/corpus "${score_args[@]}" > "$OUT/score.json" 2> "$OUT/score.err" || { status=$?; echo "bench.score failed ($status; 124 = time limit); see $OUT/score.err" >&2; }
 cat "$OUT/machine.txt" "$OUT/train.json" "$OUT/score.json"
 exit $status

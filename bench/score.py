@@ -9,9 +9,13 @@ for a CPU run):
   framelm   the score stage's shard scorer: every token of every document (windows on long
             ones), packed rows, chunked logits, tokenization on a background thread, weak and
             strong model together; reported as per-model tokens/s (both models' tokens / 2).
+            Once per backend: `transformers` (the default) and `framelm` (the models converted
+            to framelm's decoder; compiled, full rows and FlexAttention on GPUs).
 
 Only real predicted tokens count (no padding, no recomputed window overlap). Prints one JSON
-object. Example:  python bench/score.py --shape tiny --max-docs 200
+object; each arm's result also goes to stderr as it finishes, and an arm that fails is
+recorded with its error instead of ending the run.
+Example:  python -m bench.score --shape tiny --max-docs 200
 """
 
 from __future__ import annotations
@@ -108,21 +112,32 @@ def baseline(model_dir: Path, texts: list[str], device: torch.device, dtype: tor
     return {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1)}
 
 
-def framelm_scorer(run: RunDir, cfg: ScoreConfig, n_docs: int, device: torch.device) -> dict:
+def framelm_scorer(root: Path, docs: list[dict], cfg: ScoreConfig, device: torch.device) -> dict:
     from tqdm.auto import tqdm
 
+    run = make_run(root, docs)
     shards = ShardScorer(cfg, run)  # model loading is outside the timed part, as for the baseline
-    todo = list(range(math.ceil(n_docs / cfg.docs_per_shard)))
+    todo = list(range(math.ceil(len(docs) / cfg.docs_per_shard)))
+    # Untimed warm-up on a shard's worth of documents from every source, long and short:
+    # compilation (framelm backend on GPUs) is paid once per process, not per token, so it is
+    # reported apart.
+    sample = docs[:: max(1, len(docs) // cfg.docs_per_shard)]
     _sync(device)
     start = time.perf_counter()
-    with tqdm(total=n_docs, desc="framelm", unit="doc", disable=True) as progress:
+    shards.scorer.run(shards.scorer.prepare([d["text"] for d in sample]))
+    _sync(device)
+    warmup = time.perf_counter() - start
+    start = time.perf_counter()
+    with tqdm(total=len(docs), desc="framelm", unit="doc", disable=True) as progress:
         score_shards_local(shards, todo, progress)
     _sync(device)
     seconds = time.perf_counter() - start
     scores = merge_shards(run, len(todo))
     tokens = {m: int(pc.sum(scores.column(f"{m}_tokens")).as_py() or 0) for m in ("weak", "strong")}
     per_model = (tokens["weak"] + tokens["strong"]) / 2
-    return {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s_per_model": round(per_model / seconds, 1)}
+    mean_log_ppl = {m: round(float(pc.mean(pc.ln(scores.column(f"ppl_{m}"))).as_py()), 5) for m in ("weak", "strong")}
+    return {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s_per_model": round(per_model / seconds, 1),
+            "warmup_s": round(warmup, 1), "mean_log_ppl": mean_log_ppl}
 
 
 def make_run(root: Path, docs: list[dict]) -> RunDir:
@@ -156,22 +171,36 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     docs = read_documents(args.corpus, args.max_docs)
     texts = [d["text"] for d in docs]
+    arms: dict[str, dict] = {}
+
+    def arm(name: str, measure) -> None:
+        try:
+            arms[name] = measure()
+        except Exception as exc:  # one arm failing must not cost the others' figures
+            arms[name] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+        if "tokens_per_s" in arms[name] or "tokens_per_s_per_model" in arms[name]:
+            rate = arms[name].get("tokens_per_s") or arms[name]["tokens_per_s_per_model"]
+            arms[name]["mfu"] = round(flops_per_token * rate / H200_BF16_FLOPS, 4) if device.type == "cuda" else None
+        print(json.dumps({name: arms[name]}), file=sys.stderr, flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
         models, flops_per_token = build_models(Path(tmp) / "models", docs, args.shape)
-        base = baseline(models["weak"], texts, device, dtype)
-        cfg = ScoreConfig(weak_model=str(models["weak"]), strong_model=str(models["strong"]),
-                          docs_per_shard=args.docs_per_shard, tokens_per_batch=args.tokens_per_batch)
-        ours = framelm_scorer(make_run(Path(tmp) / "run", docs), cfg, len(docs), device)
+        arm("baseline", lambda: baseline(models["weak"], texts, device, dtype))
+        for backend in ("transformers", "framelm"):
+            cfg = ScoreConfig(weak_model=str(models["weak"]), strong_model=str(models["strong"]), backend=backend,
+                              docs_per_shard=args.docs_per_shard, tokens_per_batch=args.tokens_per_batch)
+            arm(f"framelm_{backend}", lambda: framelm_scorer(Path(tmp) / f"run-{backend}", docs, cfg, device))
     result = {
         "bench": "score", "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "torch_threads": torch.get_num_threads(), "shape": args.shape, "docs": len(docs),
-        "chars": sum(len(t) for t in texts), "baseline": base, "framelm": ours,
-        "speedup_tokens_per_s": round(ours["tokens_per_s_per_model"] / base["tokens_per_s"], 3),
-        "baseline_token_coverage": round(base["tokens"] / ours["tokens"]["weak"], 4),
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "shape": args.shape, "docs": len(docs),
+        "chars": sum(len(t) for t in texts), **arms,
     }
-    if device.type == "cuda":  # model FLOPs utilisation on real tokens (H200 bf16 dense peak)
-        result["baseline"]["mfu"] = round(flops_per_token * base["tokens_per_s"] / H200_BF16_FLOPS, 4)
-        result["framelm"]["mfu"] = round(flops_per_token * ours["tokens_per_s_per_model"] / H200_BF16_FLOPS, 4)
+    base = arms["baseline"].get("tokens_per_s")
+    for backend in ("transformers", "framelm"):
+        ours = arms[f"framelm_{backend}"]
+        if base and "tokens_per_s_per_model" in ours:
+            result[f"speedup_{backend}"] = round(ours["tokens_per_s_per_model"] / base, 3)
+            result["baseline_token_coverage"] = round(arms["baseline"]["tokens"] / ours["tokens"]["weak"], 4)
     print(json.dumps(result))
 
 

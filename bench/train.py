@@ -1,14 +1,19 @@
 """Training throughput: framelm's model + step vs Hugging Face LlamaForCausalLM of the same shape.
 
 Both run the same training step in the same process (AdamW, fused on CUDA; bf16 autocast on
-CUDA, fp32 on CPU; torch.compile when --compile) on the same random tokens, and the script
-prints one JSON object with tokens/s, MFU (where the device's peak is known) and the ratio
-framelm / HF. framelm is also timed with document masking on (packed documents, EOS every
+CUDA, fp32 on CPU; torch.compile when --compile: framelm as its trainer compiles, block by block
+plus the loss; HF as a user would, the whole model) on the same random tokens, and the script
+prints one JSON object with tokens/s, MFU (where the device's peak is known), the first step's
+seconds (compilation included) and the ratio framelm / HF. Then, to show the data path is not
+the bottleneck: the trainer itself (`framelm.train.fit`, which reads the token stream, copies
+batches to the device and logs every step) on a stream of the same shape, and the batch
+reader alone on the CPU. Last, framelm with document masking (packed documents, EOS every
 --doc-tokens tokens; dense SDPA mask, and FlexAttention on GPUs), which HF's plain causal
-step does not do.
+step does not do. Each measurement is also printed to stderr as it finishes, so a run cut
+short keeps what it measured.
 
-    python bench/train.py                                 # GPU default: smollm-135m, 32 x 1024
-    python bench/train.py --smoke                         # tiny CPU run (preset nano, 8 x 128)
+    python -m bench.train                                 # GPU default: smollm-135m, 32 x 1024
+    python -m bench.train --smoke                         # tiny CPU run (preset nano, 8 x 128)
 """
 
 from __future__ import annotations
@@ -17,12 +22,19 @@ import argparse
 import contextlib
 import json
 import platform
+import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from framelm.model import FrameLM, ModelConfig, count_params, flops_per_token, next_token_loss
-from framelm.train.hf_export import llama_config
+from framelm.train import TrainConfig, fit
+from framelm.train.data import BatchPlan, StageRange
+from framelm.hf_llama import llama_config
 from framelm.train.loop import GPU_PEAK_FLOPS
 
 
@@ -44,18 +56,25 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def time_steps(step_fn, steps: int, warmup: int, device: torch.device) -> float:
-    """Seconds per step, after warmup steps."""
-    for _ in range(warmup):
+def time_steps(step_fn, steps: int, warmup: int, device: torch.device) -> tuple[float, float]:
+    """(seconds of the first step, seconds per step after the warmup steps)."""
+    started = time.perf_counter()
+    for i in range(warmup):
         step_fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+        if i == 0:
+            _sync(device)
+            first = time.perf_counter() - started
+    _sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         step_fn()
+    _sync(device)
+    return first, (time.perf_counter() - start) / steps
+
+
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
+        torch.cuda.synchronize(device)
 
 
 def make_step(model: torch.nn.Module, forward_loss, device: torch.device):
@@ -87,28 +106,43 @@ def main() -> None:
     flops = flops_per_token(margs, args.seq_len)
     tokens_per_step = args.batch * args.seq_len
 
-    def measure(step_fn) -> dict:
-        seconds = time_steps(step_fn, args.steps, args.warmup_steps, device)
-        tps = tokens_per_step / seconds
-        return {"step_ms": round(seconds * 1000, 2), "tokens_per_s": round(tps, 1),
-                "mfu": round(flops * tps / peak, 4) if peak else None}
+    def rates(tps: float) -> dict:
+        return {"tokens_per_s": round(tps, 1), "mfu": round(flops * tps / peak, 4) if peak else None}
 
     results = {}
+
+    def record(name: str, result: dict) -> None:
+        results[name] = result
+        print(json.dumps({name: result}), file=sys.stderr, flush=True)
+
+    def measure(name: str, step_fn) -> None:
+        first, seconds = time_steps(step_fn, args.steps, args.warmup_steps, device)
+        record(name, {"step_ms": round(seconds * 1000, 2), **rates(tokens_per_step / seconds),
+                      "first_step_s": round(first, 1)})
+
     ours = FrameLM(margs).to(device)
-    ours_run = torch.compile(ours) if compile_models else ours
-    results["framelm"] = measure(make_step(ours, lambda: next_token_loss(ours_run(x), y), device))
-    results["framelm_doc_masking"] = measure(make_step(ours, lambda: next_token_loss(ours_run(packed, 0), y), device))
-    if device.type == "cuda":  # FlexAttention is compiled only on GPUs; eager on the CPU it is slow by design
-        ours.attention = "flex"
-        results["framelm_doc_masking_flex"] = measure(make_step(ours, lambda: next_token_loss(ours_run(packed, 0), y), device))
-    del ours, ours_run
+    loss_fn = next_token_loss
+    if compile_models:  # as framelm.train.fit compiles
+        ours.compile_blocks()
+        loss_fn = torch.compile(next_token_loss)
+    measure("framelm", make_step(ours, lambda: loss_fn(ours(x), y), device))
 
     from transformers import LlamaForCausalLM
 
     hf = LlamaForCausalLM(llama_config(margs, eos_id=0)).to(device)  # SDPA attention by default
     hf_run = torch.compile(hf) if compile_models else hf
     # HF's own loss path: labels shifted inside the model, as a user would call it.
-    results["hf_llama"] = measure(make_step(hf, lambda: hf_run(input_ids=x, labels=x).loss, device))
+    measure("hf_llama", make_step(hf, lambda: hf_run(input_ids=x, labels=x).loss, device))
+    del hf, hf_run
+
+    record("framelm_fit", trainer_throughput(args, device, compile_models, rates))
+    record("batch_reader", batch_reader_throughput(args))
+
+    measure("framelm_doc_masking", make_step(ours, lambda: loss_fn(ours(packed, 0), y), device))
+    if device.type == "cuda":  # FlexAttention trains only on GPUs
+        ours.attention = "flex"
+        measure("framelm_doc_masking_flex", make_step(ours, lambda: loss_fn(ours(packed, 0), y), device))
+    del ours
 
     print(json.dumps({
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
@@ -117,7 +151,41 @@ def main() -> None:
         "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
         **results,
         "speedup_vs_hf": round(results["framelm"]["tokens_per_s"] / results["hf_llama"]["tokens_per_s"], 3),
+        "fit_vs_step": round(results["framelm_fit"]["tokens_per_s"] / results["framelm"]["tokens_per_s"], 3),
     }))
+
+
+def trainer_throughput(args: argparse.Namespace, device: torch.device, compile_models: bool, rates) -> dict:
+    """framelm's own training loop on a random stream of warmup + timed steps, plain causal as in
+    the "framelm" row: the median of its logged per-step tokens/s after the warmup steps."""
+    n_steps = args.warmup_steps + args.steps
+    tokens = np.random.default_rng(0).integers(1, args.vocab, n_steps * args.batch * args.seq_len + 1).astype(np.uint16)
+    cfg = TrainConfig(model=ModelConfig(preset=args.preset, max_seq_len=max(args.seq_len, 2048)), seq_len=args.seq_len,
+                      global_batch_seqs=args.batch, lr=1e-4, lr_schedule="constant", warmup_fraction=0.0,
+                      eval_every_steps=0, checkpoint_every_steps=n_steps, doc_masking=False, compile=compile_models,
+                      device=device.type)
+    with tempfile.TemporaryDirectory() as tmp:
+        fit(cfg, tokens, [StageRange("all", 0, len(tokens))], Path(tmp), eos_id=0, vocab_size=args.vocab)
+        log = [json.loads(line) for line in (Path(tmp) / "log.jsonl").read_text().splitlines()]
+    per_step = [r["tokens_per_s"] for r in log if r["type"] == "train" and r["step"] > args.warmup_steps]
+    return {"steps": len(per_step), **rates(statistics.median(per_step))}
+
+
+def batch_reader_throughput(args: argparse.Namespace) -> dict:
+    """tokens/s of the trainer's batch reader alone (BatchPlan.rows on a memory-mapped stream)."""
+    steps = 200
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tokens.bin"
+        np.random.default_rng(0).integers(1, args.vocab, steps * args.batch * args.seq_len + 1).astype(np.uint16).tofile(path)
+        stream = np.memmap(path, dtype=np.uint16, mode="r")
+        plan = BatchPlan(stream, [StageRange("all", 0, len(stream))], args.seq_len, args.batch)
+        start = time.perf_counter()
+        for step in range(steps):
+            plan.rows(step, 0, args.batch)
+        seconds = time.perf_counter() - start
+    return {"steps": steps, "tokens_per_s": round(steps * args.batch * args.seq_len / seconds, 1)}
+
+
 
 
 if __name__ == "__main__":

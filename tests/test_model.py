@@ -1,8 +1,11 @@
+import shutil
+
 import pytest
 import torch
 
 from framelm.config import ConfigError
-from framelm.model import PRESETS, FrameLM, ModelConfig, count_params, document_mask, flops_per_token, next_token_loss
+from framelm.model import (PRESETS, FrameLM, ModelConfig, count_params, document_segments, flops_per_token,
+                           next_token_loss, segment_mask)
 
 EOS = 0
 
@@ -41,7 +44,7 @@ def test_bad_shapes_are_rejected(bad, match):
 
 def test_document_mask_is_causal_and_block_diagonal():
     tokens = torch.tensor([[5, 6, EOS, 7, 8, EOS, 9]])
-    mask = document_mask(tokens, EOS)[0, 0]
+    mask = segment_mask(document_segments(tokens, EOS))[0, 0]
     # The EOS at position 2 opens document 2 (positions 2-4); position 5 opens document 3.
     expected_doc = [0, 0, 1, 1, 1, 2, 2]
     for i in range(7):
@@ -76,6 +79,42 @@ def test_flex_attention_matches_the_dense_mask():
         model.attention = "flex"
         flex = model(tokens, EOS)
     assert torch.allclose(dense, flex, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # flex attention runs unfused (eagerly) on the CPU
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_packed_windows_with_their_own_positions_equal_separate_rows(attention):
+    """Two windows in one row (positions restart at 0, segments by window) give the hidden states
+    each window gives alone, whatever tokens they start with."""
+    model = tiny().eval()
+    model.attention = attention
+    a, b = torch.randint(1, 50, (1, 7)), torch.randint(1, 50, (1, 9))
+    row = torch.cat([a, b], dim=1)
+    positions = torch.cat([torch.arange(7), torch.arange(9)]).unsqueeze(0)
+    segments = torch.cat([torch.zeros(7, dtype=torch.long), torch.ones(9, dtype=torch.long)]).unsqueeze(0)
+    with torch.no_grad():
+        packed = model.hidden_states(row, positions=positions, segments=segments)
+        alone = torch.cat([model.hidden_states(a), model.hidden_states(b)], dim=1)
+        unmasked = model.hidden_states(row, positions=positions)
+    assert torch.allclose(packed, alone, atol=1e-5)
+    assert not torch.allclose(unmasked[:, 7:], alone[:, 7:], atol=1e-3)
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on the CPU needs a C++ compiler")
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_compiled_blocks_give_the_eager_hidden_states(attention):
+    model = tiny().eval()
+    model.attention = attention
+    tokens = torch.randint(1, 50, (2, 32))
+    segments = torch.zeros(2, 32, dtype=torch.long)
+    segments[:, 5:], segments[1, 20:] = 1, 2
+    with torch.no_grad():
+        eager = [model.hidden_states(tokens, segments=segments), model.hidden_states(tokens, segments=segments.flip(1))]
+        model.compile_blocks()
+        compiled = [model.hidden_states(tokens, segments=segments), model.hidden_states(tokens, segments=segments.flip(1))]
+    for a, b in zip(eager, compiled):  # the second mask must not reuse the first one's
+        assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_tied_weights_round_trip_through_weights():

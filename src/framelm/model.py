@@ -3,7 +3,7 @@
 `ModelConfig` is what a user writes (a named preset plus optional overrides); `resolve()` turns
 it into `ModelArgs`, the concrete shape `FrameLM` is built from. The layout matches Hugging
 Face's `LlamaForCausalLM` exactly (same RoPE convention, same norm placement), so
-`framelm.train.hf_export` only renames and splits tensors. For speed on GPUs the query/key/value
+`framelm.hf_llama` only renames, splits and joins tensors. For speed on GPUs the query/key/value
 projections and the SwiGLU gate/up projections are each one fused matmul.
 
 Document masking: in a packed row `[.. doc1 .. EOS doc2 ..]` each token may attend only to
@@ -13,7 +13,9 @@ Plain causal rows go through `F.scaled_dot_product_attention` and take the flash
 native grouped-query support). Masked rows use, with `attention="sdpa"` (the default), SDPA
 with a (B, 1, T, T) boolean block-diagonal mask, which runs on every device; with
 `attention="flex"`, FlexAttention with a block-sparse mask that skips the blocks across
-documents (compiled on GPUs; eager, slow but exact, elsewhere).
+documents (compiled on GPUs; elsewhere eager, slow but exact, and forward only: torch has no
+FlexAttention backward on the CPU). `hidden_states` also takes explicit RoPE positions and
+segment numbers, which is how the scorer runs rows packed with windows that start mid-document.
 
 Reads and writes no files.
 """
@@ -126,7 +128,7 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Te
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, D); cos/sin: (T, D)."""
+    """x: (B, H, T, D); cos/sin: (T, D), or (B, 1, T, D) for per-row positions."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
@@ -169,7 +171,9 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)  # (B, H, T, hd)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:  # a FlexAttention BlockMask
-            y = _flex_attention(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=True)
+            # v stays a strided view of the qkv matmul's output otherwise, and compiled flex
+            # attention (torch 2.11-2.13, CPU inductor) reads such a view wrongly.
+            y = flex_attention(q, k, v.contiguous(), mask)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -198,37 +202,46 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
-def document_mask(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """(B, T) tokens -> (B, 1, T, T) bool mask: causal and block-diagonal over documents.
+def document_segments(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(B, T) tokens -> (B, T) document numbers: the EOS tokens up to and including each
+    position, so an EOS starts the next document."""
+    return torch.cumsum(tokens == eos_id, dim=1)
 
-    A position's document number counts the EOS tokens up to and including it, so an EOS
-    starts the next document.
-    """
-    doc = torch.cumsum(tokens == eos_id, dim=1)  # (B, T)
-    T = tokens.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
-    same_doc = doc.unsqueeze(2) == doc.unsqueeze(1)  # (B, T, T)
-    return (same_doc & causal).unsqueeze(1)
+
+def segment_mask(segments: torch.Tensor) -> torch.Tensor:
+    """(B, T) segment numbers -> (B, 1, T, T) bool mask: causal and block-diagonal over segments."""
+    T = segments.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    same = segments.unsqueeze(2) == segments.unsqueeze(1)  # (B, T, T)
+    return (same & causal).unsqueeze(1)
+
+
+def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
+    """FlexAttention with grouped-query heads: traced into the graph inside compiled blocks,
+    compiled on its own on GPUs otherwise, eager (unfused) on the CPU."""
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    if q.is_cuda and not torch.compiler.is_compiling():
+        flex = _compiled_flex()
+    return flex(q, k, v, block_mask=block_mask, enable_gqa=True)
 
 
 @functools.cache
-def _flex_attention(compiled: bool):
-    from torch.nn.attention.flex_attention import flex_attention
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention as flex
 
-    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+    return torch.compile(flex, dynamic=False)
 
 
-def document_block_mask(tokens: torch.Tensor, eos_id: int):
-    """The same mask as `document_mask`, as a FlexAttention BlockMask (block-sparse)."""
+def segment_block_mask(segments: torch.Tensor):
+    """The same mask as `segment_mask`, as a FlexAttention BlockMask (block-sparse)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    doc = torch.cumsum(tokens == eos_id, dim=1)  # (B, T)
+    def same_segment_causal(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (segments[b, q_idx] == segments[b, kv_idx])
 
-    def same_document_causal(b, h, q_idx, kv_idx):
-        return (kv_idx <= q_idx) & (doc[b, q_idx] == doc[b, kv_idx])
-
-    B, T = tokens.shape
-    return create_block_mask(same_document_causal, B, None, T, T, device=tokens.device)
+    B, T = segments.shape
+    return create_block_mask(same_segment_causal, B, None, T, T, device=segments.device)
 
 
 class FrameLM(nn.Module):
@@ -262,20 +275,43 @@ class FrameLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor, eos_id: int | None = None) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, vocab). With `eos_id`, attention stays inside documents."""
+        segments = None if eos_id is None else document_segments(tokens, eos_id)
+        return self.lm_head(self.hidden_states(tokens, segments=segments))
+
+    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                      segments: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) -> final normed hidden states (B, T, d_model), the output layer's input.
+
+        positions (B, T): each token's RoPE position (default 0..T-1 in every row); segments
+        (B, T): attention stays among equal numbers (default: plain causal over the row).
+        """
         T = tokens.shape[1]
         if T > self.args.max_seq_len:
             raise ValueError(f"sequence of {T} tokens is longer than the model's max_seq_len {self.args.max_seq_len}")
-        if eos_id is None:
+        if segments is None:
             mask = None
         elif self.attention == "flex":
-            mask = document_block_mask(tokens, eos_id)
+            mask = segment_block_mask(segments)
         else:
-            mask = document_mask(tokens, eos_id)
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+            mask = segment_mask(segments)
+        if positions is None:
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        else:
+            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)  # (B, 1, T, hd)
         x = self.embed(tokens)  # (B, T, d_model)
         for block in self.blocks:
             x = block(x, cos, sin, mask)
-        return self.lm_head(self.norm(x))
+        return self.norm(x)
+
+    def compile_blocks(self) -> None:
+        """torch.compile each transformer block in place (regional compilation, as torchtitan does).
+
+        The blocks share one code path, so they share one compiled graph: a 30-layer model
+        compiles in about the time of one block (10 s instead of 77 s for smollm-135m on a CPU),
+        and the weights keep their names (no `_orig_mod.` prefix in checkpoints).
+        """
+        for block in self.blocks:
+            block.compile()
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The state dict with a tied output projection listed once (as embed.weight)."""

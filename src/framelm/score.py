@@ -83,6 +83,10 @@ class ScoreConfig(StageConfig):
     logit_chunk_tokens: int = field(4096, help="positions whose vocabulary logits are materialised at once", hash=False)
     device: str = field("auto", help="torch device: auto (CUDA if present, LOCAL_RANK's GPU under torchrun), cpu, cuda:N", hash=False)
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = field("sdpa", help="attention kernel passed to transformers", hash=False)
+    backend: Literal["transformers", "framelm"] = field(
+        "transformers", hash=False,
+        help="transformers: run the models as transformers builds them (any causal LM); framelm: run plain Llama models "
+             "(SmolLM, Llama, framelm's reference models) as framelm's decoder, compiled with block-sparse attention on GPUs")
     executor: Literal["local", "ray"] = field("local", help="local: this process; ray: a Ray Data actor pool (one GPU per actor when CUDA is present)", hash=False)
     ray_actors: int = field(1, help="number of Ray scoring actors (executor: ray)", hash=False)
     ray_cpus_per_actor: int | None = field(None, help="CPU cores each Ray actor reserves and runs torch on when scoring without a GPU "
@@ -168,7 +172,7 @@ class ShardScorer:
         models = [
             ReferenceModel(name, path, device=device, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
                            attn_implementation=cfg.attn_implementation, max_window_tokens=cfg.context_tokens,
-                           stride_tokens=cfg.stride_tokens)
+                           stride_tokens=cfg.stride_tokens, backend=cfg.backend)
             for name, path in cfg.model_dirs(run).items()
         ]
         self.scorer = DocumentScorer(models, cfg.tokens_per_batch, cfg.logit_chunk_tokens)

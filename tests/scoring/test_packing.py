@@ -1,6 +1,7 @@
 """Windows cover every token once with enough context; packing respects row and batch budgets."""
 
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from framelm.scoring.packing import pack_documents, pack_rows, plan_windows
@@ -57,3 +58,21 @@ def test_pack_documents_builds_consistent_batches():
     for d, s in enumerate(seqs):
         assert sorted(targets[d]) == sorted(s[1:].tolist())
         assert len(targets[d]) == len(s) - 1
+
+
+def test_full_rows_give_every_batch_one_shape_and_every_target_once():
+    rng = np.random.default_rng(1)
+    seqs = [rng.integers(1, 100, size=n) for n in (2, 5, 17, 40, 3, 90, 8, 16, 1, 33)]
+    batches = pack_documents(seqs, window=16, stride=4, tokens_per_batch=70, pad_id=0, row_tokens=16, full_rows=True)
+    assert {b.input_ids.shape for b in batches} == {(4, 16)}  # 70 // 16 rows of the full window
+    targets = {d: [] for d in range(len(seqs))}
+    for b in batches:
+        assert np.array_equal(b.input_ids.reshape(-1)[b.hidden_index + 1], b.target_ids)
+        for d, t in zip(b.target_doc, b.target_ids):
+            targets[int(d)].append(int(t))
+    assert all(sorted(targets[d]) == sorted(s[1:].tolist()) for d, s in enumerate(seqs))
+    last = batches[-1]
+    assert (last.input_ids[-1] == 0).all() and np.array_equal(last.position_ids[-1], np.arange(16)), "a padding row"
+    assert any(b.packed for b in batches)
+    with pytest.raises(ValueError, match="cannot hold windows of 16"):
+        pack_documents(seqs, window=16, stride=4, tokens_per_batch=70, pad_id=0, row_tokens=8, full_rows=True)

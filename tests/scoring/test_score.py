@@ -248,3 +248,35 @@ def test_eager_attention_honours_the_packing_too(scored, ref_models):
     assert tokens.tolist() == [n or 0 for n in table.column("strong_tokens").to_pylist()]
     expected = np.array([v or 0.0 for v in table.column("strong_nll").to_pylist()])
     np.testing.assert_allclose(nll, expected, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # flex attention runs unfused (eagerly) on the CPU
+@pytest.mark.parametrize("rows", ["one window per row", "full rows, dense mask", "full rows, flex"])
+def test_the_framelm_backend_gives_the_transformers_scores(scored, ref_models, rows):
+    from framelm.scoring.scorer import DocumentScorer, ReferenceModel
+
+    _, _, table = scored
+    model = ReferenceModel("strong", ref_models["strong"], device=torch.device("cpu"), dtype=torch.float32,
+                           max_window_tokens=CONTEXT, stride_tokens=STRIDE, backend="framelm")
+    if rows != "one window per row":  # the packing the framelm backend uses on GPUs
+        model.row_tokens, model.full_rows = model.window, True
+        model.framelm.attention = "flex" if rows.endswith("flex") else "sdpa"
+    scorer = DocumentScorer([model], tokens_per_batch=96, logit_chunk_tokens=7)
+    prepared = scorer.prepare(TEXTS)
+    assert any(b.packed for b in prepared.per_model["strong"][1]) == (rows != "one window per row")
+    nll, tokens = scorer.run(prepared)["strong"]
+    assert tokens.tolist() == [n or 0 for n in table.column("strong_tokens").to_pylist()]
+    np.testing.assert_allclose(nll, [v or 0.0 for v in table.column("strong_nll").to_pylist()], rtol=1e-5)
+
+
+def test_the_framelm_backend_refuses_what_it_cannot_run(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from framelm.scoring.scorer import ReferenceModel
+
+    path = make_model(tmp_path / "biased", seed=0, vocab_size=300, bos="<s>", eos="</s>", layers=1)
+    config = LlamaConfig.from_pretrained(path)
+    config.attention_bias = True
+    LlamaForCausalLM(config).save_pretrained(path)
+    with pytest.raises(FramelmError, match="biased.*plain Llama models only.*attention_bias = True.*backend 'transformers'"):
+        ReferenceModel("weak", path, device=torch.device("cpu"), dtype=torch.float32, backend="framelm")

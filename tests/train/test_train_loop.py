@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -159,3 +160,29 @@ def test_tensorboard_without_the_package_says_how_to_install(tmp_path):
     cfg = TrainConfig(seq_len=16, global_batch_seqs=4, max_tokens=64, eval_every_steps=0, tensorboard=True)
     with pytest.raises(FramelmError, match="pip install tensorboard"):
         fit(cfg, tokens, stages, tmp_path / "out", eos_id=0, vocab_size=64)
+
+
+
+def test_flex_attention_off_the_gpu_is_refused_before_training(tmp_path):
+    tokens, stages = _stream()
+    cfg = TrainConfig(seq_len=16, global_batch_seqs=4, max_tokens=64, eval_every_steps=0, attention="flex", device="cpu")
+    with pytest.raises(FramelmError, match="attention = 'flex' trains only on CUDA"):
+        fit(cfg, tokens, stages, tmp_path / "out", eos_id=0, vocab_size=64)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_training_matches_eager_and_keeps_the_weight_names(tmp_path):
+    from safetensors.torch import load_file
+
+    tokens, stages = _stream()
+    losses, weights = {}, {}
+    for compiled in (False, True):
+        out = tmp_path / f"compile-{compiled}"
+        cfg = TrainConfig(seq_len=16, global_batch_seqs=4, eval_every_steps=0, max_tokens=640, device="cpu", compile=compiled)
+        fit(cfg, tokens, stages, out, eos_id=0, vocab_size=64)
+        losses[compiled] = [r["loss"] for r in records(out / "log.jsonl", "train")]
+        weights[compiled] = load_file(str(out / "checkpoints" / "step-00000010" / "model.safetensors"))
+    assert len(losses[True]) == 10
+    assert np.allclose(losses[False], losses[True], rtol=1e-4)  # fused kernels round differently
+    assert weights[False].keys() == weights[True].keys()

@@ -11,9 +11,13 @@ Windows up to `row_tokens` long (at most the window) are packed several per row 
 decreasing into rows of `row_tokens`); a longer window gets a row of its own. Attention over a
 packed row costs row length squared whatever the mask, so short rows keep short documents cheap.
 Rows go into batches of at most `tokens_per_batch` padded tokens, longest first, so rows of
-similar length share a batch. Position ids restart at 0 for each window, which is how Hugging
-Face models recognise packed sequences and build a block-diagonal causal mask (sdpa/eager) or
-call varlen kernels (flash attention). Padding continues the positions of its row's last window:
+similar length share a batch. With `full_rows`, every batch instead has exactly
+`tokens_per_batch // row_tokens` rows of `row_tokens` tokens (padding rows included), one shape
+for a compiled model; that asks for `row_tokens` at least the window, so every window is packed.
+
+Position ids restart at 0 for each window, which is how Hugging Face models recognise packed
+sequences and build a block-diagonal causal mask (sdpa/eager) or call varlen kernels (flash
+attention), and how framelm's backend numbers the windows of a row. Padding continues the positions of its row's last window:
 causal attention never lets a real token see the padding after it, so a batch whose rows each
 hold one window (`row_tokens=0`: no packing) needs no mask at all and runs the plain causal
 kernel. Pure numpy, no torch: this runs on a background thread while the model works.
@@ -57,6 +61,7 @@ class PackedBatch:
     hidden_index: np.ndarray
     target_ids: np.ndarray
     target_doc: np.ndarray
+    packed: bool  # some row holds several windows: attention needs a mask by window
 
     @property
     def n_targets(self) -> int:
@@ -100,12 +105,14 @@ def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 
 def pack_documents(
     sequences: Sequence[np.ndarray], window: int, stride: int, tokens_per_batch: int, pad_id: int,
-    row_tokens: int = 512,
+    row_tokens: int = 512, full_rows: bool = False,
 ) -> list[PackedBatch]:
     """Pack the windows of all `sequences` ([bos] + tokens each) into batches.
 
     The batches depend only on the arguments: the same documents always give the same batches.
     """
+    if full_rows and row_tokens < window:
+        raise ValueError(f"full rows of {row_tokens} tokens cannot hold windows of {window}")
     row_tokens = min(row_tokens, window)  # padding positions then stay below the window
     windows = [w for d, s in enumerate(sequences) for w in plan_windows(d, len(s), window, stride)]
     short = [i for i, w in enumerate(windows) if w.length <= row_tokens]
@@ -114,6 +121,10 @@ def pack_documents(
     row_lens = [sum(windows[i].length for i in row) for row in rows]
     # Longest rows first, so each batch pads to its first row's length and wastes little.
     row_order = sorted(range(len(rows)), key=lambda r: (-row_lens[r], r))
+    if full_rows:
+        per_batch = tokens_per_batch // row_tokens
+        return [_build_batch([rows[r] for r in row_order[i:i + per_batch]], windows, sequences, pad_id, (per_batch, row_tokens))
+                for i in range(0, len(row_order), per_batch)]
     batches = []
     group: list[int] = []
     for r in row_order:
@@ -126,10 +137,12 @@ def pack_documents(
     return batches
 
 
-def _build_batch(rows: list[list[int]], windows: list[Window], sequences: Sequence[np.ndarray], pad_id: int) -> PackedBatch:
-    row_len = max(sum(windows[i].length for i in row) for row in rows)
-    input_ids = np.full((len(rows), row_len), pad_id, dtype=np.int64)
-    position_ids = np.empty((len(rows), row_len), dtype=np.int64)
+def _build_batch(rows: list[list[int]], windows: list[Window], sequences: Sequence[np.ndarray], pad_id: int,
+                 shape: tuple[int, int] | None = None) -> PackedBatch:
+    """One batch of `rows`; `shape` (rows, row_len) pads it with rows of padding to a fixed shape."""
+    n_rows, row_len = shape or (len(rows), max(sum(windows[i].length for i in row) for row in rows))
+    input_ids = np.full((n_rows, row_len), pad_id, dtype=np.int64)
+    position_ids = np.tile(np.arange(row_len, dtype=np.int64), (n_rows, 1))  # padding rows keep these
     hidden_index, target_ids, target_doc = [], [], []
     for r, row in enumerate(rows):
         offset = 0
@@ -153,4 +166,5 @@ def _build_batch(rows: list[list[int]], windows: list[Window], sequences: Sequen
         hidden_index=np.concatenate(hidden_index),
         target_ids=np.concatenate(target_ids).astype(np.int64),
         target_doc=np.concatenate(target_doc),
+        packed=any(len(row) > 1 for row in rows),
     )

@@ -1,11 +1,15 @@
 """Summed negative log-likelihood of documents under reference causal language models.
 
 `ReferenceModel` loads a local Hugging Face causal-LM directory (safetensors weights, its own
-tokenizer). `DocumentScorer` scores a list of texts under several such models: `prepare`
-tokenizes and packs them (numpy only, safe to run on a background thread), `run` does the
-forward passes. Full-vocabulary logits are never built for a whole batch: the scorer takes
-the final hidden states of the positions that predict a token and applies the output layer
-to chunks of them.
+tokenizer) and runs it with one of two backends: `transformers`, the model as transformers
+builds it (any causal LM), or `framelm`, a plain Llama (SmolLM, Llama, framelm's own reference
+models) converted to framelm's decoder, whose fused projections and, on GPUs, compiled blocks
+and block-sparse FlexAttention let it pack every row to the full window with one fixed batch
+shape. `DocumentScorer` scores a list of texts under several such models: `prepare` tokenizes
+and packs them (numpy only, safe to run on a background thread), `run` does the forward
+passes. Full-vocabulary logits are never built for a whole batch: the scorer takes the final
+hidden states of the positions that predict a token and applies the output layer to chunks of
+them.
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ class ReferenceModel:
 
     def __init__(self, name: str, path: str | Path, *, device: torch.device, dtype: torch.dtype,
                  trust_remote_code: bool = False, attn_implementation: str = "sdpa",
-                 max_window_tokens: int | None = None, stride_tokens: int | None = None):
+                 max_window_tokens: int | None = None, stride_tokens: int | None = None,
+                 backend: str = "transformers"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.name = name
@@ -92,6 +97,25 @@ class ReferenceModel:
         if len(self.tokenizer) > vocab:
             raise FramelmError(f"{name} model: its tokenizer has {len(self.tokenizer)} tokens but the model only {vocab} output classes ({self.path})")
         self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        # How prepare() packs windows (see framelm.scoring.packing): on the CPU one window per
+        # row and no mask; on GPUs short windows share rows of 512 tokens under transformers'
+        # dense block-diagonal mask, or, with framelm's block-sparse mask, every row is packed
+        # to the full window and every batch has one shape, so the compiled model compiles once.
+        self.row_tokens, self.full_rows = (0, False) if device.type != "cuda" else (512, False)
+        self.framelm = None
+        if backend == "framelm":
+            from framelm.hf_llama import framelm_from_hf
+
+            try:
+                self.framelm = framelm_from_hf(self.model, attention="flex" if device.type == "cuda" else "sdpa")
+            except FramelmError as exc:
+                raise FramelmError(f"{name} model ({self.path}): backend 'framelm' runs plain Llama models only, and this is {exc}; "
+                                   f"use backend 'transformers'") from None
+            self.model = None  # the weights now live in self.framelm
+            if device.type == "cuda":
+                self.framelm.compile_blocks()
+                self.row_tokens, self.full_rows = self.window, True
+        self.head = self.framelm.lm_head if self.framelm is not None else self.model.get_output_embeddings()
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
         """[bos] + tokens of each text, as int64 arrays."""
@@ -107,19 +131,12 @@ class ReferenceModel:
         position_ids = torch.from_numpy(batch.position_ids).to(dev, non_blocking=True)
         hidden_index = torch.from_numpy(batch.hidden_index).to(dev, non_blocking=True)
         targets = torch.from_numpy(batch.target_ids).to(dev, non_blocking=True)
-        if self.model.config._attn_implementation.startswith("flash_attention"):
-            # Flash-attention kernels see packed sequences only in one flattened row (varlen);
-            # flattening keeps every flat index, so hidden_index stays valid.
-            input_ids, position_ids = input_ids.view(1, -1), position_ids.view(1, -1)
         try:
-            # attention_mask=None + restarting position_ids = packed sequences: transformers builds a
-            # block-diagonal causal mask, so no token attends across documents or windows.
-            hidden = self.model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+            hidden = self._hidden_states(input_ids, position_ids, batch.packed)
             hidden = hidden.flatten(0, 1).index_select(0, hidden_index)  # (n_targets, d_model)
-            head = self.model.get_output_embeddings()
             out = torch.empty(targets.numel(), dtype=torch.float32, device=dev)
             for i in range(0, targets.numel(), logit_chunk_tokens):
-                logits = head(hidden[i:i + logit_chunk_tokens]).float()  # (chunk, vocab)
+                logits = self.head(hidden[i:i + logit_chunk_tokens]).float()  # (chunk, vocab)
                 if self.softcap:
                     logits = torch.tanh(logits / self.softcap) * self.softcap
                 out[i:i + logit_chunk_tokens] = F.cross_entropy(logits, targets[i:i + logit_chunk_tokens], reduction="none")
@@ -130,6 +147,21 @@ class ReferenceModel:
                 f"or --logit-chunk-tokens; finished shards are kept"
             ) from None
         return out
+
+    def _hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor, packed: bool) -> torch.Tensor:
+        """The final normed hidden states (rows, row_len, d_model) of one batch."""
+        if self.framelm is not None:
+            if not packed:  # one window per row: positions 0.., plain causal attention
+                return self.framelm.hidden_states(input_ids)
+            segments = torch.cumsum(position_ids == 0, dim=1)  # each window starts at position 0
+            return self.framelm.hidden_states(input_ids, positions=position_ids, segments=segments)
+        if self.model.config._attn_implementation.startswith("flash_attention"):
+            # Flash-attention kernels see packed sequences only in one flattened row (varlen);
+            # flattening keeps every flat index, so hidden_index stays valid.
+            input_ids, position_ids = input_ids.view(1, -1), position_ids.view(1, -1)
+        # attention_mask=None + restarting position_ids = packed sequences: transformers builds a
+        # block-diagonal causal mask, so no token attends across documents or windows.
+        return self.model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
 
 
 @dataclasses.dataclass
@@ -145,10 +177,7 @@ class DocumentScorer:
 
     def __init__(self, models: list[ReferenceModel], tokens_per_batch: int | None, logit_chunk_tokens: int):
         on_cpu = all(m.device.type == "cpu" for m in models)
-        # CPU: no packing. Each row holds one window, batches group windows of similar length, so
-        # attention runs the plain causal kernel without a 4D mask, and batches stay cache-sized.
-        # GPU: short windows packed into rows of 512 tokens and big batches keep the device busy.
-        self.row_tokens = 0 if on_cpu else 512
+        # CPU: batches stay cache-sized. GPU: big batches keep the device busy.
         tokens_per_batch = tokens_per_batch or (8192 if on_cpu else 32768)
         for m in models:
             if tokens_per_batch < m.window:
@@ -162,7 +191,8 @@ class DocumentScorer:
         for m in self.models:
             seqs = m.encode(texts)
             n_tokens = np.array([len(s) - 1 for s in seqs], dtype=np.int64)
-            per_model[m.name] = (n_tokens, pack_documents(seqs, m.window, m.stride, self.tokens_per_batch, m.bos_id, self.row_tokens))
+            per_model[m.name] = (n_tokens, pack_documents(seqs, m.window, m.stride, self.tokens_per_batch, m.bos_id,
+                                                           m.row_tokens, m.full_rows))
         return PreparedDocuments(len(texts), per_model)
 
     def run(self, prepared: PreparedDocuments) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -2,7 +2,8 @@
 
 Modules: `config` (TrainConfig), `data` (stream reading and batch plan), `lr` (schedules),
 `loop` (fit / train_model), `checkpoint`, `averaging` (EMA/SMA/WMA of checkpoints),
-`hf_export` (Hugging Face Llama folders), `distributed` (torchrun).
+`distributed` (torchrun). The final models are written as Hugging Face Llama folders by
+`framelm.hf_llama`.
 """
 
 from framelm.train.config import TrainConfig

@@ -43,7 +43,7 @@ from framelm.train.averaging import average_checkpoints
 from framelm.train.config import TrainConfig
 from framelm.train.data import BatchPlan, StageRange, check_stages, read_stream, stream_fingerprint
 from framelm.train.distributed import World, all_reduce_mean, barrier, init_world, shutdown
-from framelm.train.hf_export import export_hf
+from framelm.hf_llama import export_hf
 from framelm.train.lr import lr_at
 
 log = logging.getLogger("framelm")
@@ -138,6 +138,9 @@ class _Trainer:
         if largest >= self.args.vocab_size:
             raise FramelmError(f"the token stream holds token id {largest}, outside the vocabulary of {self.args.vocab_size}; "
                                f"its meta.json vocab_size is wrong or the stream was made with another tokenizer")
+        if cfg.doc_masking and cfg.attention == "flex" and world.device.type != "cuda":
+            raise FramelmError(f"attention = 'flex' trains only on CUDA GPUs (FlexAttention has no backward pass on "
+                               f"{world.device.type} in torch {torch.__version__}); use attention = 'sdpa' there")
         self.fingerprint = stream_fingerprint(tokens, stages)
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and world.device.type == "cuda")
         self.ckpt_root = out_dir / "checkpoints"
@@ -156,7 +159,12 @@ class _Trainer:
         start_step = self._resume(model, optimizer)
         logfile = LogFile(self.out_dir / "log.jsonl", start_step, world.is_main)
         writer = self._tensorboard() if world.is_main and cfg.tensorboard else None
-        forward_model = torch.compile(model) if cfg.compile else model
+        forward_model, loss_fn = model, next_token_loss
+        if cfg.compile:
+            model.compile_blocks()
+            # Compiled, the fp32 upcast of the (B, T, vocab) logits fuses into the cross-entropy
+            # instead of being written out in full.
+            loss_fn = torch.compile(next_token_loss)
         if world.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -185,7 +193,7 @@ class _Trainer:
                 sync = contextlib.nullcontext() if (micro == accum - 1 or not world.distributed) else forward_model.no_sync()
                 with sync:
                     with self.autocast():
-                        loss = next_token_loss(forward_model(x, mask_eos), y) / accum
+                        loss = loss_fn(forward_model(x, mask_eos), y) / accum
                     loss.backward()
                 step_loss += loss.detach()
             if cfg.grad_clip:
