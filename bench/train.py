@@ -45,11 +45,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=32, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--steps", type=int, default=20, help="timed steps")
-    p.add_argument("--warmup-steps", type=int, default=5, help="untimed steps first (compilation, allocator)")
+    p.add_argument("--warmup-steps", type=int, default=5, help="untimed steps first, at least 1 (compilation, allocator)")
     p.add_argument("--doc-tokens", type=int, default=512, help="document length for the doc-masking run")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile both (default: on CUDA)")
     p.add_argument("--smoke", action="store_true", help="tiny CPU settings: preset nano, vocab 8192, 8 x 128, 5 steps")
     args = p.parse_args()
+    if args.warmup_steps < 1:
+        p.error("--warmup-steps must be at least 1: the first step is timed apart (compilation)")
     if args.smoke:
         args.preset, args.vocab, args.batch, args.seq_len, args.steps, args.warmup_steps = "nano", 8192, 8, 128, 5, 2
         args.doc_tokens = 64
@@ -59,11 +61,11 @@ def parse_args() -> argparse.Namespace:
 def time_steps(step_fn, steps: int, warmup: int, device: torch.device) -> tuple[float, float]:
     """(seconds of the first step, seconds per step after the warmup steps)."""
     started = time.perf_counter()
-    for i in range(warmup):
+    step_fn()
+    _sync(device)
+    first = time.perf_counter() - started
+    for _ in range(warmup - 1):
         step_fn()
-        if i == 0:
-            _sync(device)
-            first = time.perf_counter() - started
     _sync(device)
     start = time.perf_counter()
     for _ in range(steps):
@@ -157,7 +159,8 @@ def main() -> None:
 
 def trainer_throughput(args: argparse.Namespace, device: torch.device, compile_models: bool, rates) -> dict:
     """framelm's own training loop on a random stream of warmup + timed steps, plain causal as in
-    the "framelm" row: the median of its logged per-step tokens/s after the warmup steps."""
+    the "framelm" row: tokens over the mean of its logged step times after the warmup steps,
+    as the bare step is timed."""
     n_steps = args.warmup_steps + args.steps
     tokens = np.random.default_rng(0).integers(1, args.vocab, n_steps * args.batch * args.seq_len + 1).astype(np.uint16)
     cfg = TrainConfig(model=ModelConfig(preset=args.preset, max_seq_len=max(args.seq_len, 2048)), seq_len=args.seq_len,
@@ -167,8 +170,8 @@ def trainer_throughput(args: argparse.Namespace, device: torch.device, compile_m
     with tempfile.TemporaryDirectory() as tmp:
         fit(cfg, tokens, [StageRange("all", 0, len(tokens))], Path(tmp), eos_id=0, vocab_size=args.vocab)
         log = [json.loads(line) for line in (Path(tmp) / "log.jsonl").read_text().splitlines()]
-    per_step = [r["tokens_per_s"] for r in log if r["type"] == "train" and r["step"] > args.warmup_steps]
-    return {"steps": len(per_step), **rates(statistics.median(per_step))}
+    seconds = [args.batch * args.seq_len / r["tokens_per_s"] for r in log if r["type"] == "train" and r["step"] > args.warmup_steps]
+    return {"steps": len(seconds), **rates(args.batch * args.seq_len / statistics.mean(seconds))}
 
 
 def batch_reader_throughput(args: argparse.Namespace) -> dict:

@@ -49,12 +49,12 @@ def test_a_transformers_llama_converts_to_framelm_with_equal_logits(tie):
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=80, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
-                         num_key_value_heads=2, max_position_embeddings=64, rope_theta=7000.0, rms_norm_eps=1e-6,
+                         num_key_value_heads=2, max_position_embeddings=2048, rope_theta=7000.0, rms_norm_eps=1e-6,
                          tie_word_embeddings=tie, initializer_range=0.2)
     hf = LlamaForCausalLM(config).eval()
     ours = framelm_from_hf(hf)
     assert (ours.args.n_heads, ours.args.n_kv_heads, ours.args.rope_theta, ours.args.tie_embeddings) == (6, 2, 7000.0, tie)
-    tokens = torch.randint(0, 80, (2, 40))
+    tokens = torch.randint(0, 80, (1, 2048))  # every position: the RoPE tables must agree to the end
     with torch.no_grad():
         assert (ours(tokens) - hf(tokens).logits).abs().max() < 1e-4
 

@@ -147,6 +147,10 @@ def heldout_loss(model: torch.nn.Module, hset: HeldoutSet, eos_id: int, seq_len:
     was_training = model.training
     model.eval()
     inputs, targets = packed_rows(hset.docs, eos_id, seq_len)
+    # Pad to whole batches (EOS rows predicting nothing): one batch shape for compiled blocks.
+    pad = -len(inputs) % batch_rows
+    inputs = np.concatenate([inputs, np.full((pad, seq_len), eos_id, dtype=inputs.dtype)])
+    targets = np.concatenate([targets, np.full((pad, seq_len), -100, dtype=targets.dtype)])
     total_nll = 0.0
     for start in range(0, len(inputs), batch_rows):
         x = torch.from_numpy(inputs[start: start + batch_rows]).to(device)

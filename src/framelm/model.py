@@ -120,11 +120,15 @@ class ModelConfig(StageConfig):
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (max_seq_len, head_dim) in the rotate-half layout used by HF Llama."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)  # (T, head_dim/2)
+    """cos/sin tables (max_seq_len, head_dim) in the rotate-half layout used by HF Llama.
+
+    Computed in fp32 exactly as transformers computes them, so a model converted either way
+    gives the same logits at every position, not only at the first few hundred.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.int64).float(), inv_freq)  # (T, head_dim/2)
     angles = torch.cat([angles, angles], dim=-1)  # (T, head_dim)
-    return angles.cos().float(), angles.sin().float()
+    return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -241,7 +245,9 @@ def segment_block_mask(segments: torch.Tensor):
         return (kv_idx <= q_idx) & (segments[b, q_idx] == segments[b, kv_idx])
 
     B, T = segments.shape
-    return create_block_mask(same_segment_causal, B, None, T, T, device=segments.device)
+    # Compiled on GPUs: built eagerly, the mask is materialised in full (B x T x T, int64
+    # intermediates) for every batch.
+    return create_block_mask(same_segment_causal, B, None, T, T, device=segments.device, _compile=segments.is_cuda)
 
 
 class FrameLM(nn.Module):
@@ -282,8 +288,8 @@ class FrameLM(nn.Module):
                       segments: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) -> final normed hidden states (B, T, d_model), the output layer's input.
 
-        positions (B, T): each token's RoPE position (default 0..T-1 in every row); segments
-        (B, T): attention stays among equal numbers (default: plain causal over the row).
+        positions (B, T): each token's RoPE position, below max_seq_len (default 0..T-1 in every
+        row); segments (B, T): attention stays among equal numbers (default: plain causal).
         """
         T = tokens.shape[1]
         if T > self.args.max_seq_len:
@@ -308,10 +314,12 @@ class FrameLM(nn.Module):
 
         The blocks share one code path, so they share one compiled graph: a 30-layer model
         compiles in about the time of one block (10 s instead of 77 s for smollm-135m on a CPU),
-        and the weights keep their names (no `_orig_mod.` prefix in checkpoints).
+        and the weights keep their names (no `_orig_mod.` prefix in checkpoints). Static shapes:
+        callers keep to a few batch shapes (the trainer and the scorer pad to them), and a graph
+        with symbolic shapes would be slower and, with FlexAttention, fails to build on the CPU.
         """
         for block in self.blocks:
-            block.compile()
+            block.compile(dynamic=False)
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The state dict with a tied output projection listed once (as embed.weight)."""

@@ -86,7 +86,8 @@ class ScoreConfig(StageConfig):
     backend: Literal["transformers", "framelm"] = field(
         "transformers", hash=False,
         help="transformers: run the models as transformers builds them (any causal LM); framelm: run plain Llama models "
-             "(SmolLM, Llama, framelm's reference models) as framelm's decoder, compiled with block-sparse attention on GPUs")
+             "(SmolLM, Llama, framelm's reference models) as framelm's decoder, compiled with block-sparse attention on GPUs; "
+             "the scores agree to rounding, so a resumed run may mix shards of both")
     executor: Literal["local", "ray"] = field("local", help="local: this process; ray: a Ray Data actor pool (one GPU per actor when CUDA is present)", hash=False)
     ray_actors: int = field(1, help="number of Ray scoring actors (executor: ray)", hash=False)
     ray_cpus_per_actor: int | None = field(None, help="CPU cores each Ray actor reserves and runs torch on when scoring without a GPU "

@@ -15,7 +15,8 @@ from .test_concurrent_runs import write_corpus
 def test_ctrl_c_mid_stage_then_resume(tmp_path):
     corpus = write_corpus(tmp_path / "web.jsonl")
     ref, run = tmp_path / "ref", tmp_path / "run"
-    flags = ("--inputs", str(corpus), "--docs-per-shard", "50")
+    # 200 small shards: after the third, the stage is far from done when the signal comes
+    flags = ("--inputs", str(corpus), "--docs-per-shard", "10")
     run_uninterrupted(framelm_argv(["ingest"], ref, *flags), ref)
 
     proc = start(framelm_argv(["ingest"], run, *flags))

@@ -280,3 +280,22 @@ def test_the_framelm_backend_refuses_what_it_cannot_run(tmp_path):
     LlamaForCausalLM(config).save_pretrained(path)
     with pytest.raises(FramelmError, match="biased.*plain Llama models only.*attention_bias = True.*backend 'transformers'"):
         ReferenceModel("weak", path, device=torch.device("cpu"), dtype=torch.float32, backend="framelm")
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on the CPU needs a C++ compiler")
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_the_compiled_framelm_backend_gives_the_same_scores_at_every_batch_shape(scored, ref_models):
+    """The GPU path on the CPU: compiled blocks, FlexAttention, full rows; two batch shapes."""
+    from framelm.scoring.scorer import DocumentScorer, ReferenceModel
+
+    _, _, table = scored
+    model = ReferenceModel("strong", ref_models["strong"], device=torch.device("cpu"), dtype=torch.float32,
+                           max_window_tokens=CONTEXT, stride_tokens=STRIDE, backend="framelm")
+    model.row_tokens, model.full_rows, model.framelm.attention = model.window, True, "flex"
+    model.framelm.compile_blocks()
+    expected = np.array([v or 0.0 for v in table.column("strong_nll").to_pylist()])
+    with torch.inference_mode():
+        for tokens_per_batch in (96, 64):  # (3, 32) and (2, 32) batches
+            scorer = DocumentScorer([model], tokens_per_batch=tokens_per_batch, logit_chunk_tokens=7)
+            nll, _ = scorer.run(scorer.prepare(TEXTS))["strong"]
+            np.testing.assert_allclose(nll, expected, rtol=1e-5)

@@ -175,14 +175,18 @@ def test_flex_attention_off_the_gpu_is_refused_before_training(tmp_path):
 def test_compiled_training_matches_eager_and_keeps_the_weight_names(tmp_path):
     from safetensors.torch import load_file
 
-    tokens, stages = _stream()
-    losses, weights = {}, {}
+    losses, heldout, weights = {}, {}, {}
     for compiled in (False, True):
-        out = tmp_path / f"compile-{compiled}"
-        cfg = TrainConfig(seq_len=16, global_batch_seqs=4, eval_every_steps=0, max_tokens=640, device="cpu", compile=compiled)
-        fit(cfg, tokens, stages, out, eos_id=0, vocab_size=64)
+        run = RunDir(make_tiny_run(tmp_path / f"run-{compiled}", tokenizer=True))
+        # 10 steps; held-out sets at steps 5 and 10, whose last batches are partial (padded)
+        cfg = TrainConfig(**{**SMALL, "eval_every_steps": 5}, max_tokens=10 * 128, device="cpu", compile=compiled)
+        run_stage("train", cfg, run)
+        out = run.path("train", "frame", "seed0")
         losses[compiled] = [r["loss"] for r in records(out / "log.jsonl", "train")]
+        heldout[compiled] = [r["losses"] for r in records(out / "log.jsonl", "heldout")]
         weights[compiled] = load_file(str(out / "checkpoints" / "step-00000010" / "model.safetensors"))
-    assert len(losses[True]) == 10
+    assert len(losses[True]) == 10 and len(heldout[True]) == 2
     assert np.allclose(losses[False], losses[True], rtol=1e-4)  # fused kernels round differently
+    for eager, fused in zip(heldout[False], heldout[True]):
+        assert eager.keys() == fused.keys() and np.allclose(list(eager.values()), list(fused.values()), rtol=1e-4)
     assert weights[False].keys() == weights[True].keys()

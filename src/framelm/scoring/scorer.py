@@ -78,7 +78,8 @@ class ReferenceModel:
             )
         self.model = AutoModelForCausalLM.from_pretrained(
             self.path, local_files_only=True, trust_remote_code=trust_remote_code, use_safetensors=True,
-            dtype=dtype, attn_implementation=attn_implementation,
+            # framelm's backend only takes the weights: its attention is its own.
+            dtype=dtype, attn_implementation=attn_implementation if backend == "transformers" else "sdpa",
         ).to(device).eval()
         self.device = device
 
@@ -101,7 +102,7 @@ class ReferenceModel:
         # row and no mask; on GPUs short windows share rows of 512 tokens under transformers'
         # dense block-diagonal mask, or, with framelm's block-sparse mask, every row is packed
         # to the full window and every batch has one shape, so the compiled model compiles once.
-        self.row_tokens, self.full_rows = (0, False) if device.type != "cuda" else (512, False)
+        self.row_tokens, self.full_rows = (512 if device.type == "cuda" else 0), False
         self.framelm = None
         if backend == "framelm":
             from framelm.hf_llama import framelm_from_hf
