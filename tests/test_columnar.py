@@ -1,3 +1,5 @@
+import time
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,6 +18,22 @@ def test_row_groups_yield_every_row_in_order_and_slice_big_groups(tmp_path):
         assert all(p.num_rows <= max_rows for p in pieces)
         assert np.concatenate([p.column("x").to_numpy() for p in pieces]).tolist() == list(range(1000))
     assert sum(p.num_rows for p in row_groups(pq.ParquetFile(_empty(tmp_path)), ["x"])) == 0
+
+
+def test_slices_of_big_groups_are_read_from_their_own_group_when_reads_lag(tmp_path, monkeypatch):
+    # The helper thread starts each read late, so the piece generator has moved on to the next
+    # row group before the last slice of this one is read.
+    import concurrent.futures
+
+    class LateStartPool(concurrent.futures.ThreadPoolExecutor):
+        def submit(self, fn, *args, **kwargs):
+            return super().submit(lambda: (time.sleep(0.02), fn(*args, **kwargs))[1])
+
+    monkeypatch.setattr(concurrent.futures, "ThreadPoolExecutor", LateStartPool)
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"x": np.arange(1000)}), path, row_group_size=300)
+    pieces = list(row_groups(pq.ParquetFile(path), ["x"], max_rows=128))
+    assert np.concatenate([p.column("x").to_numpy() for p in pieces]).tolist() == list(range(1000))
 
 
 def _empty(tmp_path):

@@ -31,7 +31,8 @@ def row_groups(parquet: Any, columns: list[str], max_rows: int = MAX_GROUP_ROWS)
             else:
                 batches = parquet.iter_batches(batch_size=max_rows, row_groups=[i], columns=columns)
                 for _ in range(-(-parquet.metadata.row_group(i).num_rows // max_rows)):
-                    yield lambda: pa.Table.from_batches([next(batches)])
+                    # Bound now: the helper thread may run this after `batches` is the next group's.
+                    yield lambda batches=batches: pa.Table.from_batches([next(batches)])
 
     with ThreadPoolExecutor(1) as pool:
         pending = None
