@@ -25,3 +25,14 @@ def test_builtin_corpus_is_deterministic_capped_and_mixed():
 def test_builtin_corpus_rejects_a_non_positive_cap():
     with pytest.raises(FramelmError, match="max_chars"):
         list(iter_builtin_documents(max_chars=0))
+
+
+def test_fingerprint_changes_when_an_installed_licence_changes(tmp_path, monkeypatch):
+    import framelm.builtin_corpus as bc
+
+    licence = tmp_path / "LICENSE"
+    licence.write_text("MIT")
+    monkeypatch.setattr(bc, "_license_files", lambda: iter([(licence, "site/pkg-1.0.dist-info/LICENSE")]))
+    before = bc.builtin_fingerprint(1000)
+    licence.write_text("Apache-2.0")
+    assert bc.builtin_fingerprint(1000) != before

@@ -209,14 +209,26 @@ def test_unknown_task_names_and_missing_weights_are_explained(model_dir, tmp_pat
         resolve_model(EvalConfig(model=str(unsafe)), run)
 
 
-def test_editing_a_task_file_or_the_model_changes_the_config_hash(model_dir, tmp_path):
+def test_editing_a_task_file_or_the_model_changes_the_stage_hash(model_dir, tmp_path):
+    from framelm.pipeline import stage_hash
+
+    run = RunDir(tmp_path / "run")
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
     path = write_jsonl(tmp_path / "copa.jsonl", MC_ROWS)
-    by_path = EvalConfig(model=str(model_dir), tasks=[str(path)])
-    by_name = EvalConfig(model=str(model_dir), tasks=["copa"], task_dir=str(tmp_path))
-    before = by_path.config_hash(), by_name.config_hash()
+    by_path = EvalConfig(model=str(model), tasks=[str(path)], heldout=False)
+    by_name = EvalConfig(model=str(model), tasks=["copa"], task_dir=str(tmp_path), heldout=False)
+
+    def hashes():
+        return [stage_hash("eval", cfg, run, dry_run=True)[0] for cfg in (by_path, by_name)]
+
+    before = hashes()
     write_jsonl(path, MC_ROWS[:2])
-    after = by_path.config_hash(), by_name.config_hash()
-    assert before[0] != after[0] and before[1] != after[1]
+    edited_task = hashes()
+    weights = next(model.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")  # same size, other last weights
+    edited_model = hashes()
+    assert len({*before, *edited_task, *edited_model}) == 6
     assert EvalConfig(model="train/frame/seed0", tasks=[str(path)]).upstream() == ("train/frame/seed0", "tokenize")
 
 

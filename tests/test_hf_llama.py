@@ -71,3 +71,17 @@ def test_what_framelm_cannot_run_is_named(change, named):
                          max_position_embeddings=32, **change)
     with pytest.raises(FramelmError, match=f"not a plain Llama: {named}"):
         framelm_from_hf(LlamaForCausalLM(config))
+
+
+def test_the_exported_tokenizer_opens_documents_with_eos_as_training_did(tmp_path):
+    from transformers import AutoTokenizer
+
+    from scoring.conftest import _tokenizer
+
+    _tokenizer(tmp_path / "tok", 300, "<s>", "</s>")  # a BOS of its own, unused by framelm's training
+    eos_id = AutoTokenizer.from_pretrained(tmp_path / "tok").eos_token_id
+    assert AutoTokenizer.from_pretrained(tmp_path / "tok").bos_token_id != eos_id
+    args = ModelConfig(preset="tiny").resolve(300)
+    out = export_hf(FrameLM(args).weights(), args, tmp_path / "hf", eos_id, tmp_path / "tok")
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.bos_token_id == tok.eos_token_id == eos_id

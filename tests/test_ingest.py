@@ -92,7 +92,7 @@ def test_datasetdict_glob_and_text_directory(tmp_path):
     assert docs[2]["id"] == hashlib.sha1(b"ay text").hexdigest()
     assert counts["rejects"] == {"undecodable_bytes": 1}
     assert counts["sources"] == {"dd": 2, "notes": 3, "x1": 1, "x2": 1}
-    assert len(counts["inputs"]) == 4 and all("sha256_ends" in fp for fp in counts["inputs"])
+    assert len(counts["inputs"]) == 4 and all(len(fp["sha256"]) == 64 for fp in counts["inputs"])
 
 
 def test_builtin_input(tmp_path):
@@ -274,3 +274,23 @@ def test_directory_of_record_files(tmp_path):
     pq.write_table(pa.table({"text": ["from parquet"]}), folder / "a.parquet")
     counts, run = ingest(tmp_path, [folder])
     assert [(d["text"], d["source"]) for d in documents(run)] == [("from parquet", "a"), ("from jsonl", "b")]
+
+
+def test_directory_mixing_text_and_record_files_is_refused(tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    write_jsonl(folder / "web.jsonl", [{"text": f"record {i}"} for i in range(5)])
+    (folder / "README.txt").write_text("about this folder")
+    with pytest.raises(FramelmError, match=r"mixed: mixes \.txt files \(e\.g\. README\.txt\) with .*web\.jsonl"):
+        ingest(tmp_path, [folder])
+
+
+def test_an_edit_anywhere_in_an_input_reruns_ingest(tmp_path):
+    # A same-size edit past the first MiB, where a fingerprint of the file's ends sees nothing.
+    rows = [{"id": f"d{i}", "text": f"document {i:06d} " + "x" * 80} for i in range(16_000)]
+    path = write_jsonl(tmp_path / "big.jsonl", rows)
+    assert path.stat().st_size > 1 << 20
+    ingest(tmp_path, [path])
+    path.write_bytes(path.read_bytes().replace(b"document 012000 ", b"document EDITED "))
+    counts, run = ingest(tmp_path, [path])
+    assert "document EDITED " + "x" * 80 in {d["text"] for d in documents(run)}

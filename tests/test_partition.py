@@ -292,3 +292,14 @@ def test_a_label_outside_the_cells_is_named(run):
     pq.write_table(pa.table({"quadrant": pa.array(["Q1", None, "Q3", "Q4"]).dictionary_encode()})
                    .replace_schema_metadata(good.schema.metadata), path)
     assert read_labels(run)[0].tolist() == [0, -1, 2, 3]
+
+
+def test_documents_in_a_ppl_bin_without_fit_documents_are_counted_as_such(tmp_path, caplog):
+    # Ties at the PPL median put every fit document in the low bin; the two held-out documents
+    # above it have no PD cut points to be binned by.
+    run = RunDir(tmp_path / "run")
+    write_scores(run, {"ppl": [1, 2, 2, 2, 2, 2, 5, 9], "pd": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.1, 0.9],
+                       "split": ["train"] * 6 + ["heldout"] * 2})
+    counts = partition_documents(PartitionConfig(), run)
+    assert counts["labelled"] == 6 and counts["excluded_by_reason"] == {"no_fit_documents_in_ppl_bin": 2}
+    assert "PPL bin that holds no 'train' documents" in caplog.text

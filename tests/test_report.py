@@ -17,10 +17,11 @@ import yaml
 from PIL import Image
 
 from framelm.cli import main
+from framelm.compare import build_table
 from framelm.errors import ConfigError, FramelmError
 from framelm.partition import read_labelled, write_labels
 from framelm.pipeline import run_stage
-from framelm.report import ReportConfig, _lines_from_data, _stated_lines, build_report
+from framelm.report import ReportConfig, _lines_from_data, _stated_lines, _verdicts, build_report
 from framelm.rundir import RunDir
 
 SOURCES = ("books", "math", "web")
@@ -108,8 +109,19 @@ def write_logs(root: Path, seeds: tuple[int, ...], rng: np.random.Generator, ste
             (d / "log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
 
 
+def t_test(diff: float, stderr: float | None, n_seeds: int) -> dict:
+    """The diff_* columns framelm.compare writes for a difference paired over n_seeds seeds."""
+    from scipy import stats
+
+    if stderr is None or n_seeds < 2:
+        return {"diff_stderr": None, "diff_paired": True, "diff_df": None, "diff_p": None}
+    return {"diff_stderr": stderr, "diff_paired": True, "diff_df": n_seeds - 1,
+            "diff_p": float(2 * stats.t.sf(abs(diff) / stderr, n_seeds - 1))}
+
+
 def write_compare(root: Path, seeds: tuple[int, ...], rng: np.random.Generator, frame_diff: float = -0.05,
-                  diff_stderr: float | None = 0.01) -> None:
+                  diff_stderr: float | None = 0.01, **extra) -> None:
+    """A compare/results.json; `extra` goes to its top level (same_documents, ...)."""
     runs = []
     for name in SCHEDULES:
         for seed in seeds:
@@ -118,19 +130,20 @@ def write_compare(root: Path, seeds: tuple[int, ...], rng: np.random.Generator, 
             runs.append({"schedule": name, "seed": seed, "train_key": f"train/{name}/seed{seed}",
                          "eval_key": f"eval/{name}-seed{seed}", "tokens": 40960,
                          "results": {"heldout": {"all": {"loss": 3.0, "bpb": 1.2, "tokens": 5000}}, "tasks": tasks}})
+    n = len(seeds)
     table = [
-        {"metric": "heldout_loss/all", "schedule": "random", "mean": 3.10, "stderr": 0.01, "n_seeds": len(seeds),
-         "diff_vs_random": None, "diff_stderr": None},
+        {"metric": "heldout_loss/all", "schedule": "random", "mean": 3.10, "stderr": 0.01, "n_seeds": n,
+         "diff_vs_random": None, **t_test(0, None, n)},
         {"metric": "heldout_loss/all", "schedule": "frame", "mean": 3.10 + frame_diff, "stderr": 0.01,
-         "n_seeds": len(seeds), "diff_vs_random": frame_diff, "diff_stderr": diff_stderr},
+         "n_seeds": n, "diff_vs_random": frame_diff, **t_test(frame_diff, diff_stderr, n)},
         {"metric": "heldout_loss/source/all-caps", "schedule": "frame", "mean": 3.0, "stderr": 0.01,
-         "n_seeds": len(seeds), "diff_vs_random": 0.5, "diff_stderr": 0.01},  # not the overall held-out loss
-        {"metric": "piqa/acc", "schedule": "frame", "mean": 0.55, "stderr": 0.02, "n_seeds": len(seeds),
-         "item_stderr": 0.04, "diff_vs_random": 0.01, "diff_stderr": 0.02},
+         "n_seeds": n, "diff_vs_random": 0.5, **t_test(0.5, 0.01, n)},  # not the overall held-out loss
+        {"metric": "piqa/acc", "schedule": "frame", "mean": 0.55, "stderr": 0.02, "n_seeds": n,
+         "item_stderr": 0.04, "diff_vs_random": 0.01, **t_test(0.01, 0.02, n)},
     ]
     (root / "compare").mkdir(parents=True)
     (root / "compare" / "results.json").write_text(json.dumps({"schedules": list(SCHEDULES), "seeds": list(seeds),
-                                                               "runs": runs, "table": table}))
+                                                               "runs": runs, "table": table, **extra}))
 
 
 def make_run(root: Path, seeds: tuple[int, ...] = (0, 1), parts: tuple[str, ...] = ("partition", "schedule", "train", "compare")) -> RunDir:
@@ -200,8 +213,10 @@ def test_full_report_has_every_figure_and_references_exactly_them(full_report):
     assert "<script" not in text and "<link" not in text
     assert "not run yet" not in text
     assert text.count("<figcaption>") == len(pngs)
-    # the verdict comes from the table: -0.05 +- 0.01 is 5 standard errors
-    assert "frame vs random: held-out loss -0.050 ± 0.010 nats (better, significant at 2 standard errors)" in text
+    # the verdict comes from the table: -0.05 +- 0.01 is 5 standard errors, but over 2 seeds the
+    # t test has 1 degree of freedom: p = 0.13
+    assert ("frame vs random: held-out loss -0.050 ± 0.010 nats (better, not significant: p = 0.13, "
+            "paired t test over 2 seeds)") in text
     assert "summary.json's cut points" in text and "standard error across seeds" in text
     assert counts["figures"] == len(pngs) and counts["not_run_yet"] == 0
     assert "frame vs random" in counts["summary"]
@@ -219,28 +234,129 @@ def test_quadrant_table_matches_the_data(full_report):
     assert "no_score: 3" in text
 
 
-@pytest.mark.parametrize("diff,stderr,expected", [
-    (0.012, 0.020, "frame vs random: held-out loss +0.012 ± 0.020 nats (not significant at 2 standard errors)"),
-    (0.050, 0.010, "frame vs random: held-out loss +0.050 ± 0.010 nats (worse, significant at 2 standard errors)"),
-    (-0.020, None, "frame vs random: held-out loss -0.020 nats (no standard error with 1 seed(s): no significance claim)"),
+@pytest.mark.parametrize("diff,stderr,seeds,expected", [
+    (0.012, 0.020, 5, "frame vs random: held-out loss +0.012 ± 0.020 nats (worse, not significant: p = 0.58, "
+                      "paired t test over 5 seeds)"),
+    (0.050, 0.010, 5, "frame vs random: held-out loss +0.050 ± 0.010 nats (worse, significant: p = 0.007, "
+                      "paired t test over 5 seeds)"),
+    (-0.020, None, 1, "frame vs random: held-out loss -0.020 nats (no standard error with 1 seed(s): no significance claim)"),
 ])
-def test_verdict_is_computed_from_the_table(tmp_path, diff, stderr, expected):
+def test_verdict_is_computed_from_the_table(tmp_path, diff, stderr, seeds, expected):
     root = tmp_path / "run"
     root.mkdir()
-    write_compare(root, (0,), np.random.default_rng(1), frame_diff=diff, diff_stderr=stderr)
+    write_compare(root, tuple(range(seeds)), np.random.default_rng(1), frame_diff=diff, diff_stderr=stderr)
     counts = build_report(ReportConfig(), RunDir(root))
     assert expected in (root / "report" / "index.html").read_text()
     assert expected in counts["summary"]
 
 
+def seed_runs(losses: dict[str, list[float]]) -> list[dict]:
+    return [{"schedule": s, "seed": seed, "results": {"heldout": {"all": {"loss": loss}}}}
+            for s, values in losses.items() for seed, loss in enumerate(values)]
+
+
+def test_three_standard_errors_over_two_seeds_is_not_significant():
+    # paired differences 0.04 and 0.02: mean 0.03, standard error 0.01, so 3 standard errors; a
+    # t distribution with 1 degree of freedom puts 20% of its mass beyond that
+    table = build_table(seed_runs({"frame": [3.04, 3.02], "random": [3.0, 3.0]}), ["frame", "random"])
+    [verdict] = _verdicts(ReportConfig(), table, "heldout_loss/all")
+    assert verdict == ("frame vs random: held-out loss +0.030 ± 0.010 nats (worse, not significant: p = 0.20, "
+                       "paired t test over 2 seeds)")
+    [verdict] = _verdicts(ReportConfig(significance_level=0.25), table, "heldout_loss/all")
+    assert "(worse, significant: p = 0.20" in verdict
+    # unpaired (no seed in common): Welch's test, which names both seed counts
+    runs = seed_runs({"frame": [3.04, 3.02, 3.03]}) + [
+        {**r, "seed": r["seed"] + 10} for r in seed_runs({"random": [3.0, 3.01]})]
+    [verdict] = _verdicts(ReportConfig(), build_table(runs, ["frame", "random"]), "heldout_loss/all")
+    assert "Welch t test over 3 and 2 seeds" in verdict
+
+
+@pytest.mark.parametrize("n_seeds", [2, 3, 5])
+def test_no_difference_is_called_significant_at_the_nominal_rate(n_seeds):
+    """Under the null (both schedules the same up to seed noise) the verdict says "significant"
+    in about 5% of comparisons, whatever the number of seeds (2 standard errors: 10-30%)."""
+    rng = np.random.default_rng(n_seeds)
+    trials = 2000
+    hits = 0
+    for _ in range(trials):
+        noise = 3.0 + rng.normal(0, 0.02, (2, n_seeds))
+        table = build_table(seed_runs({"frame": noise[0].tolist(), "random": noise[1].tolist()}), ["frame", "random"])
+        hits += ", significant: p" in _verdicts(ReportConfig(), table, "heldout_loss/all")[0]
+    assert 0.035 < hits / trials < 0.065  # 5% +- 3 binomial standard errors
+
+
+def test_table_without_p_values_makes_no_significance_claim(tmp_path):
+    root = tmp_path / "run"
+    root.mkdir()
+    write_compare(root, (0, 1), np.random.default_rng(1), frame_diff=-0.5, diff_stderr=0.01)  # 50 standard errors
+    path = root / "compare" / "results.json"
+    data = json.loads(path.read_text())
+    for row in data["table"]:  # as an older framelm wrote it
+        for key in ("diff_paired", "diff_df", "diff_p"):
+            del row[key]
+    path.write_text(json.dumps(data))
+    counts = build_report(ReportConfig(), RunDir(root))
+    text = (root / "report" / "index.html").read_text()
+    assert ("frame vs random: held-out loss -0.500 ± 0.010 nats (better; no p-value: this results.json predates "
+            "compare's t test, re-run framelm compare to re-tabulate: no significance claim)") in counts["summary"]
+    assert "significant:" not in text and "<td>yes</td>" not in text and "<td>no</td>" not in text
+
+
+def test_comparison_table_shows_p_and_significance(full_report):
+    run, _ = full_report
+    text = run.path("report", "index.html").read_text()
+    assert "<th>p (t test)</th><th>significant (p &lt; 0.05)</th>" in text
+    assert "<td>-0.05 ± 0.01</td><td>0.13</td><td>no</td>" in text
+    assert "<td>0.5 ± 0.01</td><td>0.013</td><td>yes</td>" in text  # 50 standard errors over 2 seeds
+
+
+@pytest.mark.parametrize("shared, expected", [
+    (0.8, "caution: the schedules trained on different documents (frame: 1,200, random: 1,350 documents in the "
+          "first 40,960 tokens of each stream; frame and random share 80.0% of their trained documents): the "
+          "differences mix"),
+    (0.99, "the schedules trained on nearly the same documents (frame: 1,200, random: 1,350 documents in the first "
+           "40,960 tokens of each stream; frame and random share 99.0% of their trained documents): each stream's end"),
+])
+def test_different_documents_are_stated_plainly(tmp_path, shared, expected):
+    root = tmp_path / "run"
+    root.mkdir()
+    write_compare(root, (0,), np.random.default_rng(1), same_documents=False, shared_documents={"frame": shared})
+    data = json.loads((root / "compare" / "results.json").read_text())
+    for r in data["runs"]:
+        r["n_documents"] = {"frame": 1200, "random": 1350}[r["schedule"]]
+    (root / "compare" / "results.json").write_text(json.dumps(data))
+    counts = build_report(ReportConfig(), RunDir(root))
+    assert expected in counts["summary"]
+    assert html.escape(expected[0].upper() + expected[1:]) in (root / "report" / "index.html").read_text()
+    write_compare(tmp_path / "same", (0,), np.random.default_rng(1), same_documents=True)
+    build_report(ReportConfig(), RunDir(tmp_path / "same"))
+    assert "different documents" not in (tmp_path / "same" / "report" / "index.html").read_text()
+
+
+def test_averaged_weights_get_their_own_verdict_and_bars(tmp_path):
+    root = tmp_path / "run"
+    root.mkdir()
+    write_compare(root, (0, 1), np.random.default_rng(1))
+    data = json.loads((root / "compare" / "results.json").read_text())
+    data["runs"] += [{**r, "weights": "ema"} for r in data["runs"]]
+    data["table"] += [{**r, "weights": "ema", "diff_vs_random": r["diff_vs_random"] and -r["diff_vs_random"]}
+                      for r in data["table"]]
+    (root / "compare" / "results.json").write_text(json.dumps(data))
+    counts = build_report(ReportConfig(), RunDir(root))
+    assert "frame vs random: held-out loss -0.050" in counts["summary"]
+    assert "frame+ema vs random+ema: held-out loss +0.050" in counts["summary"]
+    text = (root / "report" / "index.html").read_text()
+    assert "<td>frame+ema</td>" in text and "<td>random+ema</td>" in text
+
+
 def test_verdict_metric_must_exist(tmp_path):
     root = tmp_path / "run"
     root.mkdir()
-    write_compare(root, (0,), np.random.default_rng(1))
+    write_compare(root, (0, 1, 2), np.random.default_rng(1))
     with pytest.raises(ConfigError, match="verdict_metric.*heldout_loss/all"):
         build_report(ReportConfig(verdict_metric="mmlu/acc"), RunDir(root))
     build_report(ReportConfig(verdict_metric="piqa/acc"), RunDir(root))
-    assert "frame vs random: piqa/acc +0.010 ± 0.020 (not significant" in (root / "report" / "index.html").read_text()
+    assert "frame vs random: piqa/acc +0.010 ± 0.020 (better, not significant" in (root / "report" / "index.html").read_text()
 
 
 @pytest.mark.parametrize("parts,figures", [
@@ -356,6 +472,9 @@ def test_config_validation_names_the_key():
         ReportConfig.from_dict({"density_bins": 1})
     with pytest.raises(ConfigError, match="schedule_groups"):
         ReportConfig.from_dict({"schedule_groups": "stage"})
+    for level in (0, 1, 2.0):
+        with pytest.raises(ConfigError, match="'significance_level' must lie strictly between 0 and 1"):
+            ReportConfig.from_dict({"significance_level": level})
 
 
 def test_cli_builds_the_report(tmp_path, capsys):

@@ -140,14 +140,36 @@ def test_two_stage_splits(run):
     assert set(o[o.stage == 0].quadrant) == {"Q1", "Q3"} and set(o[o.stage == 1].quadrant) == {"Q2", "Q4"}
 
 
-def test_transition_curves_are_monotone_and_complementary():
+def test_transition_curves_are_monotone_and_bounded():
     u = np.linspace(0, 1, 101)
     for kind in ("hard", "linear", "logistic"):
         s = transition_share(kind, u)
         assert (np.diff(s) >= 0).all() and s[0] == 0 and s[-1] == 1
-        assert np.allclose(s + (1 - s), 1) and ((0 <= s) & (s <= 1)).all()
+        assert ((0 <= s) & (s <= 1)).all()
     logistic = transition_share("logistic", u)
     assert logistic[50] == pytest.approx(0.5) and logistic[10] < 0.05 and logistic[90] > 0.95
+
+
+@pytest.mark.parametrize("kind", ["linear", "logistic"])
+def test_interleave_gives_the_next_stage_the_curve_and_the_last_its_complement(kind):
+    from framelm.schedule import _interleave
+
+    rng = np.random.default_rng(0)
+    wa = rng.integers(1, 20, 5000)
+    wb = rng.permutation(wa)  # equal token totals, as assemble's window halves: position = token fraction
+    order = _interleave(wa, wb, kind, 10.0)
+    is_b = order >= len(wa)
+    # a merge: each stage's documents keep their order
+    assert (order[~is_b] == np.arange(len(wa))).all() and (order[is_b] == np.arange(len(wa), 2 * len(wa))).all()
+    w = np.concatenate([wa, wb])[order]
+    u = (np.cumsum(w) - w / 2) / w.sum()  # each document's window position, at its token midpoint
+    grid = np.linspace(0, 1, 10_001)[:-1]
+    curve = transition_share(kind, grid)
+    for k in range(10):
+        docs, points = (u * 10).astype(int) == k, (grid * 10).astype(int) == k
+        expected = curve[points].mean()
+        assert w[docs & is_b].sum() / w[docs].sum() == pytest.approx(expected, abs=0.02)
+        assert w[docs & ~is_b].sum() / w[docs].sum() == pytest.approx(1 - expected, abs=0.02)
 
 
 @pytest.mark.parametrize("kind", ["linear", "logistic"])
@@ -203,6 +225,52 @@ def test_two_phase_epochs_match_hand_computation():
     assert Counter(epochs.tolist()) == {0: 10, 1: 10}
 
 
+def test_two_phase_keeps_a_source_smaller_than_one_downsampled_document():
+    # web: 1000 docs x 100 tokens; math: 3 docs x 2000. Designed for 400 k tokens, a 50 k run samples
+    # 1/8 of each source: math's 750-token target is under half a document, which rounds to none.
+    corpus = make_corpus([99] * 1000 + [1999] * 3, ["Q1"] * 1003, ["web"] * 1000 + ["math"] * 3)
+    strategy = StrategyConfig.from_dict({"kind": "two_phase", "blends": [{"web": 1.0}, {"web": 0.7, "math": 0.3}],
+                                         "design_tokens": 400_000})
+    sched = Builder(corpus, ScheduleConfig(total_tokens=50_000, strategies=[])).build(strategy)
+    assert sched.pool_tokens == {"math": 2000, "web": 12_500}
+    tokens = {p.name: dict(zip(corpus.source_names, np.bincount(corpus.source[p.idx], weights=corpus.weight[p.idx],
+                                                                minlength=2).tolist())) for p in sched.stages}
+    # math's 0.3 * 20 k budget takes its one kept document 3 times
+    assert tokens == {"phase1": {"math": 0, "web": 30_000}, "phase2": {"math": 6000, "web": 14_000}}
+    math_ = corpus.source_names.index("math")
+    assert sorted(sched.stages[1].epoch[corpus.source[sched.stages[1].idx] == math_].tolist()) == [0, 1, 2]
+
+
+def test_two_phase_epoch_caps_apply_to_the_downsampled_pool():
+    # math: 3 docs x 100 tokens. Designed for 15 k tokens, a 7 k run samples 7/15 of it: 140 tokens,
+    # which rounds to one document, so math's 0.06 * 7 k = 420-token budget takes it 4 times, not
+    # the 3 designed (0.06 * 15 k / 300).
+    corpus = make_corpus([99] * 1003, ["Q1"] * 1003, ["web"] * 1000 + ["math"] * 3)
+    strategy = StrategyConfig.from_dict({"kind": "two_phase", "blends": [{"web": 1.0}, {"web": 0.85, "math": 0.15}],
+                                         "design_tokens": 15_000})
+    cfg = ScheduleConfig(total_tokens=7000, strategies=[])
+    sched = Builder(corpus, cfg).build(strategy)
+    math_ = corpus.source_names.index("math")
+    assert sched.pool_tokens["math"] == 100
+    assert sum(int((corpus.source[p.idx] == math_).sum()) for p in sched.stages) == 4
+    with pytest.raises(FramelmError, match=r"source 'math' needs 4.2 epochs \(6.0% of 7,000 tokens, drawn from a "
+                                           r"100-token sample of its 300 for design_tokens 15,000\) but at most 3.5"):
+        Builder(corpus, cfg).build(dataclasses_replace(strategy, epoch_caps={"math": 3.5}))
+
+
+def test_a_budget_too_small_for_any_document_is_refused(tmp_path):
+    corpus = make_corpus([10] * 40, ["Q1", "Q2", "Q3", "Q4"] * 10, ["web", "math"] * 20)
+    tiny = ScheduleConfig(total_tokens=3, strategies=[])
+    for strategy in (StrategyConfig(kind="frame"), StrategyConfig(kind="random"),
+                     StrategyConfig.from_dict({"kind": "two_phase", "blends": [{"web": 1.0}, {"math": 1.0}]})):
+        with pytest.raises(ConfigError, match=rf"strategy '{strategy.kind}': no document fits total_tokens = 3: "
+                                              r".*the shortest document holds 11 tokens with its EOS; raise total_tokens"):
+            Builder(corpus, tiny).build(strategy)
+    path = write_yaml(tmp_path, "stages:\n - {tokens: 2, mix: {web: 1.0}}\n")
+    with pytest.raises(ConfigError, match=r"no document fits the stage budgets of .*schedule.yaml: .*; raise them"):
+        Builder(corpus, tiny).build(StrategyConfig(kind="yaml", path=str(path)))
+
+
 def test_epoch_caps_name_the_source():
     corpus = make_corpus([10] * 120, ["Q1"] * 120, ["web"] * 100 + ["math"] * 20)
     strategy = StrategyConfig.from_dict({"kind": "two_phase", "blends": [{"web": 1.0}, {"math": 1.0}],
@@ -237,6 +305,13 @@ def test_pool_stream_repeats_with_fresh_permutations_and_no_drift():
     assert len(idx) == 20 and sorted(idx[:10]) == list(range(10)) and sorted(idx[10:]) == list(range(10))
     assert epoch.tolist() == [0] * 10 + [1] * 10
     assert idx[:10].tolist() != idx[10:].tolist()
+
+
+def test_pool_stream_refuses_to_draw_from_an_empty_pool():
+    stream = PoolStream("source:math", np.empty(0, np.int64), np.ones(5, np.int64), seed=0)
+    assert all(len(a) == 0 for a in stream.take(0))
+    with pytest.raises(FramelmError, match="pool 'source:math' has no documents to draw 50 tokens from"):
+        stream.take(50)
 
 
 def write_yaml(tmp_path, text):
@@ -313,7 +388,12 @@ def test_property_cell_strategies_conserve_documents_and_budgets(seed, n, scale,
     data = int(corpus.weight.sum())
     total = None if scale > 2.5 else max(1, int(data * scale))
     cfg = ScheduleConfig(total_tokens=total, transition=transition, transition_window=window, strategies=[], seed=seed)
-    sched = Builder(corpus, cfg).build(StrategyConfig(kind=kind, column="n_tokens"))
+    try:
+        sched = Builder(corpus, cfg).build(StrategyConfig(kind=kind, column="n_tokens"))
+    except ConfigError as exc:
+        # refused only when every cell's budget is under half a document: below 4 half documents in all
+        assert "no document fits" in str(exc) and total is not None and total < 2 * int(corpus.weight.max())
+        return
     stream = assemble(list(sched.stages), transition, window, 10.0)
     idx, epoch, stage = stream.idx, stream.epoch, stream.stage
     assert (stream.weight == corpus.weight[idx]).all()
@@ -340,8 +420,13 @@ def test_property_yaml_budgets_and_weights_are_respected(tmp_path_factory, seed,
         stages.append({"name": f"s{k}", "tokens": budgets[k], "mix": mix})
     path = tmp_path_factory.mktemp("y") / "s.yaml"
     path.write_text(yaml.safe_dump({"stages": stages}))
-    sched = Builder(corpus, ScheduleConfig(strategies=[], seed=seed)).build(StrategyConfig(kind="yaml", path=str(path)))
     max_w = int(corpus.weight.max())
+    try:
+        sched = Builder(corpus, ScheduleConfig(strategies=[], seed=seed)).build(StrategyConfig(kind="yaml", path=str(path)))
+    except ConfigError as exc:
+        # refused only when every source's demand is under half a document
+        assert "no document fits" in str(exc) and sum(st_["tokens"] for st_ in stages) < len(corpus.source_names) * max_w / 2
+        return
     for spec, st_ in zip(stages, sched.stages):
         per_source = np.bincount(corpus.source[st_.idx], weights=corpus.weight[st_.idx], minlength=len(corpus.source_names))
         for s, share in spec["mix"].items():

@@ -173,3 +173,50 @@ def test_config_validation():
         TokenizeConfig.from_dict({"num_workers": 0})
     with pytest.raises(ConfigError, match="dtype"):
         TokenizeConfig.from_dict({"dtype": "int8"})
+
+
+def _word_tokenizer(folder: Path, vocab: dict[str, int], eos: str) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([t for t in vocab if t.startswith("<")])
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": eos}))
+    return folder
+
+
+def _ingested(tmp_path: Path, texts: list[str]) -> RunDir:
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
+    run = RunDir(tmp_path / "run")
+    run_stage("ingest", IngestConfig(inputs=[str(corpus)], heldout_fraction=0, ref_fraction=0), run)
+    return run
+
+
+def test_the_eos_text_inside_a_document_is_not_an_eos_token(tmp_path):
+    texts = [f"plain text number {i} about tokenizers" for i in range(40)]
+    run = _ingested(tmp_path, texts + ["documents are separated by <|endoftext|> in GPT-2"])
+    run_stage("tokenizer", TokenizerTrainConfig(vocab_size=300, min_frequency=1), run)
+    run_stage("tokenize", TokenizeConfig(num_workers=1), run)
+    store = TokenStore.open(run)
+    assert int((store.tokens == store.eos_id).sum()) == len(texts) + 1, "one EOS per document, none inside one"
+
+
+def test_editing_the_tokenizer_config_reruns_tokenize(tmp_path):
+    tok_dir = _word_tokenizer(tmp_path / "tok", {"[UNK]": 0, "a": 1, "<s1>": 2, "<s2>": 3}, "<s1>")
+    run = _ingested(tmp_path, ["a a a"])
+    run_stage("tokenize", TokenizeConfig(tokenizer=str(tok_dir), num_workers=1), run)
+    assert TokenStore.open(run).tokens.tolist() == [1, 1, 1, 2]
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<s2>"}))
+    run_stage("tokenize", TokenizeConfig(tokenizer=str(tok_dir), num_workers=1), run)
+    assert TokenStore.open(run).tokens.tolist() == [1, 1, 1, 3]
+
+
+def test_vocab_size_covers_the_largest_token_id(tmp_path):
+    tok_dir = _word_tokenizer(tmp_path / "tok", {"[UNK]": 0, "a": 1, "b": 70000, "<eos>": 2}, "<eos>")
+    run = _ingested(tmp_path, ["a b"])
+    counts = run_stage("tokenize", TokenizeConfig(tokenizer=str(tok_dir), num_workers=1), run)
+    assert counts["vocab_size"] == 70001 and counts["dtype"] == "uint32"
+    assert TokenStore.open(run).tokens.tolist() == [1, 70000, 2]

@@ -175,7 +175,17 @@ def iter_builtin_documents(max_chars: int = DEFAULT_MAX_CHARS) -> Iterator[Built
 
 
 def builtin_fingerprint(max_chars: int = DEFAULT_MAX_CHARS) -> dict[str, str | int]:
-    """Identity of the built-in corpus on this installation (recorded like an input file's)."""
+    """Identity of the built-in corpus on this installation (recorded like an input file's).
+
+    The standard library is identified by the Python version; the licence texts of installed
+    packages by their contents, since installing or upgrading a package changes them.
+    """
+    import hashlib
     import sys
 
-    return {"path": "builtin", "python": sys.version.split()[0], "stdlib": str(_stdlib_dir()), "max_chars": max_chars}
+    licences = hashlib.sha256()
+    for path, doc_id in _license_files():
+        text = _read_text(path)  # what the corpus reads (None: skipped there too)
+        licences.update(doc_id.encode() + b"\0" + hashlib.sha256((text or "").encode()).digest())
+    return {"path": "builtin", "python": sys.version.split()[0], "stdlib": str(_stdlib_dir()), "max_chars": max_chars,
+            "licences_sha256": licences.hexdigest()}

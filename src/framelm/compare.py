@@ -4,21 +4,42 @@ Every run is the `train` stage and then the `eval` stage, each through
 `framelm.pipeline.run_stage`, so a finished run is skipped and an interrupted one resumes.
 All runs share one TrainConfig template (only `schedule` and `seed` differ), so model, token
 budget and learning-rate schedule are the same; the token count each run actually trained on
-is read back from its record and must agree across runs.
+is read back from its record and must agree across runs. With train.average (ema, sma, wma)
+each run is evaluated twice: its final weights (hf/, eval/<schedule>/seed<k>) and its
+checkpoint average (hf-avg/, eval/<schedule>/seed<k>-avg).
 
-The table gives, per metric and schedule, the mean over seeds and its standard error (sample
-standard deviation / sqrt(seeds); null with one seed, as one seed says nothing about seed
-variance), and the difference to `random` with its standard error: paired by seed when both
-schedules have the metric for the same seeds, else the two means' standard errors combined.
-`item_stderr` is the evaluation's own standard error over task items (mean over seeds), so a
-single-seed comparison still shows how much the accuracies could move with other items.
+The table has one row per (metric, weights, schedule):
+    metric          heldout_loss/<set>, heldout_bpb/<set>, <task>/{acc,acc_norm,perplexity}
+    schedule        the schedule trained on
+    weights         "final", or the averaging method ("ema", ...) for the checkpoint average;
+                    shown as "<schedule>+<method>", e.g. frame+ema
+    mean, stderr    mean over seeds and its standard error (sample standard deviation /
+                    sqrt(seeds); null with one seed, as one seed says nothing about seed variance)
+    n_seeds         seeds the mean is over
+    item_stderr     the evaluation's own standard error over task items (mean over seeds), so a
+                    single-seed comparison still shows how much accuracies could move with other items
+    diff_vs_random  mean difference to `random` with the same weights (frame+ema - random+ema)
+    diff_stderr     its standard error; null where it cannot be estimated
+    diff_paired     true: paired by seed (both have the metric for the same seeds); false: the
+                    difference of the two means
+    diff_df         degrees of freedom of its t test: seeds - 1 when paired, else Welch-Satterthwaite
+    diff_p          two-sided p-value of that t test (paired, or Welch's); null without a standard
+                    error or with no spread at all across seeds
+The baseline's rows have null differences.
 
-`same_documents` says whether the schedules hold the same multiset of documents (from their
-order.parquet); with a token budget below the stream length each run trains on a prefix.
+results.json also lists every evaluated run ("runs": schedule, weights, seed, train_key,
+eval_key, tokens, documents, n_documents, results) and `same_documents`: whether every run
+trained on the same multiset of documents. A run trains on a prefix of its stream when
+train.max_tokens is below the stream length (FRAME's prefix is its first stages), so only the
+documents with a token inside that prefix count: `n_documents` of them, hashed into `documents`
+(null without RUN/schedule/<schedule>/order.parquet, and then `same_documents` is null).
+Budgets end on whole training steps, so even two orders of the same documents lose different
+stream ends: `shared_documents` gives, per schedule, the share of its trained documents (with
+repeats) that random trained on too, and the summary cautions below SHARED_DOCUMENTS_CAUTION.
 
-Reads: RUN/train/<schedule>/seed<k>/ records, RUN/eval/<schedule>/seed<k>/results.json,
-RUN/schedule/<schedule>/order.parquet (which documents each schedule holds).
-Writes: RUN/compare/results.json, RUN/compare/results.csv.
+Reads: RUN/train/<schedule>/seed<k>/ records, RUN/eval/<schedule>/seed<k>[-avg]/results.json,
+RUN/schedule/<schedule>/order.parquet (which documents each schedule holds, in stream order).
+Writes: RUN/compare/results.json, RUN/compare/results.csv (the table).
 """
 
 from __future__ import annotations
@@ -29,20 +50,26 @@ import hashlib
 import io
 import json
 import math
-from typing import Any
+from typing import Any, NamedTuple
+
+import numpy as np
 
 from framelm import fsutil
 from framelm.config import ConfigError, StageConfig, field
 from framelm.errors import FramelmError
-from framelm.evaluate import EvalConfig
+from framelm.evaluate import AVERAGED, EvalConfig
 from framelm.pipeline import run_stage
 from framelm.rundir import RunDir
 from framelm.train import TrainConfig
 
 BASELINE = "random"
-TABLE_COLUMNS = ("metric", "schedule", "mean", "stderr", "n_seeds", "item_stderr", "diff_vs_random", "diff_stderr")
+FINAL = "final"  # the `weights` of an evaluation of a run's final weights (hf/)
+TABLE_COLUMNS = ("metric", "schedule", "weights", "mean", "stderr", "n_seeds", "item_stderr", "diff_vs_random",
+                 "diff_stderr", "diff_paired", "diff_df", "diff_p")
 TASK_METRICS = ("acc", "acc_norm", "perplexity")
 VARIES = ("schedule", "seed")  # the only TrainConfig fields that may differ between compared runs
+SHARED_DOCUMENTS_CAUTION = 0.95  # below this share of common documents, a difference is not one of order alone
+TABLE_FORMAT = 2  # 1: no weights, diff_paired, diff_df or diff_p columns; same_documents over whole streams
 
 
 @dataclasses.dataclass
@@ -55,24 +82,34 @@ class CompareConfig(StageConfig):
     eval: EvalConfig = field(default_factory=EvalConfig, help="evaluation settings shared by every run "
                              "(its model and name are set per run; seq_len defaults to train.seq_len)")
 
+    def hashed_dict(self) -> dict[str, Any]:
+        # A run directory compared by an older framelm re-tabulates (its trainings are reused).
+        return {**super().hashed_dict(), "table_format": TABLE_FORMAT}
+
     def validate(self) -> None:
         if not self.schedules or len(set(self.schedules)) != len(self.schedules):
             raise ConfigError(f"'schedules' = {self.schedules} must list at least one schedule, each once")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"'seeds' = {self.seeds} must list at least one seed, each once")
 
-    def runs(self) -> list[tuple[TrainConfig, EvalConfig]]:
-        """The (train, eval) configs of every run, in schedule-major order."""
+    def runs(self) -> list[tuple[TrainConfig, list[EvalConfig]]]:
+        """Every run's train config and its evaluations (final weights, then the checkpoint average
+        when train.average is set), in schedule-major order."""
         out = []
         for schedule in self.schedules:
             for seed in self.seeds:
                 train = dataclasses.replace(self.train, schedule=schedule, seed=seed)
                 train.validate()
-                # Held-out windows as long as the training rows, unless set: then eval's held-out
-                # loss is exactly the trainer's own final held-out measurement.
-                evaluation = dataclasses.replace(self.eval, model=f"train/{train.instance()}", name=None,
-                                                 seq_len=self.eval.seq_len or train.seq_len)
-                out.append((train, evaluation))
+                models = [f"train/{train.instance()}"]
+                if train.average != "none":
+                    models.append(f"train/{train.instance()}/{AVERAGED}")
+                # Held-out windows as long as the training rows, unless set. This is the trainer's own
+                # final held-out measurement only on the final weights and with eval.heldout_tokens equal
+                # to train.heldout_max_tokens_per_set; their defaults differ (200,000 and 50,000 tokens
+                # per set), so by default eval scores more held-out documents than the training log.
+                out.append((train, [dataclasses.replace(self.eval, model=model, name=None,
+                                                        seq_len=self.eval.seq_len or train.seq_len)
+                                    for model in models]))
         return out
 
 
@@ -88,18 +125,42 @@ def mean_stderr(values: list[float]) -> tuple[float, float | None]:
     return mean, math.sqrt(var / n)
 
 
-def difference(values: dict[int, float], baseline: dict[int, float]) -> tuple[float | None, float | None]:
-    """Mean difference `values - baseline` over seeds and its standard error.
+class Difference(NamedTuple):
+    value: float | None
+    stderr: float | None
+    df: float | None  # degrees of freedom of the t test
+    paired: bool | None
 
-    Paired by seed when both have the same seeds; otherwise the difference of the means, whose
-    standard error combines the two (None when either is unknown).
+
+def difference(values: dict[int, float], baseline: dict[int, float]) -> Difference:
+    """Mean difference `values - baseline` over seeds, its standard error and degrees of freedom.
+
+    Paired by seed when both have the same seeds (n - 1 degrees of freedom); otherwise the
+    difference of the means, whose standard error combines the two, with Welch-Satterthwaite
+    degrees of freedom. Standard error and degrees of freedom are None where unknown (one seed
+    on a side); Welch's degrees of freedom also where neither side varies (the formula is 0 / 0).
     """
     if not values or not baseline:
-        return None, None
+        return Difference(None, None, None, None)
     if set(values) == set(baseline):
-        return mean_stderr([values[s] - baseline[s] for s in sorted(values)])
+        diff, se = mean_stderr([values[s] - baseline[s] for s in sorted(values)])
+        return Difference(diff, se, len(values) - 1 if se is not None else None, True)
     (m, se), (mb, seb) = mean_stderr(list(values.values())), mean_stderr(list(baseline.values()))
-    return m - mb, (math.sqrt(se ** 2 + seb ** 2) if se is not None and seb is not None else None)
+    if se is None or seb is None:
+        return Difference(m - mb, None, None, False)
+    v, vb = se ** 2, seb ** 2
+    df = (v + vb) ** 2 / (v ** 2 / (len(values) - 1) + vb ** 2 / (len(baseline) - 1)) if v + vb > 0 else None
+    return Difference(m - mb, math.sqrt(v + vb), df, False)
+
+
+def t_test_p(diff: Difference) -> float | None:
+    """Two-sided p-value of the t test that the difference is zero; None without a standard error
+    or degrees of freedom, or with no spread (a zero standard error leaves the statistic undefined)."""
+    if diff.value is None or diff.stderr is None or diff.df is None or diff.stderr <= 0:
+        return None
+    from scipy import stats
+
+    return float(2 * stats.t.sf(abs(diff.value) / diff.stderr, diff.df))
 
 
 def run_metrics(results: dict[str, Any]) -> dict[str, tuple[float, float | None]]:
@@ -116,41 +177,51 @@ def run_metrics(results: dict[str, Any]) -> dict[str, tuple[float, float | None]
     return out
 
 
+def label(schedule: str, weights: str) -> str:
+    """How a (schedule, weights) pair is named in tables: frame, or frame+ema for averaged weights."""
+    return schedule if weights == FINAL else f"{schedule}+{weights}"
+
+
 def build_table(runs: list[dict[str, Any]], schedules: list[str]) -> list[dict[str, Any]]:
-    """One row per (metric, schedule): mean, stderr over seeds, difference to random."""
-    per_run = [(r["schedule"], r["seed"], run_metrics(r["results"])) for r in runs]
-    metrics = sorted({m for _, _, values in per_run for m in values})
+    """One row per (metric, weights, schedule): mean, stderr over seeds, difference to random
+    with the same weights. A run without "weights" was evaluated on its final weights."""
+    per_run = [(r["schedule"], r.get("weights", FINAL), r["seed"], run_metrics(r["results"])) for r in runs]
+    metrics = sorted({m for *_, values in per_run for m in values})
+    all_weights = list(dict.fromkeys(w for _, w, _, _ in per_run))
     table = []
     for metric in metrics:
-        by_schedule = {s: {seed: v[metric] for sch, seed, v in per_run if sch == s and metric in v} for s in schedules}
-        for schedule in schedules:
-            seeds = by_schedule[schedule]
-            if not seeds:
-                continue
-            mean, stderr = mean_stderr([value for value, _ in seeds.values()])
-            item = [se for _, se in seeds.values() if se is not None]
-            diff = diff_se = None
-            if schedule != BASELINE and BASELINE in by_schedule:
-                diff, diff_se = difference({k: v for k, (v, _) in seeds.items()},
-                                           {k: v for k, (v, _) in by_schedule[BASELINE].items()})
-            table.append({"metric": metric, "schedule": schedule, "mean": mean, "stderr": stderr,
-                          "n_seeds": len(seeds), "item_stderr": sum(item) / len(item) if item else None,
-                          "diff_vs_random": diff, "diff_stderr": diff_se})
+        for weights in all_weights:
+            by_schedule = {s: {seed: v[metric] for sch, w, seed, v in per_run if (sch, w) == (s, weights) and metric in v}
+                           for s in schedules}
+            baseline = {k: v for k, (v, _) in by_schedule.get(BASELINE, {}).items()}
+            for schedule in schedules:
+                seeds = by_schedule[schedule]
+                if not seeds:
+                    continue
+                mean, stderr = mean_stderr([value for value, _ in seeds.values()])
+                item = [se for _, se in seeds.values() if se is not None]
+                diff = (difference({k: v for k, (v, _) in seeds.items()}, baseline) if schedule != BASELINE
+                        else Difference(None, None, None, None))
+                table.append({"metric": metric, "schedule": schedule, "weights": weights, "mean": mean,
+                              "stderr": stderr, "n_seeds": len(seeds),
+                              "item_stderr": sum(item) / len(item) if item else None,
+                              "diff_vs_random": diff.value, "diff_stderr": diff.stderr, "diff_paired": diff.paired,
+                              "diff_df": diff.df, "diff_p": t_test_p(diff)})
     return table
 
 
 def format_table(table: list[dict[str, Any]]) -> str:
-    """The table as aligned text: mean ± stderr, and the difference to random ± its stderr."""
+    """The table as aligned text: mean ± stderr, the difference to random ± its stderr, its p-value."""
     def pm(value: float | None, err: float | None) -> str:
         if value is None:
             return "-"
         return f"{value:.4f}" + (f" ± {err:.4f}" if err is not None else "")
 
-    rows = [("metric", "schedule", "mean ± se (seeds)", "± se (items)", "seeds", "vs random ± se")]
+    rows = [("metric", "schedule", "mean ± se (seeds)", "± se (items)", "seeds", "vs random ± se", "p (t test)")]
     for r in table:
-        rows.append((r["metric"], r["schedule"], pm(r["mean"], r["stderr"]),
+        rows.append((r["metric"], label(r["schedule"], r["weights"]), pm(r["mean"], r["stderr"]),
                      f"{r['item_stderr']:.4f}" if r["item_stderr"] is not None else "-", str(r["n_seeds"]),
-                     pm(r["diff_vs_random"], r["diff_stderr"])))
+                     pm(r["diff_vs_random"], r["diff_stderr"]), f"{r['diff_p']:.3g}" if r["diff_p"] is not None else "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
@@ -182,15 +253,69 @@ def trained_tokens(run: RunDir, train_key: str, counts: dict[str, Any]) -> int:
     return int(last["tokens"])
 
 
-def documents_fingerprint(run: RunDir, schedule: str) -> str | None:
-    """A hash of the multiset of document ids in a schedule (None without RUN/schedule/<s>/order.parquet)."""
+def trained_documents(run: RunDir, schedule: str, tokens: int) -> Any:
+    """The ids of the documents a run of `tokens` training tokens trained on, sorted, one per
+    (document, epoch) (None without RUN/schedule/<schedule>/order.parquet).
+
+    The stream is the schedule's documents in `position` order, each n_tokens followed by an EOS,
+    and the trainer reads exactly stream tokens [0, tokens + 1) (the last row's last target is one
+    past its inputs), whatever its shuffle window: so the run saw the documents starting before
+    token tokens + 1.
+    """
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     path = run.path("schedule", schedule, "order.parquet")
     if not path.is_file():
         return None
-    ids = sorted(pq.read_table(path, columns=["id"])["id"].to_pylist())
-    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+    lacking = [c for c in ("position", "id", "n_tokens") if c not in pq.ParquetFile(path).schema_arrow.names]
+    if lacking:
+        raise FramelmError(f"{path}: missing column(s) {', '.join(lacking)}; compare needs position, id and n_tokens "
+                           f"to know which documents each run trained on (re-run framelm schedule)")
+    order = pq.read_table(path, columns=["position", "id", "n_tokens"]).sort_by("position")
+    lengths = order["n_tokens"].to_numpy().astype(np.int64) + 1
+    n_docs = int(np.searchsorted(np.cumsum(lengths) - lengths, tokens + 1))
+    ids = order["id"].slice(0, n_docs).combine_chunks()
+    return pc.take(ids, pc.sort_indices(ids))
+
+
+def documents_digest(ids: Any) -> str:
+    """A hash of a multiset of document ids (given sorted)."""
+    return hashlib.sha256("\n".join(ids.to_pylist()).encode()).hexdigest()[:16]
+
+
+def shared_fraction(ids: Any, baseline: Any) -> float:
+    """The share of two runs' trained documents (counted with their repeats) that both trained on:
+    1.0 for the same multiset; the budget's end cuts each stream in a different place, so two
+    orders of the same documents share slightly less than 1.0."""
+    import pyarrow as pa
+
+    def counts(x: Any, name: str) -> pa.Table:
+        return pa.table({"id": x}).group_by("id").aggregate([("id", "count")]).rename_columns(["id", name])
+
+    both = counts(ids, "a").join(counts(baseline, "b"), "id", join_type="inner")
+    shared = int(np.minimum(both["a"].to_numpy(), both["b"].to_numpy()).sum()) if both.num_rows else 0
+    return shared / max(len(ids), len(baseline), 1)
+
+
+def documents_note(results: dict[str, Any]) -> str | None:
+    """What a reader must know when the compared runs did not train on the same documents (None
+    when they did or compare could not tell): how much of them they share."""
+    if results.get("same_documents") is not False:
+        return None
+    runs = [r for r in results.get("runs", []) if isinstance(r, dict)]
+    shared = {s: f for s, f in (results.get("shared_documents") or {}).items() if isinstance(f, (int, float))}
+    counts = {r.get("schedule"): r["n_documents"] for r in runs if isinstance(r.get("n_documents"), int)}
+    tokens = next((r["tokens"] for r in runs if isinstance(r.get("tokens"), int)), None)
+    facts = ([f"{', '.join(f'{s}: {n:,}' for s, n in counts.items())} documents"
+              + (f" in the first {tokens:,} tokens of each stream" if tokens is not None else "")] if counts else [])
+    facts += [f"{s} and {BASELINE} share {f:.1%} of their trained documents" for s, f in shared.items()]
+    low = any(f < SHARED_DOCUMENTS_CAUTION for f in shared.values()) or not shared
+    return (("caution: the schedules trained on different documents" if low else "the schedules trained on nearly the same documents")
+            + (f" ({'; '.join(facts)})" if facts else "")
+            + (": the differences mix the effect of the order with that of which documents were seen; a budget "
+               "(train.max_tokens) that covers each stream up to its last whole step compares order alone"
+               if low else ": each stream's end past the last whole training step differs"))
 
 
 def check_same_budget(runs: list[dict[str, Any]], run: RunDir) -> None:
@@ -214,24 +339,41 @@ def check_same_budget(runs: list[dict[str, Any]], run: RunDir) -> None:
 def compare_schedules(cfg: CompareConfig, run: RunDir) -> dict[str, Any]:
     """Train and evaluate every (schedule, seed); write RUN/compare/results.{json,csv}."""
     runs = []
-    for train_cfg, eval_cfg in cfg.runs():
-        train_key, eval_key = f"train/{train_cfg.instance()}", f"eval/{eval_cfg.instance()}"
-        train_counts = run_stage("train", train_cfg, run)
-        run_stage("eval", eval_cfg, run)
-        results = json.loads(run.path(eval_key, "results.json").read_text())
-        runs.append({"schedule": train_cfg.schedule, "seed": train_cfg.seed, "train_key": train_key,
-                     "eval_key": eval_key, "tokens": trained_tokens(run, train_key, train_counts),
-                     "documents": documents_fingerprint(run, train_cfg.schedule), "results": results})
+    trained: dict[tuple[str, int], Any] = {}  # (schedule, tokens) -> ids of the documents trained on
+    digests: dict[tuple[str, int], str | None] = {}  # ... and their documents_digest
+    planned = cfg.runs()
+    for train_cfg, evaluations in planned:
+        train_key = f"train/{train_cfg.instance()}"
+        tokens = trained_tokens(run, train_key, run_stage("train", train_cfg, run))
+        if (train_cfg.schedule, tokens) not in trained:
+            ids = trained_documents(run, train_cfg.schedule, tokens)
+            trained[train_cfg.schedule, tokens] = ids
+            digests[train_cfg.schedule, tokens] = None if ids is None else documents_digest(ids)
+        ids = trained[train_cfg.schedule, tokens]
+        for eval_cfg in evaluations:
+            eval_key = f"eval/{eval_cfg.instance()}"
+            run_stage("eval", eval_cfg, run)
+            results = json.loads(run.path(eval_key, "results.json").read_text())
+            runs.append({"schedule": train_cfg.schedule, "weights": train_cfg.average if eval_cfg.averaged else FINAL,
+                         "seed": train_cfg.seed, "train_key": train_key, "eval_key": eval_key, "tokens": tokens,
+                         "documents": digests[train_cfg.schedule, tokens],
+                         "n_documents": None if ids is None else len(ids), "results": results})
     check_same_budget(runs, run)
 
     table = build_table(runs, cfg.schedules)
     fingerprints = {r["documents"] for r in runs}
+    baseline_ids = trained.get((BASELINE, runs[0]["tokens"]))
     out = {"schedules": cfg.schedules, "seeds": cfg.seeds, "baseline": BASELINE,
            "same_documents": None if None in fingerprints else len(fingerprints) == 1,
+           "shared_documents": {s: None if ids is None or baseline_ids is None else round(shared_fraction(ids, baseline_ids), 6)
+                                for (s, _), ids in trained.items() if s != BASELINE},
            "runs": runs, "table": table}
     out_dir = run.path("compare")
     fsutil.write_json(out_dir / "results.json", out)
     fsutil.write_text(out_dir / "results.csv", table_csv(table))
     summary = format_table(table)
-    return {"runs": len(runs), "tokens_per_run": runs[0]["tokens"], "same_documents": out["same_documents"],
-            "summary": summary}
+    note = documents_note(out)
+    if note:
+        summary += "\n" + note
+    return {"runs": len(planned), "evaluations": len(runs), "tokens_per_run": runs[0]["tokens"],
+            "same_documents": out["same_documents"], "summary": summary}

@@ -1,7 +1,8 @@
 """`framelm eval`: evaluate one Hugging Face causal LM on held-out text and downstream tasks.
 
 The model is a folder in Hugging Face format (config.json, model.safetensors, tokenizer), given
-as a path or as a training key: `train/frame/seed0` means RUN/train/frame/seed0/hf.
+as a path or as a training key: `train/frame/seed0` means RUN/train/frame/seed0/hf (final weights),
+`train/frame/seed0/hf-avg` its checkpoint average RUN/train/frame/seed0/hf-avg.
 
 Held-out loss: on framelm.heldout's sets of held-out documents ("all", "source/<s>" and, where
 RUN/partition exists, "quadrant/<q>"), measured as the trainer measures it: each document read
@@ -42,14 +43,16 @@ from framelm.rundir import RunDir
 log = logging.getLogger("framelm")
 
 BUILTIN = "builtin"
+AVERAGED = "hf-avg"  # a training run's checkpoint average, next to hf/ (its final weights)
 
 
 @dataclasses.dataclass
 class EvalConfig(StageConfig):
     model: str = field("train/frame/seed0", help="model to evaluate: an HF model folder, or a training key "
-                       "'train/<schedule>/seed<k>' meaning RUN/train/<schedule>/seed<k>/hf")
+                       "'train/<schedule>/seed<k>' meaning RUN/train/<schedule>/seed<k>/hf (final weights), or "
+                       "'train/<schedule>/seed<k>/hf-avg' for its checkpoint average (trained with train.average)")
     name: str | None = field(None, help="results go to RUN/eval/<name>/; default: the training key without "
-                             "'train/' (e.g. frame/seed0), or the model folder's name")
+                             "'train/' (e.g. frame/seed0; frame/seed0-avg for hf-avg), or the model folder's name")
     tasks: list[str] = field(default_factory=lambda: [BUILTIN], help="downstream tasks: JSON-lines files, names of "
                              "files in task_dir (e.g. piqa), or 'builtin' for tasks cut from the held-out documents")
     task_dir: str | None = field(None, help="folder of <name>.jsonl task files that task names resolve against "
@@ -83,26 +86,35 @@ class EvalConfig(StageConfig):
 
     @property
     def train_key(self) -> str | None:
-        """The training key when `model` names a training run, else None."""
+        """The training key when `model` names a training run's weights (final or averaged), else None."""
         parts = self.model.strip("/").split("/")
-        return self.model.strip("/") if len(parts) == 3 and parts[0] == "train" and not Path(self.model).is_absolute() else None
+        if Path(self.model).is_absolute() or parts[0] != "train" or len(parts) not in (3, 4) \
+                or parts[3:] not in ([], [AVERAGED]):
+            return None
+        return "/".join(parts[:3])
+
+    @property
+    def averaged(self) -> bool:
+        """Whether `model` names a training run's checkpoint average (hf-avg/) rather than its final weights."""
+        return self.train_key is not None and self.model.strip("/") != self.train_key
 
     def instance(self) -> str:
         if self.name:
             return self.name
         if self.train_key:
-            return self.train_key.split("/", 1)[1]
+            # beside, not inside, the final weights' folder: run_stage clears that folder when it re-runs
+            return self.train_key.split("/", 1)[1] + ("-avg" if self.averaged else "")
         return Path(self.model).name or "model"
 
-    def hashed_dict(self) -> dict[str, Any]:
-        # Results depend on the task files' and an outside model's contents, not only on their
-        # paths: an edited file must re-run the evaluation. (A trained model is covered by
-        # its train record's hash, an upstream of this stage.)
-        data = super().hashed_dict()
-        data["task_sha256"] = {e: fsutil.sha256_file(p) for e in self.tasks if (p := task_path(e, self.task_dir))}
-        if not self.train_key:
-            weights = sorted(Path(self.model).expanduser().glob("*.safetensors"))
-            data["model_weights"] = [fsutil.file_fingerprint(w) for w in weights]
+    def input_fingerprint(self, run: RunDir) -> dict[str, Any]:
+        """Results depend on the task files' and an outside model's contents, not only on their
+        paths: an edited file re-runs the evaluation. (A trained model is covered by its train
+        record's hash, an upstream of this stage.)"""
+        with run.content_hashes() as hashes:
+            data: dict[str, Any] = {"tasks": {e: hashes.fingerprint(p)["sha256"] for e in self.tasks
+                                              if (p := task_path(e, self.task_dir))}}
+            if not self.train_key:
+                data["model"] = fsutil.model_dir_fingerprint(Path(self.model).expanduser(), hashes)
         return data
 
     def upstream(self) -> tuple[str, ...]:
@@ -116,10 +128,14 @@ class EvalConfig(StageConfig):
 
 def resolve_model(cfg: EvalConfig, run: RunDir) -> Path:
     """The model folder `cfg.model` names, checked to hold safetensors weights."""
-    path = run.path(cfg.train_key, "hf") if cfg.train_key else Path(cfg.model).expanduser().resolve()
+    if cfg.train_key:
+        path = run.path(cfg.train_key, AVERAGED if cfg.averaged else "hf")
+        hint = (f"; train {cfg.train_key} with train.average set (ema, sma or wma) to get its checkpoint average"
+                if cfg.averaged else f"; run `framelm train` for {cfg.train_key} first")
+    else:
+        path, hint = Path(cfg.model).expanduser().resolve(), ""
     if not (path / "config.json").is_file():
-        raise FramelmError(f"model: {path} is not a Hugging Face model folder (no config.json)"
-                           + (f"; run `framelm train` for {cfg.train_key} first" if cfg.train_key else ""))
+        raise FramelmError(f"model: {path} is not a Hugging Face model folder (no config.json){hint}")
     if not any(path.glob("*.safetensors")):
         raise FramelmError(f"model: {path} has no *.safetensors weights; framelm loads weights only from safetensors "
                            f"(re-save the model with save_pretrained(..., safe_serialization=True))")

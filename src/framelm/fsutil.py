@@ -13,13 +13,22 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
+import socket
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
 from framelm.errors import FramelmError
 
+log = logging.getLogger("framelm")
+
 TMP_TAG = ".tmp-"
+RECENT_NS = 3_000_000_000  # see ContentHashes.fingerprint
+CACHED_BYTES = 1 << 20
+FOREIGN_TEMPORARY_S = 3600  # see clean_temporaries
+_HOST = socket.gethostname().replace(TMP_TAG, "_")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -54,7 +63,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise _explain_os_error(exc, path.parent) from None
-    tmp = path.with_name(f"{path.name}{TMP_TAG}{os.getpid()}")
+    tmp = path.with_name(f"{path.name}{TMP_TAG}{_HOST}-{os.getpid()}")
     try:
         yield tmp
         if tmp.is_file():
@@ -122,28 +131,98 @@ def mark_done(path: str | Path) -> None:
 
 
 def clean_temporaries(directory: str | Path) -> int:
-    """Remove temporaries left by killed processes under `directory`; return how many."""
+    """Remove temporaries left by killed processes under `directory`; return how many.
+
+    Temporaries of processes that may still be writing (other ranks of a distributed stage) are
+    kept: those of live processes on this machine, and those another machine touched in the last
+    FOREIGN_TEMPORARY_S seconds (its processes cannot be seen from here). Containers that share a
+    host name but not a PID namespace look dead to each other: give them distinct host names.
+    """
     directory = Path(directory)
     if not directory.exists():
         return 0
     n = 0
     for p in directory.rglob(f"*{TMP_TAG}*"):
-        _remove(p)
-        n += 1
+        if not _writer_may_be_running(p):
+            _remove(p)
+            n += 1
     return n
 
 
-def file_fingerprint(path: str | Path) -> dict[str, Any]:
-    """Cheap identity of an input file: size, mtime and a hash of its first and last MiB."""
-    path = Path(path)
-    st = path.stat()
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        h.update(fh.read(1 << 20))
-        if st.st_size > 2 << 20:
-            fh.seek(-(1 << 20), os.SEEK_END)
-            h.update(fh.read(1 << 20))
-    return {"path": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256_ends": h.hexdigest()[:16]}
+def _writer_may_be_running(path: Path) -> bool:
+    host, _, pid = path.name.rpartition(TMP_TAG)[2].rpartition("-")
+    if not (host and pid.isdigit()):
+        return False  # not named by atomic_path: a fixed-name scratch file of a finished process
+    if host != _HOST:
+        try:
+            return time.time() - path.stat().st_mtime < FOREIGN_TEMPORARY_S
+        except OSError:
+            return False
+    if int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by another user
+    return True
+
+
+class ContentHashes:
+    """Full-content SHA-256 of input files, remembered in a JSON cache by path, size, mtime, ctime
+    and inode: an unchanged file costs one stat, and any change (an edit, a copy, `touch`) re-hashes
+    it, so a stage re-runs when and only when the bytes it reads differ.
+
+    Only files of at least CACHED_BYTES are remembered (re-reading a small file costs about what a
+    cache entry does), so a folder of a million small documents does not bloat the cache. The
+    cache is an optimisation only: losing it (or a concurrent writer's entries) costs a re-hash,
+    never a wrong answer.
+    """
+
+    def __init__(self, cache_path: str | Path | None = None):
+        self.cache_path = Path(cache_path) if cache_path else None
+        self._entries: dict[str, list] = {}
+        self._new: dict[str, list] = {}
+        if self.cache_path and self.cache_path.is_file():
+            try:
+                self._entries = json.loads(self.cache_path.read_text())
+            except (OSError, json.JSONDecodeError):
+                self._entries = {}
+
+    def fingerprint(self, path: str | Path) -> dict[str, Any]:
+        """{"path", "bytes", "sha256"} of one file."""
+        path = Path(path)
+        st = path.stat()
+        key = str(path.resolve())
+        # ctime too: `cp -p` onto an existing file keeps its inode, size and mtime, never its ctime.
+        stat_id = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        entry = self._new.get(key) or self._entries.get(key)
+        if not (isinstance(entry, list) and entry[:4] == stat_id):
+            if st.st_size >= 1 << 30:
+                log.info("hashing %s (%.1f GB) to tell whether it changed", path, st.st_size / 1e9)
+            entry = [*stat_id, sha256_file(path)]
+            # A file modified within the last seconds may change again without its times moving
+            # (timestamp granularity), so its hash is not remembered yet (as git does).
+            if st.st_size >= CACHED_BYTES and time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > RECENT_NS:
+                self._new[key] = entry
+        return {"path": str(path), "bytes": st.st_size, "sha256": entry[4]}
+
+    def save(self) -> None:
+        """Merge this process's new hashes into the cache file (atomically)."""
+        if not (self.cache_path and self._new):
+            return
+        current = ContentHashes(self.cache_path)._entries
+        current.update(self._new)
+        write_json(self.cache_path, current)
+        self._entries, self._new = current, {}
+
+
+def model_dir_fingerprint(directory: Path, hashes: ContentHashes) -> dict[str, str]:
+    """Content hashes of a model folder's files (weights, config, tokenizer; not subfolders)."""
+    if not directory.is_dir():
+        return {}
+    return {p.name: hashes.fingerprint(p)["sha256"] for p in sorted(directory.iterdir()) if p.is_file()}
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:

@@ -11,6 +11,7 @@ a Llama, or a reference model framelm trained) becomes a `FrameLM` with the same
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -72,9 +73,22 @@ def export_hf(state: dict[str, torch.Tensor], args: ModelArgs, out_dir: Path, eo
             for item in Path(tokenizer_dir).iterdir():
                 if item.is_file() and item.name not in ("config.json", "model.safetensors"):
                     shutil.copy2(item, tmp / item.name)
+            _eos_opens_documents(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
     return out_dir
+
+
+def _eos_opens_documents(model_dir: Path) -> None:
+    """Name the EOS token as the tokenizer's BOS: framelm trains on documents that each follow an
+    EOS, so whoever prepends the tokenizer's BOS (the scorer, a harness) must prepend that."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = model_dir / name
+        if path.is_file():
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if data.get("eos_token") and data.get("bos_token") != data["eos_token"]:
+                data["bos_token"] = data["eos_token"]
+                fsutil.write_json(path, data)
 
 
 def llama_model_args(config) -> ModelArgs:

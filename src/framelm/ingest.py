@@ -100,8 +100,8 @@ class IngestConfig(StageConfig):
                 raise ConfigError(f"'{name}' must not be empty")
 
     def input_fingerprint(self, run: RunDir) -> list[dict[str, Any]]:
-        """Content identity of the inputs (enters the stage hash: changed files re-run ingest)."""
-        return [{k: fp[k] for k in fp if k != "mtime_ns"} for fp in input_fingerprints(self)]
+        """Content identity of the inputs (enters the stage hash: changed bytes re-run ingest)."""
+        return input_fingerprints(self, run)
 
 
 # -- reading inputs ----------------------------------------------------------------------
@@ -165,9 +165,15 @@ def resolve_inputs(inputs: list[str]) -> list[tuple[str, Path | None]]:
 
 def _directory_units(directory: Path) -> list[tuple[str, Path | None]]:
     files = sorted(p for p in directory.rglob("*") if p.is_file())
-    if any(p.suffix == ".txt" for p in files):
-        return [("textdir", directory)]
     units = [(k, p) for p in files if (k := _input_kind(p)) in ("jsonl", "parquet")]
+    texts = [p for p in files if p.suffix == ".txt"]
+    if texts and units:
+        # One file per document or records in files: guessing would drop one kind silently.
+        raise FramelmError(
+            f"ingest input {directory}: mixes .txt files (e.g. {texts[0].relative_to(directory)}) with JSON-lines/Parquet "
+            f"files (e.g. {units[0][1].relative_to(directory)}); give the record files or a folder of only .txt files as inputs")
+    if texts:
+        return [("textdir", directory)]
     if not units:
         raise FramelmError(f"ingest input {directory}: directory holds no .txt, JSON-lines or Parquet files "
                            "and is not a datasets save_to_disk directory")
@@ -284,23 +290,23 @@ def read_records(kind: str, path: Path | None, cfg: IngestConfig) -> Iterator[Ra
     return _read_textdir(path, cfg.text_field)
 
 
-def _unit_fingerprint(kind: str, path: Path | None, cfg: IngestConfig) -> dict[str, Any]:
+def _unit_fingerprint(kind: str, path: Path | None, cfg: IngestConfig, hashes: fsutil.ContentHashes) -> dict[str, Any]:
     if kind == BUILTIN:
         return builtin_fingerprint(cfg.builtin_max_chars)
     assert path is not None
     if path.is_file():
-        return fsutil.file_fingerprint(path)
+        return hashes.fingerprint(path)
     # a directory: the fingerprints of its files, folded into one
-    files = sorted(p for p in path.rglob("*") if p.is_file())
-    prints = [fsutil.file_fingerprint(p) for p in files]
-    digest = hashlib.sha256(json.dumps([(p["path"], p["bytes"], p["sha256_ends"]) for p in prints]).encode())
-    return {"path": str(path), "files": len(files), "bytes": sum(p["bytes"] for p in prints),
-            "mtime_ns": max((p["mtime_ns"] for p in prints), default=0), "sha256_ends": digest.hexdigest()[:16]}
+    prints = [hashes.fingerprint(p) for p in sorted(p for p in path.rglob("*") if p.is_file())]
+    digest = hashlib.sha256(json.dumps([(p["path"], p["sha256"]) for p in prints]).encode())
+    return {"path": str(path), "files": len(prints), "bytes": sum(p["bytes"] for p in prints),
+            "sha256": digest.hexdigest()}
 
 
-def input_fingerprints(cfg: IngestConfig) -> list[dict[str, Any]]:
-    """`framelm.fsutil.file_fingerprint` of every input (folded per directory; 'builtin' by version)."""
-    return [_unit_fingerprint(kind, path, cfg) for kind, path in resolve_inputs(cfg.inputs)]
+def input_fingerprints(cfg: IngestConfig, run: RunDir) -> list[dict[str, Any]]:
+    """Size and content hash of every input (folded per directory; 'builtin' by its files)."""
+    with run.content_hashes() as hashes:
+        return [_unit_fingerprint(kind, path, cfg, hashes) for kind, path in resolve_inputs(cfg.inputs)]
 
 
 # -- checking records --------------------------------------------------------------------
@@ -438,7 +444,7 @@ def _prepare_plan(run: RunDir, plan: dict[str, Any]) -> None:
 def ingest_corpus(cfg: IngestConfig, run: RunDir) -> dict[str, Any]:
     """Read every input into RUN/ingest/documents/part-*.parquet; return the counts."""
     units = resolve_inputs(cfg.inputs)
-    fingerprints = input_fingerprints(cfg)
+    fingerprints = input_fingerprints(cfg, run)
     _prepare_plan(run, {"docs_per_shard": cfg.docs_per_shard, "inputs": fingerprints})
     out_dir = run.path("ingest", "documents")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -337,12 +337,16 @@ def _partition(con, cfg: PartitionConfig, scores: Path, out_dir: Path) -> dict[s
     ppl_bin, labelled = _bins(cfg, data, ppl_cuts, pd_cuts, ppl_bin)
     pd_bin = labelled.pop("pd_bin")
     keep = labelled.pop("keep")
+    excluded.update(labelled.pop("unlabelled"))
+    if excluded.get("no_fit_documents_in_ppl_bin"):
+        # Nested PD cuts come from the fit documents of each PPL bin; ties at a PPL cut can leave one empty.
+        log.warning("partition: %d documents fall in a PPL bin that holds no '%s' documents, so it has no PD cut "
+                    "points and they get no label (many scores equal to a PPL cut point put every fit document "
+                    "in the lower bin); see %s", excluded["no_fit_documents_in_ppl_bin"], cfg.fit_split,
+                    out_dir / "summary.json")
     del data["valid"], data["fit"]
     n_labelled, per_cell = _label(cfg, scores, out_dir / Path(LABELS).name, data, ppl_bin, pd_bin, keep)
     del data
-    if n_valid > n_labelled:
-        # A stratified fit has no cut points for a source (or source x PPL bin) without fit documents.
-        excluded["no_fit_documents_in_group"] = n_valid - n_labelled
 
     summary = _summary(cfg, ppl_cuts, pd_cuts, per_cell, excluded, n_scored, n_labelled)
     fsutil.write_json(out_dir / "summary.json", summary)
@@ -407,7 +411,12 @@ def _bins(cfg: PartitionConfig, data: dict, ppl_cuts: dict, pd_cuts: dict | None
             pd_bin[sl] += data["pd"][sl] > cuts[:, j]
 
     each_slice(pd_slice)
-    return ppl_bin, {"pd_bin": pd_bin, "keep": keep}
+    unlabelled: dict[str, int] = {}
+    if not has_cuts.all():  # rare: say why rows go without a label
+        lost = data["valid"] & ~keep
+        no_source = int((lost & ~has_ppl[group]).sum())
+        unlabelled = {"no_fit_documents_in_source": no_source, "no_fit_documents_in_ppl_bin": int(lost.sum()) - no_source}
+    return ppl_bin, {"pd_bin": pd_bin, "keep": keep, "unlabelled": {k: v for k, v in unlabelled.items() if v}}
 
 
 BIN_SLICE_ROWS = 1 << 20

@@ -18,6 +18,7 @@ import yaml
 
 from framelm import fsutil
 from framelm.config import ConfigError, StageConfig, load_yaml, stable_hash, apply_override
+from framelm.errors import FramelmError
 from framelm.rundir import RunDir, package_versions
 from framelm.stages import ORDER, STAGES
 
@@ -58,6 +59,10 @@ def run_stage(name: str, cfg: StageConfig, run: RunDir | str | Path, *, force: b
     """Run one stage unless it is up to date; return its counts."""
     run = run if isinstance(run, RunDir) else RunDir(run)
     key = stage_key(name, cfg)
+    if force and getattr(cfg, "world_size", 1) > 1:
+        # Every rank would clear the stage's folder, deleting shards the other ranks finished.
+        raise FramelmError(f"{key}: --force cannot be given to the {cfg.world_size} ranks of a distributed run; "
+                           f"to start over, delete {run.path(key)} and launch the ranks without --force")
     h, upstream = stage_hash(name, cfg, run, dry_run)
     rec = run.record(key)
     up_to_date = bool(rec and rec.get("status") == "done" and rec.get("hash") == h and not force)

@@ -60,8 +60,8 @@ class ReportConfig(StageConfig):
     title: str = field("", help="page title; empty uses 'framelm report: <run directory name>'")
     verdict_metric: str = field("auto", help="compare-table metric the one-line verdicts are about; "
                                              "'auto' picks the overall held-out loss")
-    significance_stderrs: float = field(2.0, help="a difference counts as significant when it is larger than "
-                                                  "this many standard errors")
+    significance_level: float = field(0.05, help="a difference counts as significant when the two-sided p-value "
+                                                 "of its t test over seeds (compare's diff_p) is below this")
     accuracy_metric: Literal["acc", "acc_norm"] = field("acc", help="downstream metric plotted per task")
     schedule_groups: Literal["quadrant", "source"] = field("quadrant", help="what the schedule plots stack: "
                                                                            "quadrant or source shares")
@@ -74,8 +74,8 @@ class ReportConfig(StageConfig):
     threads: int = field(2, help="DuckDB threads", hash=False)
 
     def validate(self) -> None:
-        if not self.significance_stderrs > 0:
-            raise ConfigError(f"'significance_stderrs' must be > 0, got {self.significance_stderrs}")
+        if not 0 < self.significance_level < 1:
+            raise ConfigError(f"'significance_level' must lie strictly between 0 and 1, got {self.significance_level}")
         for key in ("density_bins", "schedule_bins"):
             if not 2 <= getattr(self, key) <= 2000:
                 raise ConfigError(f"'{key}' must be between 2 and 2000, got {getattr(self, key)}")
@@ -605,6 +605,14 @@ def _compare_results(run: RunDir) -> tuple[Path, dict[str, Any]] | None:
     return path, data
 
 
+def _label(row: dict[str, Any]) -> str:
+    """A compare run's or row's name, e.g. frame, or frame+ema for checkpoint-averaged weights (a
+    file from before averaged weights were evaluated has no "weights")."""
+    from framelm.compare import FINAL, label
+
+    return label(str(row.get("schedule")), str(row.get("weights") or FINAL))
+
+
 def _accuracy_section(cfg: ReportConfig, run: RunDir, out: Path, compare: tuple[Path, dict[str, Any]] | None,
                       palette: dict[str, str]) -> Section:
     title, anchor = "Downstream accuracy", "accuracy"
@@ -619,7 +627,7 @@ def _accuracy_section(cfg: ReportConfig, run: RunDir, out: Path, compare: tuple[
         for task, m in (tasks if isinstance(tasks, dict) else {}).items():
             if isinstance(m, dict) and isinstance(m.get(metric), (int, float)):
                 err = m.get(f"{metric}_stderr")
-                values.setdefault((task, str(r.get("schedule"))), []).append(
+                values.setdefault((task, _label(r)), []).append(
                     (float(m[metric]), float(err) if isinstance(err, (int, float)) else None))
     section = Section(title, anchor)
     if not values:
@@ -668,26 +676,47 @@ def _pick_verdict_metric(cfg: ReportConfig, metrics: list[str], path: Path) -> s
     return next(iter(overall + [m for m in metrics if "loss" in m] + metrics), None)
 
 
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _p_text(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}" if p < 0.01 else f"p = {p:.2f}"
+
+
+def _significant(cfg: ReportConfig, row: dict[str, Any]) -> bool | None:
+    """Whether a row's difference to random is significant; None where the table gives no p-value
+    (the baseline, one seed, no spread, or a results.json from before compare wrote diff_p)."""
+    p = row.get("diff_p")
+    return p < cfg.significance_level if _is_number(p) else None
+
+
 def _verdicts(cfg: ReportConfig, table: list[dict[str, Any]], metric: str) -> list[str]:
     lower = _lower_is_better(metric)
     label = "held-out loss" if ("heldout" in metric and metric.endswith("/all") and "bpb" not in metric) else metric
     unit = " bits/byte" if "bpb" in metric else (" nats" if "loss" in metric else "")
-    k = cfg.significance_stderrs
+    rows = [r for r in table if r.get("metric") == metric]
+    seeds = {_label(r): r.get("n_seeds") for r in rows}
     out = []
-    for row in table:
-        if row.get("metric") != metric or row.get("schedule") == "random":
+    for row in rows:
+        diff, se, p = row.get("diff_vs_random"), row.get("diff_stderr"), row.get("diff_p")
+        if row.get("schedule") == "random" or not _is_number(diff):
             continue
-        diff, se = row.get("diff_vs_random"), row.get("diff_stderr")
-        if not isinstance(diff, (int, float)):
-            continue
-        better = (diff < 0) == lower
-        text = f"{row.get('schedule')} vs random: {label} {diff:+.3f}"
-        if isinstance(se, (int, float)) and se > 0:
-            significant = abs(diff) > k * se
-            text += (f" ± {se:.3f}{unit} ({'better' if better else 'worse'}, significant at {k:g} standard errors)"
-                     if significant else f" ± {se:.3f}{unit} (not significant at {k:g} standard errors)")
-        else:
+        name, baseline = _label(row), _label({**row, "schedule": "random"})
+        direction = "better" if (diff < 0) == lower else "worse"
+        text = f"{name} vs {baseline}: {label} {diff:+.3f}"
+        if not _is_number(se):
             text += f"{unit} (no standard error with {row.get('n_seeds', 1)} seed(s): no significance claim)"
+        elif "diff_p" not in row:
+            text += (f" ± {se:.3f}{unit} ({direction}; no p-value: this results.json predates compare's t test, "
+                     f"re-run framelm compare to re-tabulate: no significance claim)")
+        elif not _is_number(p):
+            text += f" ± {se:.3f}{unit} ({direction}; no spread across seeds, no t test: no significance claim)"
+        else:
+            test = (f"paired t test over {row.get('n_seeds')} seeds" if row.get("diff_paired") else
+                    f"Welch t test over {row.get('n_seeds')} and {seeds.get(baseline, 'n/a')} seeds")
+            verdict = "significant" if _significant(cfg, row) else "not significant"
+            text += f" ± {se:.3f}{unit} ({direction}, {verdict}: {_p_text(p)}, {test})"
         out.append(text)
     return out
 
@@ -708,26 +737,35 @@ def _compare_section(cfg: ReportConfig, run: RunDir, compare: tuple[Path, dict[s
     if not verdicts:
         verdicts = [f"no verdict: {path} has no difference against 'random' for {metric} "
                     f"(was 'random' among the compared schedules?)"]
-    k = cfg.significance_stderrs
+    from framelm.compare import documents_note  # compare imports the trainer (torch); most reports need neither
+
+    note = documents_note(data)
+    if note:
+        section.blocks.append(f"<p class=\"caution\">{html.escape(note[0].upper() + note[1:])}.</p>")
+        verdicts.append(note)
+    level = cfg.significance_level
     with_items = any(isinstance(r.get("item_stderr"), (int, float)) for r in table)
     body = []
     for r in table:
         mean, se, diff, dse = (r.get(x) for x in ("mean", "stderr", "diff_vs_random", "diff_stderr"))
-        sig = ""
-        if isinstance(diff, (int, float)) and isinstance(dse, (int, float)) and dse > 0:
-            sig = "yes" if abs(diff) > k * dse else "no"
-        row = [html.escape(str(r.get("metric"))), html.escape(str(r.get("schedule"))), f"{_fmt(mean)} ± {_fmt(se)}"]
+        baseline = r.get("schedule") == "random"
+        significant = _significant(cfg, r)
+        row = [html.escape(str(r.get("metric"))), html.escape(_label(r)), f"{_fmt(mean)} ± {_fmt(se)}"]
         if with_items:
             row.append(_fmt(r.get("item_stderr")))
         row += [html.escape(str(r.get("n_seeds", "n/a"))),
-                "" if r.get("schedule") == "random" else f"{_fmt(diff)} ± {_fmt(dse)}", sig]
+                "" if baseline else f"{_fmt(diff)} ± {_fmt(dse)}",
+                "" if baseline else _fmt(r.get("diff_p"), 2),
+                "" if significant is None else "yes" if significant else "no"]
         body.append(row)
     header = ["metric", "schedule", "mean ± stderr (seeds)", *(["stderr (items)"] if with_items else []),
-              "seeds", "difference vs random ± stderr", f"|diff| > {k:g} stderr"]
+              "seeds", "difference vs random ± stderr", "p (t test)", f"significant (p < {level:g})"]
     section.blocks.append(_table(
         header, body, "Mean across seeds ± its standard error over seeds (n/a with one seed)"
                       + ("; stderr (items) is the evaluation's own sampling error over the task's questions" if with_items else "")
-                      + "; differences are paired by seed where seeds match."))
+                      + "; differences are to random with the same weights (frame+ema against random+ema), paired by "
+                        "seed where seeds match; p is the two-sided p-value of a t test over seeds (paired, else "
+                        "Welch's), n/a where it has none (one seed, or no spread), so no significance claim there."))
     return section, verdicts
 
 
@@ -740,7 +778,7 @@ h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2e
 nav a { margin-right: 1em; } .meta { color: #666; }
 .verdict { background: #f5f7fa; border-left: 4px solid #4C72B0; padding: .6em 1em; }
 .verdict li { font-family: ui-monospace, monospace; }
-.missing { color: #8a6d3b; background: #fcf8e3; padding: .5em 1em; }
+.missing, .caution { color: #8a6d3b; background: #fcf8e3; padding: .5em 1em; }
 figure { margin: 1.2em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { color: #444; font-size: .92em; margin-top: .3em; }
 table { border-collapse: collapse; font-size: .9em; margin: 1em 0; }
@@ -794,7 +832,7 @@ def build_report(cfg: ReportConfig, run: RunDir) -> dict[str, Any]:
         comparison, verdicts = _compare_section(cfg, run, compare)
         # one colour per schedule on every figure that compares schedules
         names = {p.name for p in run.root.glob("train/*") if p.is_dir()}
-        names |= {str(r.get("schedule")) for r in (compare[1].get("runs", []) if compare else []) if isinstance(r, dict)}
+        names |= {_label(r) for r in (compare[1].get("runs", []) if compare else []) if isinstance(r, dict)}
         palette = {name: plots.colour(i) for i, name in enumerate(sorted(names))}
         sections = [
             _partition_section(cfg, run, out, con),

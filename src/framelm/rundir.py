@@ -5,6 +5,7 @@ Layout (each stage owns one top-level folder named after it):
     RUN/manifest.json        one record per stage run: config, hash, upstream hashes,
                              package versions, counts, timings, status
     RUN/.locks/              one lock file per running stage (concurrent-run guard)
+    RUN/.cache/              content hashes of input files, by path, size, mtime and inode
     RUN/<stage>/...          the stage's outputs (see each stage module's docstring)
 
 Stages talk only through these files. The manifest is rewritten atomically under a short
@@ -51,6 +52,13 @@ class RunDir:
         if p != self.root and self.root not in p.parents:
             raise FramelmError(f"path {'/'.join(map(str, parts))!r} points outside the run directory {self.root}")
         return p
+
+    @contextlib.contextmanager
+    def content_hashes(self) -> Iterator[fsutil.ContentHashes]:
+        """`fsutil.ContentHashes` cached in RUN/.cache, saved when the block ends."""
+        hashes = fsutil.ContentHashes(self.root / ".cache" / "content-hashes.json")
+        yield hashes
+        hashes.save()
 
     def stage_dir(self, stage: str, create: bool = True) -> Path:
         p = self.path(stage)

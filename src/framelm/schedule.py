@@ -398,8 +398,10 @@ class PoolStream:
     def take(self, budget: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Documents (row indices), their epoch numbers and weights, worth about `budget` tokens."""
         n = len(self.members)
-        if budget <= 0 or n == 0:
+        if budget <= 0:
             return _empty_draw()
+        if n == 0:
+            raise FramelmError(f"pool {self.key!r} has no documents to draw {budget:.0f} tokens from")
         if self.tokens == 0:
             raise FramelmError(f"pool {self.key!r} has no tokens to draw {budget:.0f} from")
         self.target += budget
@@ -551,13 +553,20 @@ class Builder:
         return streams
 
     def source_streams(self, fraction: float = 1.0) -> dict[str, PoolStream]:
-        """One stream per source; fraction < 1 first downsamples each source (seeded) to that share of its tokens."""
+        """One stream per source; fraction < 1 first downsamples each source (seeded) to that share of
+        its tokens, to one document at least."""
         members = self._members(self.corpus.source, len(self.corpus.source_names))
         streams = {}
         for i, name in enumerate(self.corpus.source_names):
             pool = members[i]
             if fraction < 1:
-                pool = np.sort(PoolStream(f"subsample:{name}", pool, self.weight, self.cfg.seed).take(fraction * self.source_tokens[i])[0])
+                sample = PoolStream(f"subsample:{name}", pool, self.weight, self.cfg.seed)
+                pool = sample.take(fraction * self.source_tokens[i])[0]
+                if not len(pool):
+                    # The target is under half the first sampled document: keep that document, which
+                    # the budget then repeats (fewer epochs than designed), rather than lose the source.
+                    pool = sample.permute(0)[0][:1]
+                pool = np.sort(pool)
             streams[name] = PoolStream(f"source:{name}", pool, self.weight, self.cfg.seed)
         permute_first_epochs(list(streams.values()), self.cfg.threads)
         return streams
@@ -613,6 +622,12 @@ class Builder:
             stages, pool_tokens = self._two_phase(strategy)
         else:
             stages, pool_tokens = self._yaml(strategy)
+        if not any(len(st.idx) for st in stages):
+            # Every pool's budget rounded down to no document: the schedule would train on nothing.
+            budgets = f"the stage budgets of {strategy.path}" if kind == "yaml" else f"total_tokens = {self.total:,.0f}"
+            raise ConfigError(f"strategy {strategy.label!r}: no document fits {budgets}: each pool's share rounds "
+                              f"to the nearest document boundary, and the shortest document holds "
+                              f"{int(self.weight.min())} tokens with its EOS; raise {'them' if kind == 'yaml' else 'total_tokens'}")
         return Schedule(strategy.label, kind, stages, smooth, pool_tokens)
 
     def _check_order(self, strategy: StrategyConfig) -> list[str]:
@@ -682,17 +697,22 @@ class Builder:
         if design < self.total:
             raise ConfigError(f"strategy {strategy.label!r}: design_tokens {design:.0f} is below total_tokens {self.total:.0f}; "
                               "a blend can be downsampled to a shorter run, not stretched to a longer one")
-        # Epochs a source is seen at the design horizon; downsampling the source to
-        # total/design of its tokens keeps that count in the actual (shorter) run.
         share = {s: sum(b.get(s, 0.0) * p for b, p in zip(blends, strategy.phase_split)) for s in sources}
+        # Downsampling a source to total/design of its tokens keeps the epochs it is seen at the
+        # design horizon in the actual (shorter) run, up to whole documents. The caps are checked
+        # on the sample actually drawn: rounding to documents can shrink it below its target.
+        streams = self.source_streams(self.total / design)
         needed = {}
         for i, s in enumerate(sources):
             if share[s] > 0:
                 if self.source_tokens[i] == 0:
                     raise FramelmError(f"strategy {strategy.label!r}: source {s!r} has weight but no training tokens")
-                needed[s] = (share[s] * design / self.source_tokens[i], f" ({share[s]:.1%} of {design:,.0f} design tokens)")
+                pool = streams[s].tokens
+                why = f" ({share[s]:.1%} of {self.total:,.0f} tokens"
+                if pool < self.source_tokens[i]:
+                    why += f", drawn from a {pool:,}-token sample of its {int(self.source_tokens[i]):,} for design_tokens {design:,.0f}"
+                needed[s] = (share[s] * self.total / pool, why + ")")
         self._check_caps(strategy, needed)
-        streams = self.source_streams(self.total / design)
         stages = []
         for p, (blend, phase) in enumerate(zip(blends, strategy.phase_split)):
             parts = [streams[s].take(w * phase * self.total) for s, w in sorted(blend.items())]

@@ -5,6 +5,7 @@ Reads  RUN/ingest/documents/*.parquet   (id, source, split, text, n_bytes; every
        RUN/refmodels/{weak,strong}/     (unless weak_model / strong_model name other local HF dirs)
 Writes RUN/score/shards/part-NNNNN.parquet (+ .done)   one shard per `docs_per_shard` documents
        RUN/score/scores.parquet                       the shards in document order, plus n_tokens
+       RUN/score/precision.json                       {"dtype"}: the precision every shard is scored in
 
 Every model reads the raw text with its own tokenizer and predicts every token after a leading
 BOS (see `framelm.scoring.packing` for the windows used on documents longer than its context).
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -116,6 +118,13 @@ class ScoreConfig(StageConfig):
     def lock_name(self, key: str) -> str:
         return f"{key}.rank{self.rank}"
 
+    def input_fingerprint(self, run: RunDir) -> dict[str, Any]:
+        """Model folders given by path enter the stage hash by content, so a checkpoint replaced in
+        place is scored again. (RUN/refmodels is an upstream stage.)"""
+        given = {"weak": self.weak_model, "strong": self.strong_model}
+        with run.content_hashes() as hashes:
+            return {name: fsutil.model_dir_fingerprint(Path(p).expanduser(), hashes) for name, p in given.items() if p}
+
     def model_dirs(self, run: RunDir) -> dict[str, Path]:
         given = {"weak": self.weak_model, "strong": self.strong_model}
         return {name: Path(p).expanduser() if p else run.path("refmodels", name) for name, p in given.items()}
@@ -170,12 +179,18 @@ class ShardScorer:
         self.docs = DocumentTable(run)
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, device)
+        _check_precision(run, dtype, f"dtype: {cfg.dtype} on {device}")
         models = [
             ReferenceModel(name, path, device=device, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
                            attn_implementation=cfg.attn_implementation, max_window_tokens=cfg.context_tokens,
                            stride_tokens=cfg.stride_tokens, backend=cfg.backend)
             for name, path in cfg.model_dirs(run).items()
         ]
+        weak, strong = (m.tokenizer.get_vocab() for m in models)
+        if weak != strong:
+            log.warning("score: the weak and strong models have different tokenizers, so PD compares perplexities per "
+                        "token of different token sizes; part of each document's PD then reflects tokenization, not "
+                        "capability (bpb_weak and bpb_strong are comparable across tokenizers)")
         self.scorer = DocumentScorer(models, cfg.tokens_per_batch, cfg.logit_chunk_tokens)
 
     def prepare(self, k: int) -> tuple[pa.Table, PreparedDocuments]:
@@ -246,6 +261,24 @@ def merge_shards(run: RunDir, n_shards: int) -> pa.Table:
     n_tokens = index.column("n_tokens").take(where).cast(pa.int64())
     scores = scores.add_column(3, "n_tokens", n_tokens)
     return scores.select(SCORES_SCHEMA.names).cast(SCORES_SCHEMA)
+
+
+def _check_precision(run: RunDir, dtype: Any, why: str) -> None:
+    """Keep every shard in one precision. `dtype: auto` means bfloat16 on GPUs and float32 on CPUs,
+    so it stays out of the stage hash (a run checked from a CPU-only machine must not clear
+    shards scored on GPUs); instead the first scoring process records the precision it resolved,
+    and one that would score in another (a resumed run on other hardware, a mixed set of ranks or
+    Ray actors) is refused."""
+    name = str(dtype).removeprefix("torch.")
+    path = run.path("score", "precision.json")
+    if path.is_file():
+        recorded = json.loads(path.read_text()).get("dtype")
+        if recorded != name:
+            raise FramelmError(f"{path}: this run's shards are scored in {recorded}, but this process would score in "
+                               f"{name} ({why}); set dtype: {recorded} to resume, or delete {path.parent} to score "
+                               f"everything again")
+    else:
+        fsutil.write_json(path, {"dtype": name})
 
 
 def score_documents(cfg: ScoreConfig, run: RunDir) -> dict[str, Any]:

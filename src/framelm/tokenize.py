@@ -32,7 +32,8 @@ from framelm import fsutil
 from framelm.config import StageConfig, field
 from framelm.errors import ConfigError, FramelmError
 from framelm.rundir import RunDir
-from framelm.tokenizer import copy_tokenizer, document_parts, load_tokenizer, tokenizer_json_path
+from framelm.tokenizer import (EXTRA_TOKENIZER_FILES, TOKENIZER_FILES, copy_tokenizer, document_parts, load_tokenizer,
+                               tokenizer_json_path)
 
 log = logging.getLogger("framelm")
 
@@ -65,11 +66,16 @@ class TokenizeConfig(StageConfig):
     def upstream(self) -> tuple[str, ...]:
         return ("ingest", "tokenizer") if self.tokenizer == TRAINED else ("ingest",)
 
-    def input_fingerprint(self, run: RunDir) -> dict[str, str]:
+    def input_fingerprint(self, run: RunDir) -> dict[str, Any]:
         """A tokenizer given by path enters the stage hash by content: editing it re-runs tokenize."""
         if self.tokenizer == TRAINED:
             return {}  # the tokenizer stage's hash, an upstream, already covers it
-        return {"tokenizer_sha256": fsutil.sha256_file(tokenizer_json_path(self.tokenizer))}
+        # Every file load_tokenizer and copy_tokenizer may read: EOS comes from the config files.
+        file = tokenizer_json_path(self.tokenizer)
+        paths = dict.fromkeys([file, *(file.parent / n for n in TOKENIZER_FILES + EXTRA_TOKENIZER_FILES)])
+        with run.content_hashes() as hashes:
+            files = {p.name: hashes.fingerprint(p)["sha256"] for p in paths if p.is_file()}
+        return {"tokenizer_files": files, "eos_id": load_tokenizer(self.tokenizer)[1]}
 
     def validate(self) -> None:
         if self.num_workers < 1:
@@ -121,7 +127,11 @@ def _init_worker(tokenizer_file: str, eos_id: int, dtype: str, batch_docs: int, 
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from tokenizers import Tokenizer
 
-    _worker.update(tok=Tokenizer.from_file(tokenizer_file), eos=eos_id, dtype=np.dtype(dtype), batch=batch_docs)
+    tok = Tokenizer.from_file(tokenizer_file)
+    # A document that contains the text "<|endoftext|>" must not gain an EOS token inside it:
+    # EOS marks document boundaries in tokens.bin and in everything exported from it.
+    tok.encode_special_tokens = True
+    _worker.update(tok=tok, eos=eos_id, dtype=np.dtype(dtype), batch=batch_docs)
 
 
 def encode_documents(tok: Any, texts: list[str], eos_id: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -190,7 +200,8 @@ def tokenize_corpus(cfg: TokenizeConfig, run: RunDir) -> dict[str, Any]:
     """Tokenize RUN/ingest into RUN/tokenize (tokens.bin, index.parquet, meta.json, tokenizer/)."""
     tok_path = run.path("tokenizer") if cfg.tokenizer == TRAINED else Path(cfg.tokenizer).expanduser().resolve()
     tok, eos_id = load_tokenizer(tok_path)
-    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    # One more than the largest id, not the number of tokens: ids may have gaps.
+    vocab_size = max(tok.get_vocab(with_added_tokens=True).values()) + 1
     dtype = choose_dtype(cfg.dtype, vocab_size)
     parts = document_parts(run)
     tok_file = tokenizer_json_path(tok_path)

@@ -30,18 +30,25 @@ def test_llmc_shards_hold_the_stream_in_order(tiny_run):
     shards = [read_llmc_shard(out / name) for name in table["shards"]]
     assert sorted(p.name for p in out.glob("*.bin")) == table["shards"]
     expected = tiny_run.expected_stream()
+    assert len(expected) % shard_tokens  # the stream does not divide into whole shards
     assert len(shards) == -(-len(expected) // shard_tokens) > 1
-    assert all(len(s) == shard_tokens for s in shards[:-1])
+    # near-equal shards: no short remainder, which llm.c's loader would refuse as under B * T + 1 tokens
+    assert -(-shard_tokens // 2) <= min(map(len, shards)) and max(map(len, shards)) - min(map(len, shards)) <= 1
+    assert table["shard_starts"] == np.cumsum([0] + [len(s) for s in shards[:-1]]).tolist()
+    assert table["max_shard_tokens"] == shard_tokens and table["n_tokens"] == len(expected)
     stream = np.concatenate(shards)
     np.testing.assert_array_equal(stream, expected)
-    # the boundary table points at each stage's first token
+    # the boundary table points at each stage's first token and at its end
     for st, (name, start, end) in zip(table["stages"], tiny_run.stage_ranges):
         assert (st["name"], st["start_token"], st["end_token"]) == (name, start, end)
-        assert st["start"]["shard"] * shard_tokens + st["start"]["offset"] == start
+        assert table["shard_starts"][st["start"]["shard"]] + st["start"]["offset"] == start
         assert shards[st["start"]["shard"]][st["start"]["offset"]] == expected[start]
+        assert table["shard_starts"][st["end"]["shard"]] + st["end"]["offset"] == end
+    assert table["stages"][-1]["end"] == {"shard": len(shards) - 1, "offset": len(shards[-1])}  # the stream end
     assert len(table["transitions"]) == 2
     for w in table["transitions"]:
-        assert w["start"]["shard"] * shard_tokens + w["start"]["offset"] == w["start_token"] < w["end_token"]
+        assert table["shard_starts"][w["start"]["shard"]] + w["start"]["offset"] == w["start_token"] < w["end_token"]
+        assert 0 <= w["start"]["offset"] < len(shards[w["start"]["shard"]])
 
 
 def test_llmc_refuses_vocabularies_beyond_uint16(tmp_path):

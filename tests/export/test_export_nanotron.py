@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
 from conftest import build_tiny_run
@@ -65,3 +66,32 @@ def test_nanotron_uint32_tokens(tmp_path):
     tokens = [read_nanoset_folder(out / ph["folder"])[0] for ph in phases]
     assert all(t[2].endswith("|4") for t in tokens)
     np.testing.assert_array_equal(np.concatenate([t[0] for t in tokens]), tiny.expected_stream())
+
+
+def test_segments_shorter_than_a_step_are_trained_merged(tmp_path):
+    # 4 slices per transition window and 16 tokens per step: the last two slices of the second
+    # window hold 10 and 9 tokens, and the second would get no step of its own
+    tiny = build_tiny_run(tmp_path / "run")
+    export_schedules(ExportConfig(formats=["nanotron", "megatron"], n_substages=4), tiny.run)
+    export = tiny.run.path("export", "frame")
+    segments = json.loads((export / "segments.json").read_text())["segments"]
+    short = [s for s in segments if s["tokens"] < 16]
+    assert [(s["name"], s["tokens"]) for s in short] == [("Q4_to_Q1_3of4", 10), ("Q4_to_Q1_4of4", 9)]
+    for fmt in ("nanotron", "megatron"):
+        info = json.loads((export / fmt / "phases.json").read_text())
+        phases = info["phases"]
+        assert all(ph["end_step"] > ph["start_step"] and ph["tokens"] >= 16 for ph in phases)
+        assert [ph["start_token"] for ph in phases[1:]] == [ph["end_token"] for ph in phases[:-1]]
+        merged = [ph for ph in phases if ph["kind"] == "merged"]
+        assert [(ph["folder"], ph["first_doc"], ph["end_doc"], ph["tokens"]) for ph in merged] == [
+            (f"{short[0]['index']:03d}_Q4_to_Q1_3of4_Q4_to_Q1_4of4", short[0]["first_doc"], short[1]["end_doc"], 19)]
+        by_stage = {k: short[0]["mix"].get(k, 0) * 10 + short[1]["mix"].get(k, 0) * 9 for k in ("Q4", "Q1")}
+        assert merged[0]["mix"] == pytest.approx({k: v / 19 for k, v in by_stage.items() if v}, abs=1e-6)
+        # the other segments keep their folders, and every phase's files exist
+        assert {ph["folder"] for ph in phases} == {s["folder"] for s in segments if s not in short} | {merged[0]["folder"]}
+    ((tokens, ends, _),) = read_nanoset_folder(export / "nanotron" / merged[0]["folder"])
+    np.testing.assert_array_equal(tokens, tiny.expected_stream()[merged[0]["start_token"]:merged[0]["end_token"]])
+    assert len(ends) == merged[0]["docs"]
+    phases = json.loads((export / "nanotron" / "phases.json").read_text())["phases"]
+    stages = yaml.safe_load((export / "nanotron" / "data_stages.yaml").read_text())["data_stages"]
+    assert [s["name"] for s in stages] == [ph["folder"] for ph in phases]  # every segment's documents are trained

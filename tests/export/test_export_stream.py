@@ -71,6 +71,33 @@ def test_segments_cover_the_stream_with_pure_stages_and_transition_slices(tiny_r
         assert {k for s in window for k in s["mix"]} == {STAGE_NAMES[lo], STAGE_NAMES[hi]}
 
 
+def test_segments_shorter_than_a_step_merge_with_their_shorter_neighbour():
+    from types import SimpleNamespace
+
+    from framelm.export.plan import ExportPlan, Segment, StageRange
+
+    # one document per segment, of 20, 5, 3, 30 and 4 tokens; stage A then B; 10 tokens per step
+    length = np.array([20, 5, 3, 30, 4])
+    start = np.concatenate([[0], np.cumsum(length)[:-1]])
+    stage = np.array([0, 0, 1, 1, 1], np.int32)
+    ends = np.append(start, length.sum())
+    segments = [Segment(i, f"s{i}", "stage", i, i + 1, int(ends[i]), int(ends[i + 1]), {"AB"[stage[i]]: 1.0})
+                for i in range(5)]
+    plan = ExportPlan("t", None, SimpleNamespace(tokens=np.zeros(62)), {"offset": start, "length": length,
+                      "start": start, "stage": stage}, [StageRange("A", 0, 25), StageRange("B", 25, 62)], {}, segments)
+    # 3 joins its shorter neighbour 5 (-> 8), 4 joins 30 (-> 34), then 8 joins 20 (-> 28)
+    merged = plan.step_segments(10)
+    assert [(s.index, s.name, s.kind, s.first_doc, s.end_doc, s.start_token, s.end_token) for s in merged] == [
+        (0, "s0+s2", "merged", 0, 3, 0, 28), (3, "s3+s4", "merged", 3, 5, 28, 62)]
+    assert merged[0].mix == {"A": 0.892857, "B": 0.107143} and merged[1].mix == {"B": 1.0}
+    assert merged[0].folder == "000_s0_s2"  # first and last part: short, however many parts
+    # every segment gets whole steps: unmerged, s1 would take step [2, 2) and s2 step [2, 3)
+    assert [(p["start_step"], p["end_step"]) for p in plan.phases(10)] == [(0, 2), (2, 6)]
+    assert [s.name for s in plan.step_segments(5)] == ["s0", "s1+s2", "s3+s4"]  # 3 joins 5 (not 30), 4 joins 30
+    assert plan.step_segments(100)[0].end_token == 62 and len(plan.step_segments(100)) == 1  # shorter than a step in all
+    assert plan.step_segments(3) == segments  # none is shorter than a step
+
+
 def test_hard_switch_schedule_has_no_transitions(tmp_path):
     tiny = build_tiny_run(tmp_path / "run")
     order = tiny.order.sort_by([("stage", "ascending"), ("position", "ascending")])

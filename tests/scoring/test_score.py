@@ -97,7 +97,7 @@ def test_run_writes_exactly_its_files(scored):
     run, _, _ = scored
     files = sorted(str(p.relative_to(run.path("score"))) for p in run.path("score").rglob("*") if p.is_file())
     shards = [f"shards/part-{k:05d}.parquet{done}" for k in range(4) for done in ("", ".done")]
-    assert files == sorted([".framelm-hash", "scores.parquet", *shards])
+    assert files == sorted([".framelm-hash", "precision.json", "scores.parquet", *shards])
 
 
 def test_cli_weak_axis_and_rerun_is_a_no_op(scored, ref_models, tmp_path):
@@ -237,14 +237,20 @@ def test_bad_inputs_name_the_file_and_the_problem(ref_models, tmp_path):
         run_stage("score", ScoreConfig(**SETTINGS), run)
 
 
-def test_eager_attention_honours_the_packing_too(scored, ref_models):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_transformers_keeps_packed_windows_apart(scored, ref_models, attention):
+    """The transformers backend's GPU packing (several windows per row, restarting positions,
+    no attention mask) on the CPU: each window still sees only itself."""
     from framelm.scoring.scorer import DocumentScorer, ReferenceModel
 
     _, _, table = scored
     model = ReferenceModel("strong", ref_models["strong"], device=torch.device("cpu"), dtype=torch.float32,
-                           attn_implementation="eager", max_window_tokens=CONTEXT, stride_tokens=STRIDE)
+                           attn_implementation=attention, max_window_tokens=CONTEXT, stride_tokens=STRIDE)
+    model.row_tokens = model.window
     scorer = DocumentScorer([model], tokens_per_batch=96, logit_chunk_tokens=7)  # several logit chunks
-    nll, tokens = scorer.run(scorer.prepare(TEXTS))["strong"]
+    prepared = scorer.prepare(TEXTS)
+    assert any(b.packed for b in prepared.per_model["strong"][1])
+    nll, tokens = scorer.run(prepared)["strong"]
     assert tokens.tolist() == [n or 0 for n in table.column("strong_tokens").to_pylist()]
     expected = np.array([v or 0.0 for v in table.column("strong_nll").to_pylist()])
     np.testing.assert_allclose(nll, expected, rtol=1e-5)
@@ -299,3 +305,59 @@ def test_the_compiled_framelm_backend_gives_the_same_scores_at_every_batch_shape
             scorer = DocumentScorer([model], tokens_per_batch=tokens_per_batch, logit_chunk_tokens=7)
             nll, _ = scorer.run(scorer.prepare(TEXTS))["strong"]
             np.testing.assert_allclose(nll, expected, rtol=1e-5)
+
+
+def test_a_model_that_rescales_its_logits_is_refused(tmp_path):
+    from transformers import AutoTokenizer, GraniteConfig, GraniteForCausalLM
+
+    from framelm.scoring.scorer import ReferenceModel
+
+    from .conftest import _tokenizer
+
+    path = tmp_path / "granite"
+    _tokenizer(path, 300, "<s>", "</s>")
+    torch.manual_seed(0)
+    config = GraniteConfig(vocab_size=len(AutoTokenizer.from_pretrained(path)), hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                           logits_scaling=8.0)  # Granite divides its logits by this in forward
+    GraniteForCausalLM(config).save_pretrained(path)
+    with pytest.raises(FramelmError, match="granite.*GraniteForCausalLM.*transforms the output layer's logits"):
+        ReferenceModel("strong", path, device=torch.device("cpu"), dtype=torch.float32)
+
+
+def test_a_model_folder_replaced_in_place_is_scored_again(ref_models, tmp_path):
+    models = {name: tmp_path / name for name in ref_models}
+    for name, path in ref_models.items():
+        shutil.copytree(path, models[name])
+    run = make_run(tmp_path / "run", ref_models)
+    cfg = ScoreConfig(weak_model=str(models["weak"]), strong_model=str(models["strong"]), **SETTINGS)
+    run_stage("score", cfg, run)
+    before = pq.read_table(run.path("score", "scores.parquet")).column("strong_nll").to_pylist()
+    make_model(models["strong"], seed=7, vocab_size=400, bos=None, eos="<|endoftext|>")  # another checkpoint, same path
+    run_stage("score", cfg, run)
+    after = pq.read_table(run.path("score", "scores.parquet")).column("strong_nll").to_pylist()
+    assert after != before
+
+
+def test_force_is_refused_for_the_ranks_of_a_distributed_run(ref_models, tmp_path):
+    run = make_run(tmp_path / "run", ref_models)
+    with pytest.raises(FramelmError, match=r"--force cannot be given to the 2 ranks.*delete .*score and launch"):
+        run_stage("score", ScoreConfig(rank=1, world_size=2, **SETTINGS), run, force=True)
+
+
+def test_shards_are_never_scored_in_two_precisions(ref_models, tmp_path, monkeypatch):
+    from framelm.pipeline import stage_hash
+
+    run = make_run(tmp_path / "run", ref_models)
+    cfg = ScoreConfig(**SETTINGS)
+    cpu_hash = stage_hash("score", cfg, run)[0]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert stage_hash("score", cfg, run)[0] == cpu_hash, "dtype auto must not make the hash depend on the machine"
+    monkeypatch.undo()
+    run.path("score").mkdir()
+    (run.path("score") / "precision.json").write_text('{"dtype": "bfloat16"}')  # as a GPU run left it
+    from framelm.score import ShardScorer
+
+    with pytest.raises(FramelmError, match=r"scored in bfloat16, but this process would score in float32 "
+                                           r"\(dtype: auto on cpu\); set dtype: bfloat16 to resume"):
+        ShardScorer(cfg, run)

@@ -19,7 +19,7 @@ class ExportConfig(StageConfig):
     n_substages: int = field(4, help="fixed-mix slices per transition window, for formats that cannot ramp a mixture (megatron, nanotron, text)")
     seq_len: int | None = field(None, help="training sequence length in tokens, for iteration boundaries (megatron, nanotron); unset: stages.yaml's seq_len")
     global_batch: int | None = field(None, help="sequences per optimizer step, for iteration boundaries (megatron, nanotron); unset: stages.yaml's global_batch")
-    llmc_shard_tokens: int = field(100_000_000, help="tokens per llm.c .bin shard (llm.c's own default: 100 M)")
+    llmc_shard_tokens: int = field(100_000_000, help="most tokens per llm.c .bin shard; the stream is split into equal shards of at most this many (llm.c's own default: 100 M)")
     text_format: Literal["parquet", "jsonl"] = field("parquet", help="file format of the text export")
     tokenizer_name: str | None = field(None, help="tokenizer name written into nanotron's .ds.metadata; unset: the path of RUN/tokenize/tokenizer")
     chunk_tokens: int = field(1 << 22, hash=False, help="tokens gathered and written per step (bounds memory: ~10 bytes per token)")

@@ -2,13 +2,17 @@
 
 Writes RUN/export/<schedule>/llmc/train_000000.bin ... : each shard a header of 256 little-endian
 int32 (magic 20240520, version 1, number of tokens, zeros) followed by that many uint16 tokens;
-the stream is cut into shards of `llmc_shard_tokens` in order. Beside them, stages.json says
-where each stage and each transition window starts and ends as (shard, offset in shard).
+the stream is cut in order into ceil(n_tokens / `llmc_shard_tokens`) shards of near-equal size,
+each between half of llmc_shard_tokens and llmc_shard_tokens (llm.c's dataloader asserts that
+every shard holds more than num_processes * B * T tokens, which a short remainder shard would
+break). Beside them, stages.json lists each shard's first token (`shard_starts`) and says where
+each stage and each transition window starts and ends as (shard, offset in shard).
 Refuses a vocabulary larger than 65536, which uint16 cannot hold.
 """
 
 from __future__ import annotations
 
+import bisect
 from pathlib import Path
 from typing import Any
 
@@ -36,22 +40,24 @@ def write_llmc(plan: ExportPlan, cfg: ExportConfig, run: RunDir, out_dir: Path) 
                            f"{plan.store.vocab_size} (> {MAX_VOCAB}); export formats [stream, megatron, nanotron] instead")
     size = cfg.llmc_shard_tokens
     n_shards = -(-plan.n_tokens // size)
+    # near-equal shards rather than `size` pieces and a remainder, which llm.c may refuse as too short
+    starts = [k * plan.n_tokens // n_shards for k in range(n_shards)] + [plan.n_tokens]  # and the stream end
     written = 0
     for k in range(n_shards):
-        begin, end = k * size, min((k + 1) * size, plan.n_tokens)
+        begin, end = starts[k], starts[k + 1]
         header = np.zeros(HEADER_INTS, dtype="<i4")
         header[:3] = (MAGIC, VERSION, end - begin)
         pieces = (c.astype("<u2", copy=False) for c in plan.chunks(begin, end, cfg.chunk_tokens, f"{plan.name}/llmc {k}"))
         written += write_binary(out_dir / shard_name(k), [header.tobytes(), *pieces])
 
     def locate(token: int) -> dict[str, int]:
-        shard = min(token // size, max(n_shards - 1, 0))
-        return {"shard": shard, "offset": token - shard * size}
+        shard = max(bisect.bisect_right(starts, token, hi=n_shards) - 1, 0)  # the stream end: in the last shard
+        return {"shard": shard, "offset": token - starts[shard]}
 
     fsutil.write_json(out_dir / "stages.json", {
         "format": "llm.c uint16 shards: 256 int32 header (magic 20240520, version 1, n_tokens), then tokens",
-        "shard_tokens": size, "n_tokens": plan.n_tokens, "eos_id": plan.store.eos_id,
-        "shards": [shard_name(k) for k in range(n_shards)],
+        "max_shard_tokens": size, "n_tokens": plan.n_tokens, "eos_id": plan.store.eos_id,
+        "shards": [shard_name(k) for k in range(n_shards)], "shard_starts": starts[:n_shards],
         "stages": [{"name": s.name, "start_token": s.start_token, "end_token": s.end_token,
                     "start": locate(s.start_token), "end": locate(s.end_token)} for s in plan.stages],
         "transitions": _transition_windows(plan, locate),

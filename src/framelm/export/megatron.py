@@ -3,9 +3,11 @@
 Writes RUN/export/<schedule>/megatron/<NNN_segment>.bin/.idx for every segment of the plan (a
 pure stage, or a slice of a transition window), each holding that segment's documents in stream
 order, one sequence per document (EOS included), like Megatron's preprocess_data.py with
---append-eod. Also data_paths.txt (per segment: its iterations and the `--data-path` weight line
-to train them with) and phases.json (the same, machine-readable, with each segment's realised
-stage mix and each stage's iteration range; iterations = tokens // (global_batch * seq_len)).
+--append-eod; segments shorter than one iteration are merged with a neighbour first
+(`ExportPlan.step_segments`), so that each gets iterations. Also data_paths.txt (per segment: its
+iterations and the `--data-path` and `--split 100,0,0` arguments to train them with) and
+phases.json (the same, machine-readable, with each segment's realised stage mix and each stage's
+iteration range; iterations = tokens // (global_batch * seq_len)).
 
 .idx layout (little-endian): b"MMIDIDX\\x00\\x00", version uint64 = 1, dtype code uint8,
 sequence count uint64, document-index count uint64, sequence lengths int32[n],
@@ -31,6 +33,9 @@ INDEX_VERSION = 1
 # (what Megatron's own preprocessing picks for vocabularies of 65500 and more).
 DTYPE_CODES = {"uint16": (np.dtype("<u2"), 8), "uint32": (np.dtype("<i4"), 4)}
 INDEX_CHUNK_DOCS = 1 << 20
+# Every token of a segment is scheduled for training: Megatron's default split (969,30,1) would
+# hold 3.1 % of each out for validation and test.
+SPLIT = "100,0,0"
 
 
 def write_megatron(plan: ExportPlan, cfg: ExportConfig, run: RunDir, out_dir: Path) -> dict[str, Any]:
@@ -38,8 +43,9 @@ def write_megatron(plan: ExportPlan, cfg: ExportConfig, run: RunDir, out_dir: Pa
     dtype, code = DTYPE_CODES[plan.store.dtype]
     if plan.store.vocab_size > np.iinfo(dtype).max + 1:
         raise FramelmError(f"vocab_size {plan.store.vocab_size} does not fit Megatron's {dtype} tokens")
+    segments = plan.step_segments(tokens_per_step)
     written = 0
-    for seg in plan.segments:
+    for seg in segments:
         prefix = out_dir / seg.folder
         pieces = (c.astype(dtype, copy=False) for c in
                   plan.chunks(seg.start_token, seg.end_token, cfg.chunk_tokens, f"{plan.name}/megatron {seg.folder}"))
@@ -49,18 +55,19 @@ def write_megatron(plan: ExportPlan, cfg: ExportConfig, run: RunDir, out_dir: Pa
     phases = plan.phases(tokens_per_step)
     lines = [f"# Megatron-LM data for schedule '{plan.name}': one training phase per segment, in order.",
              f"# iterations use tokens_per_iteration = global_batch * seq_len = {tokens_per_step}",
-             "# Train each phase for its iterations with its --data-path (a phase of 0 iterations is skipped)."]
+             f"# Train each phase for its iterations with its --data-path and --split {SPLIT}: the default split",
+             "# (969,30,1) holds 3.1 % of every segment out of training. A phase of 0 iterations is skipped."]
     for ph in phases:
         mix = ", ".join(f"{k} {v:.4f}" for k, v in ph["mix"].items())
         lines.append(f"# {ph['folder']}: {ph['kind']}, tokens [{ph['start_token']}, {ph['end_token']}), "
                      f"iterations [{ph['start_step']}, {ph['end_step']}), mix: {mix}")
-        lines.append(f"--data-path 1.0 {out_dir / ph['folder']}")
+        lines.append(f"--data-path 1.0 {out_dir / ph['folder']} --split {SPLIT}")
     fsutil.write_text(out_dir / "data_paths.txt", "\n".join(lines) + "\n")
     fsutil.write_json(out_dir / "phases.json", {
-        "tokens_per_iteration": tokens_per_step, "dtype": str(dtype), "phases": phases,
+        "tokens_per_iteration": tokens_per_step, "dtype": str(dtype), "split": SPLIT, "phases": phases,
         "stages": plan.stage_steps(tokens_per_step)})
-    n_files = 2 * len(plan.segments)
-    return {"files_written": written, "files_skipped": n_files - written, "datasets": len(plan.segments)}
+    n_files = 2 * len(segments)
+    return {"files_written": written, "files_skipped": n_files - written, "datasets": len(segments)}
 
 
 def _index_parts(plan: ExportPlan, seg: Segment, code: int, itemsize: int) -> Iterator[bytes]:

@@ -7,10 +7,11 @@ tokenizer writes it:
     000_<segment>.ds            tokens, little-endian uint16 (2 bytes) or uint32 (4 bytes)
     000_<segment>.ds.index      uint64 end position (in tokens, exclusive) of every document
     000_<segment>.ds.metadata   "<tokenizer>|<token bytes>\\n<n_tokens>\\n"
-data_stages.yaml lists one nanotron data stage per segment (name, start_training_step counted
-from 1, data.dataset with dataset_folder / dataset_weights / token_size_in_bytes / vocab_size /
-tokenizer_name); segments too short for a whole optimizer step get no stage there.
-phases.json records every segment's steps and realised stage mix.
+Segments shorter than one optimizer step are merged with a neighbour first
+(`ExportPlan.step_segments`), so that each gets steps. data_stages.yaml lists one nanotron data
+stage per segment (name, start_training_step counted from 1, data.dataset with dataset_folder /
+dataset_weights / token_size_in_bytes / vocab_size / tokenizer_name); phases.json records every
+segment's steps and realised stage mix.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ def write_nanotron(plan: ExportPlan, cfg: ExportConfig, run: RunDir, out_dir: Pa
     tokens_per_step = cfg.tokens_per_step(plan.stages_yaml, f"RUN/schedule/{plan.name}/stages.yaml")
     token_bytes = TOKEN_BYTES[plan.store.dtype]
     tokenizer = cfg.tokenizer_name or str(plan.store.tokenizer_dir)
+    segments = plan.step_segments(tokens_per_step)
     written = 0
-    for seg in plan.segments:
+    for seg in segments:
         ds = out_dir / seg.folder / f"000_{seg.folder}.ds"
         written += write_binary(ds, (c.astype(f"<u{token_bytes}", copy=False) for c in
                                      plan.chunks(seg.start_token, seg.end_token, cfg.chunk_tokens,
@@ -52,8 +54,8 @@ def write_nanotron(plan: ExportPlan, cfg: ExportConfig, run: RunDir, out_dir: Pa
     data_stages = []
     for ph in phases:
         if ph["end_step"] == ph["start_step"]:
-            log.warning("export/%s/nanotron: segment %s (%d tokens) is shorter than one step of %d tokens; "
-                        "nanotron skips it", plan.name, ph["folder"], ph["tokens"], tokens_per_step)
+            log.warning("export/%s/nanotron: the whole stream (%d tokens) is shorter than one step of %d tokens; "
+                        "nanotron gets no data stage", plan.name, ph["tokens"], tokens_per_step)
             continue
         data_stages.append({
             "name": ph["folder"],
@@ -69,5 +71,5 @@ def write_nanotron(plan: ExportPlan, cfg: ExportConfig, run: RunDir, out_dir: Pa
     fsutil.write_yaml(out_dir / "data_stages.yaml", {"data_stages": data_stages})
     fsutil.write_json(out_dir / "phases.json", {"tokens_per_step": tokens_per_step, "phases": phases,
                                                 "stages": plan.stage_steps(tokens_per_step)})
-    n_files = 3 * len(plan.segments)
+    n_files = 3 * len(segments)
     return {"files_written": written, "files_skipped": n_files - written, "data_stages": len(data_stages)}

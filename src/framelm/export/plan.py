@@ -16,6 +16,8 @@ of a transition window. A transition window between stage s and s+1 is read from
 itself: it starts at the first document of a later stage and ends after the last document of
 stage s or earlier, so it is exactly where the schedule interleaved the two (overlapping windows
 merge). Cuts fall on document starts; each slice records the token share of every stage in it.
+The step-driven formats (Megatron, nanotron) first merge each segment shorter than one optimizer
+step with a neighbour (`ExportPlan.step_segments`), which would otherwise get no step of its own.
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ class Segment:
 
     index: int
     name: str
-    kind: str  # "stage" or "transition"
+    kind: str  # "stage", "transition", or "merged" (segments shorter than a step: ExportPlan.step_segments)
     first_doc: int
     end_doc: int
     start_token: int
@@ -124,7 +126,9 @@ class ExportPlan:
         self.offset = columns["offset"]
         self.length = columns["length"]
         self.start = columns["start"]
+        self.stage = columns["stage"]
         self.stages = stages
+        self.stage_names = [st.name for st in stages]
         self.stages_yaml = stages_yaml
         self.segments = segments
         self._tokens = np.asarray(store.tokens)  # plain ndarray view: np.take on it returns ndarrays
@@ -138,12 +142,49 @@ class ExportPlan:
     def n_tokens(self) -> int:
         return int(self.start[-1] + self.length[-1]) if self.n_docs else 0
 
+    def step_segments(self, tokens_per_step: int) -> list[Segment]:
+        """The segments, each one shorter than an optimizer step merged with its shorter neighbour
+        (the shortest first) until every segment holds a step of tokens; only a stream shorter
+        than one step stays shorter.
+
+        Steps are whole: a segment shorter than one step would get none (its documents never
+        trained) or take a whole step that its successor then lacks. A merged segment is named
+        "<first part>+<last part>" (a name that stays short enough for a file name however many
+        parts it has), numbered as its first, and carries their combined stage mix."""
+        groups = [[seg] for seg in self.segments]
+
+        def tokens(group: list[Segment]) -> int:
+            return group[-1].end_token - group[0].start_token
+
+        while len(groups) > 1:
+            short = [i for i, g in enumerate(groups) if tokens(g) < tokens_per_step]
+            if not short:
+                break
+            i = min(short, key=lambda i: tokens(groups[i]))
+            j = min((k for k in (i - 1, i + 1) if 0 <= k < len(groups)), key=lambda k: tokens(groups[k]))
+            lo = min(i, j)
+            groups[lo:lo + 2] = [groups[lo] + groups[lo + 1]]
+        merged = []
+        for group in groups:
+            first, last = group[0], group[-1]
+            if len(group) == 1:
+                merged.append(first)
+                continue
+            seg = Segment(first.index, f"{first.name}+{last.name}", "merged", first.first_doc, last.end_doc,
+                          first.start_token, last.end_token, _stage_mix(self.stage, self.length, self.stage_names,
+                                                                        first.first_doc, last.end_doc))
+            log.info("export/%s: merged segments %s into %s for trainers (shorter than one step of %d tokens, "
+                     "a segment gets no whole step of its own)", self.name, ", ".join(s.folder for s in group),
+                     seg.folder, tokens_per_step)
+            merged.append(seg)
+        return merged
+
     def phases(self, tokens_per_step: int) -> list[dict[str, Any]]:
-        """Segments with the optimizer steps [start_step, end_step) a step-driven trainer spends on
-        each (step k consumes tokens [k * tokens_per_step, (k + 1) * tokens_per_step)); a segment
-        shorter than a step can get zero steps."""
+        """`step_segments` with the optimizer steps [start_step, end_step) a step-driven trainer
+        spends on each (step k consumes tokens [k * tokens_per_step, (k + 1) * tokens_per_step)):
+        at least one each, as each holds a step of tokens."""
         return [{**seg.to_dict(), "start_step": seg.start_token // tokens_per_step,
-                 "end_step": seg.end_token // tokens_per_step} for seg in self.segments]
+                 "end_step": seg.end_token // tokens_per_step} for seg in self.step_segments(tokens_per_step)]
 
     def stage_steps(self, tokens_per_step: int) -> list[dict[str, Any]]:
         return [{"name": s.name, "start_token": s.start_token, "end_token": s.end_token,
@@ -214,9 +255,10 @@ def open_plan(run: RunDir, schedule: str, n_substages: int, *, memory_limit: str
 
     export_dir = run.path("export", schedule)
     plan_dir = export_dir / "plan"
-    inputs = {k: _fingerprint(p) for k, p in {
-        "order": order_path, "stages": stages_path, "index": index_path,
-        "tokens": run.path("tokenize", "tokens.bin"), "tokenize_meta": run.path("tokenize", "meta.json")}.items()}
+    with run.content_hashes() as hashes:
+        inputs = {k: _fingerprint(hashes, p) for k, p in {
+            "order": order_path, "stages": stages_path, "index": index_path,
+            "tokens": run.path("tokenize", "tokens.bin"), "tokenize_meta": run.path("tokenize", "meta.json")}.items()}
     inputs_path = plan_dir / "inputs.json"
     if inputs_path.exists() and _read_json(inputs_path) != inputs:
         log.info("export/%s: inputs changed since the last export; starting over", schedule)
@@ -367,15 +409,12 @@ def _segments(columns: dict[str, np.ndarray], names: list[str], n_substages: int
             else:
                 windows.append([first_later, end_earlier])
 
-    def mix(a: int, b: int) -> dict[str, float]:
-        tok = np.bincount(stage[a:b], weights=length[a:b], minlength=len(names))
-        return {names[i]: round(float(tok[i] / tok.sum()), 6) for i in range(len(names)) if tok[i] > 0}
-
     segments: list[Segment] = []
 
     def add(kind: str, name: str, a: int, b: int) -> None:
         if b > a:
-            segments.append(Segment(len(segments), name, kind, a, b, int(ends[a]), int(ends[b]), mix(a, b)))
+            segments.append(Segment(len(segments), name, kind, a, b, int(ends[a]), int(ends[b]),
+                                    _stage_mix(stage, length, names, a, b)))
 
     def add_stages(a: int, b: int) -> None:
         """A stretch outside transition windows: one segment per stage (hard switches inside)."""
@@ -397,6 +436,12 @@ def _segments(columns: dict[str, np.ndarray], names: list[str], n_substages: int
     return segments
 
 
+def _stage_mix(stage: np.ndarray, length: np.ndarray, names: list[str], a: int, b: int) -> dict[str, float]:
+    """Token share of each stage among documents [a, b)."""
+    tok = np.bincount(stage[a:b], weights=length[a:b], minlength=len(names))
+    return {names[i]: round(float(tok[i] / tok.sum()), 6) for i in range(len(names)) if tok[i] > 0}
+
+
 # -- small helpers shared by the format writers ---------------------------------------------
 
 def write_binary(path: Path, parts: Iterable[bytes | np.ndarray]) -> bool:
@@ -410,8 +455,8 @@ def write_binary(path: Path, parts: Iterable[bytes | np.ndarray]) -> bool:
     return True
 
 
-def _fingerprint(path: Path) -> dict[str, Any]:
-    fp = fsutil.file_fingerprint(path)
+def _fingerprint(hashes: fsutil.ContentHashes, path: Path) -> dict[str, Any]:
+    fp = hashes.fingerprint(path)
     fp.pop("path")
     return fp
 

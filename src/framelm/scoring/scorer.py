@@ -98,6 +98,7 @@ class ReferenceModel:
         if len(self.tokenizer) > vocab:
             raise FramelmError(f"{name} model: its tokenizer has {len(self.tokenizer)} tokens but the model only {vocab} output classes ({self.path})")
         self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        self._check_output_layer(vocab)
         # How prepare() packs windows (see framelm.scoring.packing): on the CPU one window per
         # row and no mask; on GPUs short windows share rows of 512 tokens under transformers'
         # dense block-diagonal mask, or, with framelm's block-sparse mask, every row is packed
@@ -117,6 +118,24 @@ class ReferenceModel:
                 self.framelm.compile_blocks()
                 self.row_tokens, self.full_rows = self.window, True
         self.head = self.framelm.lm_head if self.framelm is not None else self.model.get_output_embeddings()
+
+    @torch.inference_mode()
+    def _check_output_layer(self, vocab: int) -> None:
+        """The scorer applies the output layer itself (in chunks, softcapping included); refuse a
+        model whose own forward does more to its logits (Granite's logits_scaling, Cohere's
+        logit_scale, ...), since its scores would come out silently wrong."""
+        probe = torch.tensor([[self.bos_id, *range(1, 8)]], device=self.device) % vocab
+        own = self.model(input_ids=probe, use_cache=False).logits.float()
+        logits = self.model.get_output_embeddings()(self.model.base_model(input_ids=probe, use_cache=False).last_hidden_state).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        tolerance = 1e-4 if self.model.dtype == torch.float32 else 2e-2
+        if not torch.allclose(logits, own, rtol=tolerance, atol=tolerance * own.abs().max().item()):
+            raise FramelmError(
+                f"{self.name} model ({self.path}, {type(self.model).__name__}): its forward transforms the output layer's "
+                f"logits in a way framelm's scorer does not reproduce (largest difference "
+                f"{(logits - own).abs().max().item():.3g}); framelm scores models whose logits are the output layer's, "
+                f"optionally with final_logit_softcapping")
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
         """[bos] + tokens of each text, as int64 arrays."""
