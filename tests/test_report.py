@@ -330,7 +330,7 @@ def test_different_documents_are_stated_plainly(tmp_path, shared, expected):
     assert html.escape(expected[0].upper() + expected[1:]) in (root / "report" / "index.html").read_text()
     write_compare(tmp_path / "same", (0,), np.random.default_rng(1), same_documents=True)
     build_report(ReportConfig(), RunDir(tmp_path / "same"))
-    assert "different documents" not in (tmp_path / "same" / "report" / "index.html").read_text()
+    assert "the schedules trained on" not in (tmp_path / "same" / "report" / "index.html").read_text()
 
 
 def test_averaged_weights_get_their_own_verdict_and_bars(tmp_path):

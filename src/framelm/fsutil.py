@@ -180,11 +180,11 @@ class ContentHashes:
     never a wrong answer.
     """
 
-    def __init__(self, cache_path: str | Path | None = None):
-        self.cache_path = Path(cache_path) if cache_path else None
+    def __init__(self, cache_path: str | Path):
+        self.cache_path = Path(cache_path)
         self._entries: dict[str, list] = {}
         self._new: dict[str, list] = {}
-        if self.cache_path and self.cache_path.is_file():
+        if self.cache_path.is_file():
             try:
                 self._entries = json.loads(self.cache_path.read_text())
             except (OSError, json.JSONDecodeError):
@@ -210,7 +210,7 @@ class ContentHashes:
 
     def save(self) -> None:
         """Merge this process's new hashes into the cache file (atomically)."""
-        if not (self.cache_path and self._new):
+        if not self._new:
             return
         current = ContentHashes(self.cache_path)._entries
         current.update(self._new)

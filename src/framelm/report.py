@@ -658,7 +658,7 @@ def _accuracy_section(cfg: ReportConfig, run: RunDir, out: Path, compare: tuple[
 
 
 def _fmt(x: Any, digits: int = 4) -> str:
-    return "n/a" if not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x) else f"{x:.{digits}g}"
+    return f"{x:.{digits}g}" if _is_number(x) else "n/a"
 
 
 def _lower_is_better(metric: str) -> bool:

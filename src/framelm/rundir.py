@@ -5,7 +5,7 @@ Layout (each stage owns one top-level folder named after it):
     RUN/manifest.json        one record per stage run: config, hash, upstream hashes,
                              package versions, counts, timings, status
     RUN/.locks/              one lock file per running stage (concurrent-run guard)
-    RUN/.cache/              content hashes of input files, by path, size, mtime and inode
+    RUN/.cache/              content hashes of input files (fsutil.ContentHashes)
     RUN/<stage>/...          the stage's outputs (see each stage module's docstring)
 
 Stages talk only through these files. The manifest is rewritten atomically under a short

@@ -75,7 +75,7 @@ class TokenizeConfig(StageConfig):
         paths = dict.fromkeys([file, *(file.parent / n for n in TOKENIZER_FILES + EXTRA_TOKENIZER_FILES)])
         with run.content_hashes() as hashes:
             files = {p.name: hashes.fingerprint(p)["sha256"] for p in paths if p.is_file()}
-        return {"tokenizer_files": files, "eos_id": load_tokenizer(self.tokenizer)[1]}
+        return {"tokenizer_files": files}
 
     def validate(self) -> None:
         if self.num_workers < 1:

@@ -126,9 +126,8 @@ class ReferenceModel:
         logit_scale, ...), since its scores would come out silently wrong."""
         probe = torch.tensor([[self.bos_id, *range(1, 8)]], device=self.device) % vocab
         own = self.model(input_ids=probe, use_cache=False).logits.float()
-        logits = self.model.get_output_embeddings()(self.model.base_model(input_ids=probe, use_cache=False).last_hidden_state).float()
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
+        hidden = self.model.base_model(input_ids=probe, use_cache=False).last_hidden_state
+        logits = self._logits(self.model.get_output_embeddings(), hidden)
         tolerance = 1e-4 if self.model.dtype == torch.float32 else 2e-2
         if not torch.allclose(logits, own, rtol=tolerance, atol=tolerance * own.abs().max().item()):
             raise FramelmError(
@@ -136,6 +135,11 @@ class ReferenceModel:
                 f"logits in a way framelm's scorer does not reproduce (largest difference "
                 f"{(logits - own).abs().max().item():.3g}); framelm scores models whose logits are the output layer's, "
                 f"optionally with final_logit_softcapping")
+
+    def _logits(self, head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 vocabulary logits of final hidden states, softcapped where the model's config says so."""
+        logits = head(hidden).float()
+        return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
         """[bos] + tokens of each text, as int64 arrays."""
@@ -156,9 +160,7 @@ class ReferenceModel:
             hidden = hidden.flatten(0, 1).index_select(0, hidden_index)  # (n_targets, d_model)
             out = torch.empty(targets.numel(), dtype=torch.float32, device=dev)
             for i in range(0, targets.numel(), logit_chunk_tokens):
-                logits = self.head(hidden[i:i + logit_chunk_tokens]).float()  # (chunk, vocab)
-                if self.softcap:
-                    logits = torch.tanh(logits / self.softcap) * self.softcap
+                logits = self._logits(self.head, hidden[i:i + logit_chunk_tokens])  # (chunk, vocab)
                 out[i:i + logit_chunk_tokens] = F.cross_entropy(logits, targets[i:i + logit_chunk_tokens], reduction="none")
         except torch.cuda.OutOfMemoryError:
             raise FramelmError(
