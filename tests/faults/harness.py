@@ -116,18 +116,21 @@ def _written_paths(run_dir: Path) -> set[Path]:
 
 
 def kill_and_resume(argv: list[str], run_dir: Path, reference: Path, *, seed: int, kill_points: int,
-                    max_writes: int = 4, timeout_s: float = 180) -> FaultReport:
+                    max_delay_s: float = 0.2, timeout_s: float = 180) -> FaultReport:
     """SIGKILL `argv` at `kill_points` seeded moments, restarting each time, then let it finish.
 
     A kill point is "after the stage has written its n-th new path (temporaries included), plus
-    a delay of up to 0.2 s", n drawn from 1..max_writes: tied to the stage's own progress, so it
-    lands mid-work however loaded the machine is. After every kill the run directory is checked
-    with `assert_nothing_partial_visible` against `reference`, the output of an uninterrupted run.
+    a delay of up to `max_delay_s`", n drawn from the first half of the paths the uninterrupted
+    run in `reference` added: tied to the stage's own progress, so it lands mid-work however
+    loaded or fast the machine is. After every kill the run directory is checked with
+    `assert_nothing_partial_visible` against `reference`.
     """
     rng = random.Random(seed)
     report = FaultReport()
+    start_paths = {p.relative_to(run_dir) for p in _written_paths(run_dir)}
+    added = len({p.relative_to(reference) for p in _written_paths(reference)} - start_paths)
     for _ in range(kill_points):
-        n_writes, delay = rng.randint(1, max_writes), rng.uniform(0.0, 0.2)
+        n_writes, delay = rng.randint(1, max(1, added // 2)), rng.uniform(0.0, max_delay_s)
         before = _written_paths(run_dir)
         proc = start(argv)
         report.attempts += 1

@@ -119,7 +119,9 @@ def fault_run(stage_words: list[str], ref: Path, run: Path, key: str, seed: int,
               ignore=lambda rel: False) -> None:
     flags = [*extra_flags, *as_flags(CONFIGS[key.split("/")[0]])]
     work_s = run_uninterrupted(framelm_argv(stage_words, ref, *flags), ref)
-    report = kill_and_resume(framelm_argv(stage_words, run, *flags), run, ref, seed=seed, kill_points=KILL_POINTS)
+    # A delay beyond a tenth of the stage's run time could outlast a fast stage on a fast machine.
+    report = kill_and_resume(framelm_argv(stage_words, run, *flags), run, ref, seed=seed, kill_points=KILL_POINTS,
+                             max_delay_s=min(0.2, work_s / 10))
     assert report.landed, f"no kill landed while {key} was working ({work_s:.2f}s uninterrupted): {report}"
     assert_same_outputs(run, ref, key, ignore)
     record = json.loads((run / "manifest.json").read_text())["stages"][key]

@@ -42,9 +42,14 @@ WRITERS: dict[str, Callable[..., dict[str, Any]]] = {
 
 
 def export_schedules(cfg: ExportConfig, run: RunDir) -> dict[str, Any]:
-    """Export every selected schedule in every configured format; return counts per schedule."""
+    """Export every selected schedule in every configured format; return counts per schedule.
+
+    The counts describe the output, not this invocation: how many files a resumed run found
+    already finished is logged, so a killed-and-restarted export records what an uninterrupted
+    one does."""
     names = cfg.schedules or _schedule_names(run)
-    counts: dict[str, Any] = {"schedules": len(names), "files_written": 0, "files_skipped": 0}
+    counts: dict[str, Any] = {"schedules": len(names), "files": 0}
+    written = 0
     for name in names:
         fsutil.clean_temporaries(run.path("export", name))  # leftovers of a killed run (also done by run_stage)
         plan: ExportPlan = open_plan(run, name, cfg.n_substages, memory_limit=cfg.duckdb_memory_limit,
@@ -53,12 +58,14 @@ def export_schedules(cfg: ExportConfig, run: RunDir) -> dict[str, Any]:
                                         "segments": len(plan.segments)}
         for fmt in cfg.formats:
             result = WRITERS[fmt](plan, cfg, run, run.path("export", name, fmt))
-            counts["files_written"] += result["files_written"]
-            counts["files_skipped"] += result["files_skipped"]
+            written += result.pop("files_written")
+            counts["files"] += result["files"]
             per_schedule[fmt] = result
         log.info("export/%s: %d documents, %d tokens, %d segments -> %s", name, plan.n_docs, plan.n_tokens,
                  len(plan.segments), ", ".join(cfg.formats))
         counts[name] = per_schedule
+    if written < counts["files"]:
+        log.info("export: %d of %d files were already finished", counts["files"] - written, counts["files"])
     return counts
 
 

@@ -62,7 +62,7 @@ def write_llmc(plan: ExportPlan, cfg: ExportConfig, run: RunDir, out_dir: Path) 
                     "start": locate(s.start_token), "end": locate(s.end_token)} for s in plan.stages],
         "transitions": _transition_windows(plan, locate),
     })
-    return {"files_written": written, "files_skipped": n_shards - written, "shards": n_shards}
+    return {"files": n_shards, "files_written": written, "shards": n_shards}
 
 
 def _transition_windows(plan: ExportPlan, locate: Any) -> list[dict[str, Any]]:

@@ -67,7 +67,7 @@ def write_megatron(plan: ExportPlan, cfg: ExportConfig, run: RunDir, out_dir: Pa
         "tokens_per_iteration": tokens_per_step, "dtype": str(dtype), "split": SPLIT, "phases": phases,
         "stages": plan.stage_steps(tokens_per_step)})
     n_files = 2 * len(segments)
-    return {"files_written": written, "files_skipped": n_files - written, "datasets": len(segments)}
+    return {"files": n_files, "files_written": written, "datasets": len(segments)}
 
 
 def _index_parts(plan: ExportPlan, seg: Segment, code: int, itemsize: int) -> Iterator[bytes]:

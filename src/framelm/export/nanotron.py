@@ -72,4 +72,4 @@ def write_nanotron(plan: ExportPlan, cfg: ExportConfig, run: RunDir, out_dir: Pa
     fsutil.write_json(out_dir / "phases.json", {"tokens_per_step": tokens_per_step, "phases": phases,
                                                 "stages": plan.stage_steps(tokens_per_step)})
     n_files = 3 * len(segments)
-    return {"files_written": written, "files_skipped": n_files - written, "data_stages": len(data_stages)}
+    return {"files": n_files, "files_written": written, "data_stages": len(data_stages)}

@@ -24,4 +24,4 @@ def write_stream(plan: ExportPlan, cfg: ExportConfig, run: RunDir, out_dir: Path
         "vocab_size": plan.store.vocab_size,
         "stages": [{"name": s.name, "start_token": s.start_token, "end_token": s.end_token} for s in plan.stages],
     })
-    return {"files_written": int(written), "files_skipped": int(not written), "tokens": plan.n_tokens}
+    return {"files": 1, "files_written": int(written), "tokens": plan.n_tokens}

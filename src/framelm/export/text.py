@@ -43,7 +43,7 @@ def write_text(plan: ExportPlan, cfg: ExportConfig, run: RunDir, out_dir: Path) 
         _write_segments(plan, cfg, docs_dir, out_dir, todo, suffix)
     fsutil.write_json(out_dir / "files.json", {"format": cfg.text_format, "files": [
         {**seg.to_dict(), "file": seg.folder + suffix} for seg in plan.segments]})
-    return {"files_written": len(todo), "files_skipped": len(plan.segments) - len(todo)}
+    return {"files": len(plan.segments), "files_written": len(todo)}
 
 
 def _write_segments(plan: ExportPlan, cfg: ExportConfig, docs_dir: Path, out_dir: Path,
