@@ -1,5 +1,7 @@
 """Every stage's command builds its flags from its config and explains itself with --help."""
 
+import re
+
 import pytest
 
 from framelm.cli import main
@@ -30,3 +32,81 @@ def test_user_errors_exit_2_without_traceback(tmp_path, capsys):
     assert main(["ingest", "--run-dir", str(tmp_path), "--set", "ingest.text_feild=x"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("framelm: error:") and "did you mean 'text_field'" in err and "Traceback" not in err
+
+
+NON_INGEST = [s for s in STAGES if s != "ingest"]
+
+
+@pytest.mark.parametrize("stage", NON_INGEST)
+@pytest.mark.parametrize("make_dir", [False, True], ids=["missing", "no-manifest"])
+def test_stage_refuses_a_run_dir_without_a_manifest(stage, make_dir, tmp_path, capsys):
+    run_dir = tmp_path / "typo1"
+    if make_dir:
+        run_dir.mkdir()
+    assert main(list(STAGES[stage].words) + ["--run-dir", str(run_dir), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert (f"no run directory at {run_dir} (no manifest.json); start one with framelm ingest --run-dir {run_dir}"
+            in err), err
+    assert run_dir.exists() == make_dir and (not make_dir or not any(run_dir.iterdir())), "nothing may be created"
+
+
+def test_ingest_still_starts_a_run_and_later_stages_accept_it(tmp_path, capsys):
+    data = tmp_path / "a.jsonl"
+    data.write_text('{"text": "hello world"}\n{"text": "foo bar"}\n')
+    run_dir = tmp_path / "new" / "run"
+    assert main(["ingest", "--run-dir", str(run_dir), "--inputs", str(data), "--quiet"]) == 0
+    assert (run_dir / "manifest.json").is_file()
+    assert main(["partition", "--run-dir", str(run_dir), "--quiet", "--dry-run"]) == 0
+
+
+def _help(words, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(list(words) + ["--help"])
+    assert exc.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+
+
+def test_schedule_help_shows_a_working_list_override_and_its_default(tmp_path, capsys):
+    out = _help(["schedule"], capsys)
+    assert "strategies.KEY=VALUE" not in out
+    assert "--set 'strategies=[{kind: frame}, {kind: random}]' (default: [{kind: frame}, {kind: random}])" in out
+    # the form the help shows does work
+    data = tmp_path / "a.jsonl"
+    data.write_text('{"text": "hello world"}\n')
+    run_dir = tmp_path / "run"
+    assert main(["ingest", "--run-dir", str(run_dir), "--inputs", str(data), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["schedule", "--run-dir", str(run_dir), "--set", "strategies=[{kind: frame}, {kind: random}]", "--dry-run"]) == 0
+    assert "kind: random" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_set_example_uses_the_stage_own_fields(stage, capsys):
+    import dataclasses
+    import re
+
+    out = _help(STAGES[stage].words, capsys)
+    (example,) = re.findall(r"\(repeatable\), e\.g\. --set '?([\w.]+)=", out)
+    top = example.split(".")[0]
+    assert top in {f.name for f in dataclasses.fields(STAGES[stage].config_class())}, example
+
+
+def test_a_default_is_shown_once(capsys):
+    out = _help(["score"], capsys)
+    assert "(default RUN/refmodels/weak)" in out and "(default RUN/refmodels/weak) (default:" not in out
+    assert "(default: $WORLD_SIZE, else 1) (default:" not in out
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_help_says_what_the_stage_reads_and_writes(stage, capsys):
+    out = _help(STAGES[stage].words, capsys)
+    assert re.search(r"Reads [^;]+; writes [^.]*RUN/" + stage + "/", out), out[:400]
+
+
+def test_pipeline_unknown_key_names_the_yaml_file(tmp_path, capsys):
+    cfg = tmp_path / "my.yaml"
+    cfg.write_text(f"run_dir: {tmp_path / 'run'}\ncompare:\n  model: 1\n")
+    assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert f"{cfg}: unknown key 'compare.model'; allowed keys of compare:" in err
+    assert not (tmp_path / "run").exists()

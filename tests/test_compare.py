@@ -13,12 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from framelm.compare import (TABLE_COLUMNS, CompareConfig, Difference, build_table, check_same_budget, difference,
-                             documents_digest, format_table, mean_stderr, shared_fraction, t_test_p,
+                             documents_digest, format_table, heldout_notes, heldout_sizes, mean_stderr,
+                             shared_fraction, t_test_p,
                              table_csv, trained_documents)
 from framelm.config import ConfigError
 from framelm.errors import FramelmError
 from framelm.evaluate import EvalConfig, resolve_model
-from framelm.pipeline import run_stage
+from framelm.pipeline import run_stage, stage_hash
 from framelm.rundir import RunDir
 from framelm.train import TrainConfig
 from framelm.train.data import IGNORE, BatchPlan, StageRange
@@ -175,6 +176,46 @@ def test_averaged_checkpoints_are_evaluated_too(tmp_path):
     assert EvalConfig(model="train/frame/seed0/other").train_key is None  # any other sub-folder is a plain path
 
 
+def test_a_replaced_train_record_makes_compare_rerun(tmp_path):
+    """A standalone `framelm train` that replaces train/frame/seed0 with another config changes
+    compare's hash, so compare does not call itself up to date on results of the old model."""
+    run = RunDir(tmp_path / "run")
+    cfg = CompareConfig(eval=EvalConfig(tasks=[]))
+    assert cfg.input_fingerprint(run) == {}  # nothing run yet: compare's first hash is its steady one
+    for train, evaluations in cfg.runs():  # what compare's own runs leave in the manifest
+        for name, c in (("train", train), *(("eval", e) for e in evaluations)):
+            key = f"{name}/{c.instance()}"
+            run.update_record(key, {"stage": name, "status": "done", "hash": stage_hash(name, c, run, dry_run=True)[0]})
+    assert cfg.input_fingerprint(run) == {}
+    h = stage_hash("compare", cfg, run, dry_run=True)[0]
+    run.update_record("compare", {"stage": "compare", "status": "done", "hash": h})
+    assert stage_hash("compare", cfg, run, dry_run=True)[0] == h  # up to date
+
+    other = TrainConfig(schedule="frame", seed=0, lr=1e-2)  # framelm train --schedule frame --train.lr 0.01
+    run.update_record("train/frame/seed0", {"stage": "train", "status": "done",
+                                            "hash": stage_hash("train", other, run, dry_run=True)[0]})
+    stale = cfg.input_fingerprint(run)
+    assert "train/frame/seed0" in stale and "train/random/seed0" not in stale
+    assert stage_hash("compare", cfg, run, dry_run=True)[0] != h  # compare re-runs (and re-trains frame)
+
+
+def test_heldout_sizes_and_small_set_caution():
+    runs = fake_runs({"frame": {0: (3.0, 0.5)}, "random": {0: (3.1, 0.5)}})
+    for r in runs:
+        r["results"]["heldout"]["all"].update(docs=2, tokens=96)
+        r["results"]["heldout"]["quadrant/Q1"] = {"loss": 3.0, "docs": 400, "tokens": 80_000}
+    sizes = heldout_sizes(runs)
+    assert sizes == {"all": {"docs": 2, "tokens": 96}, "quadrant/Q1": {"docs": 400, "tokens": 80_000}}
+    results = {"heldout_sets": sizes, "quadrants_without_heldout": ["Q2", "Q3"]}
+    notes = heldout_notes(results)
+    assert notes[0] == ("caution: held-out set below 50 documents or 20,000 tokens, too small a sample to rank "
+                        "schedules on: 'all' (2 documents, 96 tokens)")
+    assert notes[1] == "quadrants without a held-out set (no held-out loss for them in the table): Q2, Q3"
+    assert len(notes) == 2  # Q1 is large enough
+    assert heldout_notes(results, "heldout_loss/quadrant/Q1") == notes[1:]
+    assert heldout_notes({"heldout_sets": {"all": {"docs": 500, "tokens": 200_000}}, "quadrants_without_heldout": []}) == []
+
+
 # -- which documents a run trained on -------------------------------------------------------------
 
 def write_order(run: RunDir, schedule: str, ids: list[str], n_tokens: list[int]) -> None:
@@ -224,7 +265,8 @@ def test_documents_match_what_the_trainer_reads(tmp_path):
             read = np.concatenate([inputs.ravel(), targets[targets != IGNORE]])
             seen |= set(doc_of_token[read].tolist())
         trained = plan.n_steps * plan.tokens_per_step
-        assert len(trained_documents(run, "frame", trained)) == len(seen) == max(seen) + 1
+        assert trained_documents(run, "frame", trained).to_pylist() == sorted(f"d{i}" for i in seen)
+        assert seen == set(range(max(seen) + 1))  # a prefix of the stream
 
 
 def test_order_without_token_counts_is_refused(tmp_path):
@@ -305,6 +347,9 @@ def test_compare_trains_both_schedules_on_the_same_tokens(tmp_path):
     assert frame["diff_vs_random"] == pytest.approx(frame["mean"] - random["mean"])
     assert frame["mean"] != random["mean"]  # different models
     assert "heldout_loss/source/alpha" in counts["summary"]
+    assert set(results["heldout_sets"]) == set(results["runs"][0]["results"]["heldout"])
+    assert all(isinstance(v["docs"], int) and isinstance(v["tokens"], int) for v in results["heldout_sets"].values())
+    assert "held-out set" in counts["summary"]
     assert run.path("compare", "results.csv").read_text().startswith(",".join(TABLE_COLUMNS) + "\n")
     assert run_stage("compare", cfg, run) == counts  # everything up to date: nothing re-runs
 

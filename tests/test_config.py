@@ -69,3 +69,12 @@ def test_override_parses_yaml_values():
     assert data == {"train": {"lr": 3e-4}, "model": {"tied": True}}
     with pytest.raises(ConfigError, match="key.subkey=value"):
         apply_override(data, "novalue")
+
+
+def test_unknown_key_message_is_punctuated_with_and_without_a_suggestion():
+    with pytest.raises(ConfigError) as exc:
+        Demo.from_dict({"zzz": 1}, where="demo")
+    assert str(exc.value).startswith("unknown key 'demo.zzz'; allowed keys of demo: inner, limit,")
+    with pytest.raises(ConfigError) as exc:
+        Demo.from_dict({"rato": 1}, where="demo")
+    assert "unknown key 'demo.rato'; did you mean 'ratio'? Allowed keys of demo: " in str(exc.value)

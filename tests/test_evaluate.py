@@ -84,8 +84,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 MC_ROWS = [{"query": f"The quick brown {w}", "choices": ["fox jumps", "dog", "lazy over the"], "gold": i % 3}
            for i, w in enumerate(["cat", "fox", "dog", "sum", "copy"])]
-MMLU_ROWS = [{"query": "What is a + b?", "choices": ["sum", "copy", "dog", "fox"], "gold": g, "subject": "high_school_math"}
-             for g in (0, 1, 3)]
+MMLU_ROWS = [{"query": q, "choices": ["sum", "copy", "dog", "fox"], "gold": g, "subject": "high_school_math"}
+             for q, g in (("What is a + b?", 0), ("What does a copy return?", 1), ("Which animal jumps?", 3))]
 WG_ROWS = [{"context_options": ["Return the sum", "Permission is"], "continuation": "of two numbers.", "gold": 0},
            {"context_options": ["The lazy dog", "def add(a"], "continuation": "jumps over the fox", "gold": 1},
            {"context_options": ["free of charge", "the input is"], "continuation": "empty.", "gold": 1}]
@@ -121,12 +121,24 @@ def test_multiple_choice_matches_hand_computed_loglikelihoods(model_dir, harness
     assert 0 < np.mean(acc) < 1, "fixture must give a non-trivial accuracy so the comparison can fail"
 
 
-def test_mmlu_rows_get_a_lettered_prompt(model_dir, harness_results):
+def mmlu_prompt(row: dict) -> str:
+    return (f"The following is a multiple choice question about high school math.\n\n{row['query']}\n"
+            "A. sum\nB. copy\nC. dog\nD. fox\nAnswer:")
+
+
+def test_mmlu_rows_get_a_lettered_prompt(model_dir, harness_results, tmp_path):
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    path = write_jsonl(tmp_path / "mmlu.jsonl", MMLU_ROWS)
+    write_task_configs([check_task_file(path)], tmp_path / "yaml", tmp_path / "cache")
+    task = get_task_dict(["mmlu"], TaskManager(include_path=str(tmp_path / "yaml"), include_defaults=False))["mmlu"]
+    docs = list(task.test_docs())
+    assert [task.doc_to_text(d) for d in docs] == [mmlu_prompt(r) for r in MMLU_ROWS]
+    assert all(task.doc_to_choice(d) == list("ABCD") for d in docs)
+
     acc = []
     for row in MMLU_ROWS:
-        prompt = ("The following is a multiple choice question about high school math.\n\nWhat is a + b?\n"
-                  "A. sum\nB. copy\nC. dog\nD. fox\nAnswer:")
-        lls = [loglikelihood(model_dir, prompt, " " + letter)[0] for letter in "ABCD"]
+        lls = [loglikelihood(model_dir, mmlu_prompt(row), " " + letter)[0] for letter in "ABCD"]
         acc.append(float(np.argmax(lls) == row["gold"]))
     assert harness_results["mmlu"]["acc"] == pytest.approx(np.mean(acc))
 
@@ -191,7 +203,9 @@ def test_continuation_longer_than_the_model_context_is_refused(model_dir, tmp_pa
 
 def test_shared_eval_files_are_recognised(shared_data):
     expected = {"lambada_openai": "lambada", "winogrande": "winogrande"}
-    for path in sorted((shared_data / "eval").glob("*.jsonl")):
+    paths = sorted((shared_data / "eval").glob("*.jsonl"))
+    assert {"mmlu", "winogrande", "lambada_openai"} <= {p.stem for p in paths}, f"eval files missing from {shared_data / 'eval'}"
+    for path in paths:
         task = check_task_file(path)
         assert task.schema == expected.get(task.name, "multiple_choice"), path
         assert task.subject == (task.name == "mmlu") and not task.verbatim and task.rows > 0
@@ -361,3 +375,20 @@ def test_eval_stage_end_to_end(run, model_dir):
     assert not run.path("eval", "tiny", "datasets-cache").exists()
     assert run_stage("eval", cfg, run) == counts  # up to date: skipped
     assert sorted(p.name for p in run.path("eval", "tiny").iterdir()) == [".framelm-hash", "harness", "results.json"]
+
+
+def test_harness_keeps_stdout_clean_and_runs_no_git(model_dir, tmp_path, capsys, monkeypatch):
+    import lm_eval.loggers.utils
+    import subprocess
+
+    calls = []
+    real = subprocess.check_output
+    monkeypatch.setattr(lm_eval.loggers.utils.subprocess, "check_output",
+                        lambda cmd, *a, **kw: calls.append(cmd) or real(cmd, *a, **kw))
+    task = check_task_file(write_jsonl(tmp_path / "lam.jsonl", LAMBADA_ROWS))
+    write_task_configs([task], tmp_path / "yaml", tmp_path / "cache")
+    got = run_harness(model_dir, [task], tmp_path / "yaml", device="cpu", dtype="float32", batch_size=4, limit=None)
+    assert got["lam"]["perplexity"] > 0
+    captured = capsys.readouterr()
+    assert "bootstrapping" not in captured.out and "bootstrapping for stddev: perplexity" in captured.err
+    assert not [c for c in calls if "git" in c]

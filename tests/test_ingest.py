@@ -1,6 +1,7 @@
 import gzip
 import hashlib
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -294,3 +295,47 @@ def test_an_edit_anywhere_in_an_input_reruns_ingest(tmp_path):
     path.write_bytes(path.read_bytes().replace(b"document 012000 ", b"document EDITED "))
     counts, run = ingest(tmp_path, [path])
     assert "document EDITED " + "x" * 80 in {d["text"] for d in documents(run)}
+
+
+def test_ingest_without_inputs_says_it_reads_the_demo_corpus(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="framelm"):
+        counts = run_stage("ingest", IngestConfig(builtin_max_chars=20_000), RunDir(tmp_path / "default"))
+    assert counts["docs"] > 0
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("no --inputs given: ingesting the built-in demo corpus" in m for m in warned)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="framelm"):
+        ingest(tmp_path, ["builtin"], run_name="explicit", builtin_max_chars=20_000)
+    assert "ingesting the built-in demo corpus" in caplog.text and "no --inputs given" not in caplog.text
+
+
+def test_source_field_missing_from_records_is_warned_about(tmp_path, caplog):
+    rows = [{"text": f"doc {i}", "src": "web"} for i in range(3)] + [{"text": "no source"}]
+    data = write_jsonl(tmp_path / "mix.jsonl", rows)
+    with caplog.at_level(logging.WARNING, logger="framelm"):
+        ingest(tmp_path, [data], run_name="some", source_field="src")
+    assert "source_field 'src' is missing or empty in 1 of 4 records" in caplog.text and str(data) in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="framelm"):
+        counts, _ = ingest(tmp_path, [data], run_name="typo", source_field="sourc")
+    assert counts["sources"] == {"mix": 4}
+    assert "source_field 'sourc' is missing or empty in all 4 records" in caplog.text
+    assert "misspelt" in caplog.text and "keys: text, src" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="framelm"):
+        ingest(tmp_path, [data], run_name="unset")
+    assert "source_field" not in caplog.text
+
+
+def test_tiny_heldout_and_ref_splits_are_warned_about(tmp_path, caplog):
+    rows = [{"text": f"document number {i}"} for i in range(400)]
+    data = write_jsonl(tmp_path / "docs.jsonl", rows)
+    with caplog.at_level(logging.WARNING, logger="framelm"):
+        counts, _ = ingest(tmp_path, [data], run_name="small", heldout_fraction=0.02, ref_fraction=0.3)
+    assert counts["splits"]["heldout"] < 50 <= counts["splits"]["ref"]
+    assert "'heldout' split has only" in caplog.text and "heldout_fraction=0.02" in caplog.text
+    assert "'ref' split" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="framelm"):
+        ingest(tmp_path, [data], run_name="large", heldout_fraction=0.3, ref_fraction=0.3)
+    assert "split has only" not in caplog.text

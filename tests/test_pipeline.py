@@ -23,6 +23,10 @@ class ToyConfig(StageConfig):
 def toy_source(cfg, run):
     CALLS.append("source")
     (run.path("source") / "out.txt").write_text(str(cfg.value))
+    if cfg.value < 0:
+        raise FramelmError(f"value {cfg.value} is negative")  # bad input found after some writing
+    if cfg.value == 99:
+        raise KeyboardInterrupt  # stands in for a kill mid-run
     return {"value": cfg.value}
 
 
@@ -34,11 +38,17 @@ def toy_sink(cfg, run):
     return {"summary": "sink finished"}
 
 
+def toy_tail(cfg, run):
+    CALLS.append("tail")
+    return {}
+
+
 @pytest.fixture(autouse=True)
 def toy_stages(monkeypatch):
     stages = {
         "source": Stage("source", f"{__name__}:ToyConfig", f"{__name__}:toy_source", (), "toy source"),
         "sink": Stage("sink", f"{__name__}:ToyConfig", f"{__name__}:toy_sink", ("source",), "toy sink"),
+        "tail": Stage("tail", f"{__name__}:ToyConfig", f"{__name__}:toy_tail", ("sink",), "toy tail"),
     }
     monkeypatch.setattr(pipeline, "STAGES", stages)
     monkeypatch.setattr(pipeline, "ORDER", list(stages))
@@ -74,9 +84,68 @@ def test_interrupted_run_keeps_its_outputs(tmp_path):
     run.update_record("source", {**rec, "status": "running"})  # as if killed after writing a shard
     (tmp_path / "source" / "shard-0.done").write_text("")
     pipeline.run_stage("source", ToyConfig(value=1), run)
-    assert (tmp_path / "source" / "shard-0.done").exists()
+    assert CALLS == ["source", "source"]  # the interrupted run ran again ...
+    assert (tmp_path / "source" / "shard-0.done").exists()  # ... keeping what it had finished
     pipeline.run_stage("source", ToyConfig(value=3), run)  # another config: old outputs cleared
+    assert CALLS == ["source", "source", "source"]
     assert not (tmp_path / "source" / "shard-0.done").exists()
+    assert not (tmp_path / pipeline.PREVIOUS).exists() or not any((tmp_path / pipeline.PREVIOUS).iterdir())
+
+
+def test_a_failing_rerun_keeps_the_previous_result(tmp_path):
+    run = RunDir(tmp_path)
+    pipeline.run_stage("source", ToyConfig(value=1), run)
+    done = run.record("source")
+    with pytest.raises(FramelmError, match="value -1 is negative") as info:
+        pipeline.run_stage("source", ToyConfig(value=-1), run)
+    assert "previous result of source is unchanged" in str(info.value)
+    assert (tmp_path / "source" / "out.txt").read_text() == "1"
+    assert run.record("source") == done
+    assert sorted(p.name for p in (tmp_path / "source").iterdir()) == [pipeline.HASH_FILE, "out.txt"]
+    pipeline.run_stage("source", ToyConfig(value=1), run)
+    assert CALLS == ["source", "source"]  # still up to date
+
+
+def test_a_failing_first_run_is_recorded_as_failed(tmp_path):
+    run = RunDir(tmp_path)
+    with pytest.raises(FramelmError):
+        pipeline.run_stage("source", ToyConfig(value=-2), run)
+    rec = run.record("source")
+    assert rec["status"] == "failed" and "value -2 is negative" in rec["error"]
+
+
+def test_the_old_config_after_a_killed_new_run_takes_its_result_back(tmp_path):
+    run = RunDir(tmp_path)
+    pipeline.run_stage("source", ToyConfig(value=1), run)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_stage("source", ToyConfig(value=99), run)
+    assert run.record("source")["status"] == "running"
+    assert (tmp_path / pipeline.PREVIOUS / "source" / "out.txt").read_text() == "1"
+    assert pipeline.run_stage("source", ToyConfig(value=1), run) == {"value": 1}
+    assert CALLS == ["source", "source"]  # taken back, not recomputed
+    assert (tmp_path / "source" / "out.txt").read_text() == "1" and run.record("source")["status"] == "done"
+    assert not (tmp_path / pipeline.PREVIOUS / "source").exists()
+
+
+def test_a_stale_upstream_is_refused(tmp_path):
+    run = RunDir(tmp_path)
+    pipeline.run_stage("source", ToyConfig(value=1), run)
+    pipeline.run_stage("sink", ToyConfig(), run)
+    pipeline.run_stage("tail", ToyConfig(), run)
+    pipeline.run_stage("source", ToyConfig(value=2), run)  # sink not re-run: it holds value 1
+    with pytest.raises(FramelmError, match=r"stage 'sink' .* is out of date: it was made from another result of "
+                                           r"'source'.*framelm sink --run-dir"):
+        pipeline.run_stage("tail", ToyConfig(), run)
+    pipeline.run_stage("sink", ToyConfig(), run)
+    pipeline.run_stage("tail", ToyConfig(), run)
+    assert CALLS == ["source", "sink", "tail", "source", "sink", "tail"]
+
+
+def test_hints_name_the_command_that_makes_a_stage(tmp_path):
+    run = RunDir(tmp_path)
+    assert run.command_for("tokenizer") == f"framelm tokenizer train --run-dir {run.root}"
+    assert run.command_for("train/frame/seed3") == f"framelm train --run-dir {run.root} --schedule frame --seed 3"
+    assert run.command_for("eval/random/seed1") == f"framelm eval --run-dir {run.root} --model train/random/seed1"
 
 
 def test_run_pipeline_from_yaml_and_errors(tmp_path, capsys, monkeypatch):

@@ -179,7 +179,34 @@ def page_images(report: Path) -> _Images:
     return parser
 
 
-def assert_valid_png(path: Path) -> None:
+def has_data(fig) -> bool:
+    """Whether a figure draws any data: lines, collections (bands, scatter, areas), bars or images
+    on some axes (an axes' own background patch and spines do not count)."""
+    return any(ax.lines or ax.collections or ax.patches or ax.images for ax in fig.axes)
+
+
+@pytest.fixture(scope="module")
+def saved_figures():
+    """Every Figure framelm.plots saves while the fixture is active, by file name."""
+    from framelm import plots
+
+    figures: dict[str, object] = {}
+    original = plots._save
+
+    def save(fig, path, dpi):
+        original(fig, path, dpi)
+        figures[Path(path).name] = fig
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plots, "_save", save)
+        yield figures
+
+
+def assert_valid_png(path: Path, figures: dict | None = None) -> None:
+    """A readable, non-trivial PNG; with `figures` (saved_figures), also one whose figure drew data:
+    an empty axes with its title and labels already has many colours, so pixels alone cannot tell."""
+    if figures is not None:
+        assert path.name in figures and has_data(figures[path.name]), f"{path}: the figure holds no data"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
     with Image.open(path) as im:
         im.verify()
@@ -192,10 +219,11 @@ def assert_valid_png(path: Path) -> None:
 # -- tests --------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def full_report(tmp_path_factory) -> tuple[RunDir, dict]:
+def full_report(tmp_path_factory, saved_figures) -> tuple[RunDir, dict]:
     """One report over a run with every stage's outputs, shared by the tests that only read it."""
     run = make_run(tmp_path_factory.mktemp("full") / "run")
-    return run, run_stage("report", ReportConfig(), run)
+    counts = run_stage("report", ReportConfig(), run)
+    return run, {**counts, "_figures": dict(saved_figures)}
 
 
 def test_full_report_has_every_figure_and_references_exactly_them(full_report):
@@ -205,7 +233,7 @@ def test_full_report_has_every_figure_and_references_exactly_them(full_report):
     assert pngs == {"scores.png", "quadrants.png", "schedule-frame.png", "schedule-random.png", "loss.png",
                     "heldout-sets.png", "accuracy.png"}
     for name in pngs:
-        assert_valid_png(report / name)
+        assert_valid_png(report / name, counts["_figures"])
     parsed = page_images(report)
     assert sorted(parsed.srcs) == sorted(pngs)
     assert all("://" not in u and not u.startswith("//") for u in parsed.urls), parsed.urls
@@ -219,6 +247,7 @@ def test_full_report_has_every_figure_and_references_exactly_them(full_report):
             "paired t test over 2 seeds)") in text
     assert "summary.json's cut points" in text and "standard error across seeds" in text
     assert counts["figures"] == len(pngs) and counts["not_run_yet"] == 0
+    assert "Runs shown: train/frame/seed0, train/frame/seed1, train/random/seed0, train/random/seed1" in text
     assert "frame vs random" in counts["summary"]
 
 
@@ -479,6 +508,7 @@ def test_config_validation_names_the_key():
 
 def test_cli_builds_the_report(tmp_path, capsys):
     run = make_run(tmp_path / "run", seeds=(0,), parts=("compare",))
+    run.update_record("compare", {"stage": "compare", "status": "done", "hash": "compare-hash"})  # the CLI wants a started run
     assert main(["report", "--run-dir", str(run.root), "--accuracy-metric", "acc_norm", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "not run yet: Scores and quadrants, Schedules, Loss curves" in out
@@ -601,3 +631,73 @@ def test_log_ppl_axis_labels_are_plain_numbers_that_do_not_crowd(lo, hi, expecte
     shown = [t.get_text() for t in ax.get_xticklabels() if t.get_text() and lo <= t.get_position()[0] <= hi]
     assert shown == expected
     assert not any(t.get_text() for t in ax.xaxis.get_minorticklabels())  # matplotlib's 3x10^2, 4x10^2, ... are off
+
+
+def test_figure_check_fails_on_a_figure_without_data(tmp_path):
+    """assert_valid_png with figures rejects a figure whose data were removed, though its PNG alone passes."""
+    from matplotlib.figure import Figure
+
+    from framelm import plots
+
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    ax.set(title="held-out loss, all held-out documents", xlabel="tokens", ylabel="loss (nats/token)")
+    line, = ax.plot([1, 2, 3], [3.0, 2.5, 2.2], label="frame")
+    ax.legend()
+    plots._save(fig, tmp_path / "loss.png", 110)
+    assert_valid_png(tmp_path / "loss.png", {"loss.png": fig})
+    line.remove()
+    plots._save(fig, tmp_path / "loss.png", 110)
+    assert_valid_png(tmp_path / "loss.png")  # the pixels alone pass: title, labels, ticks, legend
+    with pytest.raises(AssertionError, match="holds no data"):
+        assert_valid_png(tmp_path / "loss.png", {"loss.png": fig})
+
+
+def test_loss_plots_show_only_the_runs_compare_lists(tmp_path, monkeypatch):
+    """An ad-hoc `framelm train --schedule random --seed 1` is not averaged into compare's random."""
+    from framelm import plots
+
+    run = make_run(tmp_path / "run", seeds=(0,), parts=("train", "compare"))
+    d = run.path("train", "random", "seed1")
+    d.mkdir(parents=True)
+    (d / "log.jsonl").write_text("".join(json.dumps({"type": "train", "step": s, "tokens": s * 1024, "loss": 99.0}) + "\n"
+                                         for s in range(1, 41)))
+    drawn = {}
+    original = plots.curves
+    monkeypatch.setattr(plots, "curves", lambda path, panels, *a, **k: (drawn.setdefault(Path(path).name, panels),
+                                                                        original(path, panels, *a, **k))[1])
+    build_report(ReportConfig(), run)
+    text = run.path("report", "index.html").read_text()
+    assert "Runs shown: train/frame/seed0, train/random/seed0 (those compare/results.json lists" in text
+    assert "random/seed1" not in text
+    curves = {c.label: c for c in drawn["loss.png"][0][2]}
+    assert sorted(curves) == ["frame (1 seed)", "random (1 seed)"]
+    assert max(curves["random (1 seed)"].mean) < 50  # seed 1's loss of 99 is not in the mean
+
+    shutil.rmtree(run.path("compare"))  # without a compare result, every log is shown
+    build_report(ReportConfig(), run)
+    text = run.path("report", "index.html").read_text()
+    assert "train/random/seed1 (every train/*/seed*/log.jsonl found: there is no compare/results.json)" in text
+
+
+def test_small_heldout_sets_and_quadrants_without_one_are_stated(tmp_path):
+    root = tmp_path / "run"
+    run = make_run(root, seeds=(0, 1), parts=("compare",))
+    path = root / "compare" / "results.json"
+    data = json.loads(path.read_text())
+    data["heldout_sets"] = {"all": {"docs": 2, "tokens": 96}, "source/all-caps": {"docs": 400, "tokens": 90_000}}
+    data["quadrants_without_heldout"] = ["Q3", "Q4"]
+    path.write_text(json.dumps(data))
+    counts = build_report(ReportConfig(), run)
+    text = run.path("report", "index.html").read_text()
+    assert "<td>all</td><td>2</td><td>96</td>" in text and "<td>source/all-caps</td><td>400</td><td>90,000</td>" in text
+    caution = "too small a sample to rank schedules on: &#x27;all&#x27; (2 documents, 96 tokens)"
+    assert caution in text and "Quadrants without a held-out set (no held-out loss for them in the table): Q3, Q4." in text
+    assert "too small a sample to rank schedules on: 'all' (2 documents, 96 tokens)" in counts["summary"]  # in the verdict
+    assert "all-caps&#x27; (" not in text
+
+    data["heldout_sets"]["all"] = {"docs": 500, "tokens": 200_000}
+    data["quadrants_without_heldout"] = []
+    path.write_text(json.dumps(data))
+    counts = build_report(ReportConfig(), run)
+    assert "too small a sample" not in run.path("report", "index.html").read_text() and "too small a sample" not in counts["summary"]

@@ -1,3 +1,4 @@
+import logging
 from collections import Counter
 from dataclasses import replace as dataclasses_replace
 
@@ -564,3 +565,26 @@ def test_table_rows_map_to_the_partition_cells_by_name():
     assert corpus.weight.tolist() == [6, 8, 9]
     with pytest.raises(FramelmError, match=r"cell 'Q7' is not in the partition's cells \['Q1', 'Q2', 'Q3', 'Q4'\]"):
         make_corpus([5, 6], ["Q1", "Q7"], ["web"] * 2)
+
+
+def test_schedules_too_short_for_their_steps_or_repeating_data_are_warned_about(run, caplog):
+    # one pass over the fixture's train documents is about 22k tokens: under one default step of 32 * 1024
+    with caplog.at_level(logging.WARNING, logger="framelm"):
+        build(run, [{"kind": "frame"}])
+    assert "less than one optimizer step of global_batch * seq_len = 32 * 1024" in caplog.text
+    assert "schedule.total_tokens" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="framelm"):
+        build(run, [{"kind": "frame", "name": "few"}], seq_len=128, global_batch=64)
+    assert "whole optimizer steps of 8,192 tokens (global_batch * seq_len) for 4 stages" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="framelm"):
+        build(run, [{"kind": "frame", "name": "fine"}], seq_len=16, global_batch=4)
+    assert "optimizer step" not in caplog.text and "repeated" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="framelm"):
+        build(run, [{"kind": "frame", "name": "many"}], seq_len=16, global_batch=4, total_tokens=200_000)
+    assert "is repeated" in caplog.text and "schedule.max_epochs" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="framelm"):
+        build(run, [{"kind": "frame", "name": "capped"}], seq_len=16, global_batch=4, total_tokens=200_000, max_epochs=20)
+    assert "repeated" not in caplog.text

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 import sys
 import types
 import typing
@@ -49,6 +50,93 @@ def _flag_spec(tp: Any) -> dict[str, Any] | None:
     return None
 
 
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _minimal(value: Any) -> Any:
+    """A config value as plain YAML data, keeping only the keys that differ from their defaults
+    (a dataclass with none keeps its first key, so that the item is still recognisable)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        out = {}
+        fields = [f for f in dataclasses.fields(value) if f.init]
+        for f in fields:
+            v = getattr(value, f.name)
+            if _default(f) is dataclasses.MISSING or v != _default(f):
+                out[f.name] = _minimal(v)
+        if not out and fields:
+            out[fields[0].name] = _minimal(getattr(value, fields[0].name))
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_minimal(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _minimal(v) for k, v in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _flow_yaml(value: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6, sort_keys=False).strip().removesuffix("...").strip()
+
+
+def _set_arg(assignment: str) -> str:
+    """`--set KEY=VALUE` as typed in a shell (quoted when the value needs it)."""
+    return f"--set '{assignment}'" if any(c in assignment for c in " []{}*?$'\"|&;<>()") else f"--set {assignment}"
+
+
+def nested_examples(cls: type) -> list[str]:
+    """A working `--set ...` example for each field of `cls` that has no flag of its own."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = _unwrap_optional(hints[f.name])
+        if _flag_spec(tp) is not None:
+            continue
+        default = _default(f)
+        if dataclasses.is_dataclass(tp):
+            sub = None
+            sub_hints = typing.get_type_hints(tp)
+            for sf in dataclasses.fields(tp):
+                sd = _default(sf)
+                if _flag_spec(sub_hints[sf.name]) is not None and sd not in (None, dataclasses.MISSING, "", []):
+                    sub = f"{f.name}.{sf.name}={_flow_yaml(_minimal(sd))}"
+                    break
+            out.append(f"{_set_arg(f.name + '.KEY=VALUE')} (e.g. {_set_arg(sub)})" if sub else _set_arg(f.name + ".KEY=VALUE"))
+        else:
+            if default is dataclasses.MISSING or default in (None, [], {}):
+                value = "[...]" if typing.get_origin(tp) in (list, tuple) else "{KEY: VALUE}"
+                shown = "" if default is dataclasses.MISSING else f" (default: {_flow_yaml(_minimal(default))})"
+            else:
+                value = shown = _flow_yaml(_minimal(default))
+                shown = f" (default: {shown})"
+            out.append(f"{_set_arg(f.name + '=' + value)}{shown}")
+    return out
+
+
+def set_example(cls: type) -> str:
+    """A `--set` example made of one of the config's own fields."""
+    examples = nested_examples(cls)
+    for ex in examples:
+        if "(e.g. " in ex:
+            return ex.split("(e.g. ", 1)[1].rstrip(")").removeprefix("--set ").strip("'")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        d = _default(f)
+        if _flag_spec(hints[f.name]) is not None and isinstance(d, (int, float, str)) and not isinstance(d, bool) and d != "":
+            return f"{f.name}={d}"
+    return "KEY=VALUE"
+
+
+_MENTIONS_DEFAULT = re.compile(r"\(default\b|[;,] default[ :]|\bthe default is\b", re.IGNORECASE)
+
+
 def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> list[str]:
     """Add one flag per simple field of `cls`; return the field names added."""
     hints = typing.get_type_hints(cls)
@@ -58,43 +146,42 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> list[str]:
         spec = _flag_spec(hints[f.name])
         if spec is None:
             continue
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
+        default = _default(f)
+        if default is dataclasses.MISSING:
             default = "required"
         help_text = f.metadata.get("help", "")
-        if not dataclasses.is_dataclass(default):
-            help_text += f" (default: {default})"
+        if not dataclasses.is_dataclass(default) and not _MENTIONS_DEFAULT.search(help_text):
+            help_text += f" (default: {default})"  # shown once: some help texts say their default in words
         help_text = help_text.replace("%", "%%")  # argparse treats help as a %-format string
         if spec.get("action") is None and "choices" not in spec:
             spec["metavar"] = f.name.upper()
         group.add_argument("--" + f.name.replace("_", "-"), dest=f"cfg_{f.name}", default=None, help=help_text, **spec)
         names.append(f.name)
-    nested = [f.name for f in dataclasses.fields(cls) if _flag_spec(hints[f.name]) is None]
+    nested = nested_examples(cls)
     if nested:
-        group.description = "Nested settings (" + ", ".join(nested) + ") are set with --set, e.g. --set " + nested[0] + ".KEY=VALUE"
+        group.description = ("Settings without a flag of their own are set with --set: " + "; ".join(nested)).replace("%", "%%")
     return names
 
 
-def _common_flags(p: argparse.ArgumentParser, config_flag: bool = True) -> None:
+def _common_flags(p: argparse.ArgumentParser, config_flag: bool = True, example: str = "model.n_layers=4") -> None:
     if config_flag:
         p.add_argument("--config", metavar="YAML", help="pipeline config file; its section for this stage is used")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, dotted for nested keys (repeatable), e.g. --set model.n_layers=4")
+                   help=f"override a config key, dotted for nested keys (repeatable), e.g. {_set_arg(example)}".replace("%", "%%"))
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and whether the stage would run, then stop")
     p.add_argument("--force", action="store_true", help="run even if the stage is up to date")
     p.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
 
 
 def _add_stage_parser(subparsers: Any, stage: Stage, words: tuple[str, ...], selected: bool) -> None:
-    p = subparsers.add_parser(words[0], help=stage.help, description=stage.help)
+    p = subparsers.add_parser(words[0], help=stage.help, description=stage.description)
     if not selected:
         return  # flags come from the config class, imported only for the command being run
-    p.add_argument("--run-dir", help="run directory (default: run_dir from --config)")
-    _common_flags(p)
-    fields = add_config_flags(p, stage.config_class())
+    cls = stage.config_class()
+    p.add_argument("--run-dir", help="run directory (default: run_dir from --config)"
+                   + ("; created if missing" if stage.name == "ingest" else "; must already exist (started by framelm ingest)"))
+    _common_flags(p, example=set_example(cls))
+    fields = add_config_flags(p, cls)
     p.set_defaults(handler=_run_stage_command, stage=stage.name, fields=fields)
 
 
@@ -114,7 +201,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     run_p = sub.add_parser("run", help="run the stages a pipeline config names, in order, skipping finished ones")
     run_p.add_argument("config", help="pipeline YAML (keys: run_dir, stages, one section per stage)")
     run_p.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages of the config")
-    _common_flags(run_p, config_flag=False)
+    _common_flags(run_p, config_flag=False, example="tokenizer.vocab_size=2048")
     run_p.set_defaults(handler=_run_pipeline_command)
 
     groups: dict[str, Any] = {}
@@ -139,6 +226,7 @@ def _setup_logging(quiet: bool) -> None:
 def _run_stage_command(args: argparse.Namespace) -> None:
     from framelm.config import apply_override, load_yaml
     from framelm.pipeline import build_config, load_pipeline, run_stage
+    from framelm.rundir import RunDir
 
     section: dict[str, Any] = {}
     run_dir = args.run_dir
@@ -155,9 +243,20 @@ def _run_stage_command(args: argparse.Namespace) -> None:
     if not run_dir:
         raise FramelmError(f"give a run directory: framelm {args.stage} --run-dir runs/NAME ... (or --config with run_dir)")
     cfg = build_config(args.stage, section)
-    counts = run_stage(args.stage, cfg, run_dir, force=args.force, dry_run=args.dry_run)
+    run = RunDir(run_dir) if args.stage == "ingest" else existing_run_dir(run_dir)
+    counts = run_stage(args.stage, cfg, run, force=args.force, dry_run=args.dry_run)
     if not args.dry_run:
         _print_counts(args.stage, counts)
+
+
+def existing_run_dir(run_dir: str | Path) -> Any:
+    """The RunDir of a run that `framelm ingest` started; refuses (creating nothing) a path
+    that does not exist or has no manifest.json, which is usually a typo."""
+    from framelm.rundir import MANIFEST, RunDir
+
+    if not (Path(run_dir).expanduser() / MANIFEST).is_file():
+        raise FramelmError(f"no run directory at {run_dir} (no {MANIFEST}); start one with framelm ingest --run-dir {run_dir}")
+    return RunDir(run_dir, create=False)
 
 
 def _print_counts(stage: str, counts: dict[str, Any]) -> None:
@@ -170,8 +269,15 @@ def _print_counts(stage: str, counts: dict[str, Any]) -> None:
 
 
 def _run_pipeline_command(args: argparse.Namespace) -> None:
-    from framelm.pipeline import run_pipeline
+    from framelm.config import ConfigError
+    from framelm.pipeline import build_config, load_pipeline, run_pipeline
 
+    _, stages, data = load_pipeline(args.config, args.overrides)  # its errors name the file already
+    for s in stages:  # check every section first, so that an error names the YAML file
+        try:
+            build_config(s, data.get(s))
+        except ConfigError as exc:
+            raise ConfigError(f"{args.config}: {exc}") from None
     results = run_pipeline(args.config, args.overrides, only=args.only, force=args.force, dry_run=args.dry_run)
     if not args.dry_run:
         for stage, counts in results.items():

@@ -39,6 +39,10 @@ repeats) that random trained on too, and the summary cautions below SHARED_DOCUM
 
 Reads: RUN/train/<schedule>/seed<k>/ records, RUN/eval/<schedule>/seed<k>[-avg]/results.json,
 RUN/schedule/<schedule>/order.parquet (which documents each schedule holds, in stream order).
+`heldout_sets` gives each held-out set's docs and tokens (from eval's results.json); with a
+partition, `quadrants_without_heldout` lists the quadrants that have no held-out set (so no row).
+The summary cautions on sets below HELDOUT_CAUTION_DOCS documents or HELDOUT_CAUTION_TOKENS tokens.
+
 Writes: RUN/compare/results.json, RUN/compare/results.csv (the table).
 """
 
@@ -69,6 +73,12 @@ TABLE_COLUMNS = ("metric", "schedule", "weights", "mean", "stderr", "n_seeds", "
 TASK_METRICS = ("acc", "acc_norm", "perplexity")
 VARIES = ("schedule", "seed")  # the only TrainConfig fields that may differ between compared runs
 SHARED_DOCUMENTS_CAUTION = 0.95  # below this share of common documents, a difference is not one of order alone
+# Below either, the held-out loss a verdict reads is too small a sample to rank schedules on: the
+# per-document loss varies by several tenths of a nat, so its standard error over 50 documents is
+# already ~0.05 nats, the size of typical schedule differences; and 20,000 tokens is ten times
+# less than eval's default of 200,000 tokens per set (a tiny corpus gives sets of 2 documents).
+HELDOUT_CAUTION_DOCS = 50
+HELDOUT_CAUTION_TOKENS = 20_000
 TABLE_FORMAT = 2  # 1: no weights, diff_paired, diff_df or diff_p columns; same_documents over whole streams
 
 
@@ -85,6 +95,33 @@ class CompareConfig(StageConfig):
     def hashed_dict(self) -> dict[str, Any]:
         # A run directory compared by an older framelm re-tabulates (its trainings are reused).
         return {**super().hashed_dict(), "table_format": TABLE_FORMAT}
+
+    def input_fingerprint(self, run: RunDir) -> dict[str, Any]:
+        """The train/eval records compare reads that are not what compare's own config makes of them.
+
+        A standalone `framelm train` (or eval) can replace a record under a key compare owns
+        (train/frame/seed0 with another config); compare's own hash must then change, so that it
+        re-runs, re-trains what is stale through run_stage and re-tabulates. A record that matches
+        the hash compare would give it is left out, so the fingerprint is {} whenever compare's
+        inputs are its own (before and after it runs: no spurious re-run). A missing record counts
+        only once compare has finished (a deleted record); before the first run every record is
+        missing and compare creates them."""
+        from framelm.pipeline import stage_hash, stage_key
+
+        compared = run.record(stage_key("compare", self))
+        out: dict[str, Any] = {}
+        for train_cfg, evaluations in self.runs():
+            for name, cfg in (("train", train_cfg), *(("eval", e) for e in evaluations)):
+                key = stage_key(name, cfg)
+                rec = run.record(key)
+                if rec is None:
+                    if compared is not None:
+                        out[key] = "missing"
+                    continue
+                expected, _ = stage_hash(name, cfg, run, dry_run=True)
+                if rec.get("status") != "done" or rec.get("hash") != expected:
+                    out[key] = f"{rec.get('status')}:{rec.get('hash')}"
+        return out
 
     def validate(self) -> None:
         if not self.schedules or len(set(self.schedules)) != len(self.schedules):
@@ -318,6 +355,80 @@ def documents_note(results: dict[str, Any]) -> str | None:
                if low else ": each stream's end past the last whole training step differs"))
 
 
+# -- how large the held-out sets are --------------------------------------------------------------
+
+def heldout_sizes(runs: list[dict[str, Any]]) -> dict[str, dict[str, int | None]]:
+    """Documents and tokens of each held-out set the runs were scored on (the smallest over runs;
+    they share one eval config, so normally the same); None where eval did not record it."""
+    out: dict[str, dict[str, int | None]] = {}
+    for r in runs:
+        for name, values in (r.get("results") or {}).get("heldout", {}).items():
+            if not isinstance(values, dict):
+                continue
+            size = out.setdefault(name, {"docs": None, "tokens": None})
+            for k in ("docs", "tokens"):
+                v = values.get(k)
+                if isinstance(v, int) and (size[k] is None or v < size[k]):
+                    size[k] = v
+    return dict(sorted(out.items()))
+
+
+def partition_quadrants(run: RunDir) -> list[str] | None:
+    """The quadrants of RUN/partition (None without a readable one)."""
+    from framelm.partition import LABELS, _label_file
+
+    if not run.path(LABELS).is_file():
+        return None
+    try:
+        _, meta = _label_file(run)
+    except FramelmError:
+        return None
+    return [c[0] for c in meta["cells"]]
+
+
+def heldout_set_of(metric: str) -> str | None:
+    """The held-out set a table metric is measured on (heldout_loss/source/a -> source/a)."""
+    head, _, rest = metric.partition("/")
+    return rest if head in ("heldout_loss", "heldout_bpb") and rest else None
+
+
+def heldout_notes(results: dict[str, Any], metric: str | None = "heldout_loss/all") -> list[str]:
+    """What a reader must know about the held-out sets behind `metric` (every set when None):
+    one caution naming those below HELDOUT_CAUTION_DOCS documents or HELDOUT_CAUTION_TOKENS
+    tokens, and the quadrants that have no held-out set at all."""
+    sizes = results.get("heldout_sets")
+    notes = []
+    if isinstance(sizes, dict):
+        wanted = None if metric is None else heldout_set_of(metric)
+        small = []
+        for name, size in sizes.items():
+            if wanted is not None and name != wanted or not isinstance(size, dict):
+                continue
+            docs, tokens = size.get("docs"), size.get("tokens")
+            if (isinstance(docs, int) and docs < HELDOUT_CAUTION_DOCS) or (isinstance(tokens, int) and tokens < HELDOUT_CAUTION_TOKENS):
+                small.append(f"'{name}' ({docs if docs is not None else '?'} documents, "
+                             f"{f'{tokens:,}' if tokens is not None else '?'} tokens)")
+        if small:
+            notes.append(f"caution: held-out set{'s' if len(small) > 1 else ''} below {HELDOUT_CAUTION_DOCS} documents or "
+                         f"{HELDOUT_CAUTION_TOKENS:,} tokens, too small a sample to rank schedules on: {', '.join(small)}")
+    missing = results.get("quadrants_without_heldout")
+    if isinstance(missing, list) and missing:
+        notes.append(f"quadrants without a held-out set (no held-out loss for them in the table): "
+                     f"{', '.join(map(str, missing))}")
+    return notes
+
+
+def format_heldout(sizes: dict[str, dict[str, int | None]]) -> str:
+    """One line per held-out set: its documents and tokens."""
+    if not sizes:
+        return ""
+    rows = [("held-out set", "docs", "tokens")] + [(n, str(s["docs"]) if s["docs"] is not None else "-",
+                                                    str(s["tokens"]) if s["tokens"] is not None else "-")
+                                                   for n, s in sizes.items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
 def check_same_budget(runs: list[dict[str, Any]], run: RunDir) -> None:
     """Every run trained on the same number of tokens with the same non-varying settings."""
     tokens = {r["train_key"]: r["tokens"] for r in runs}
@@ -367,13 +478,18 @@ def compare_schedules(cfg: CompareConfig, run: RunDir) -> dict[str, Any]:
            "same_documents": None if None in fingerprints else len(fingerprints) == 1,
            "shared_documents": {s: None if ids is None or baseline_ids is None else round(shared_fraction(ids, baseline_ids), 6)
                                 for (s, _), ids in trained.items() if s != BASELINE},
-           "runs": runs, "table": table}
+           "heldout_sets": heldout_sizes(runs), "runs": runs, "table": table}
+    quadrants = partition_quadrants(run)
+    out["quadrants_without_heldout"] = (None if quadrants is None or not out["heldout_sets"] else
+                                        [q for q in quadrants if f"quadrant/{q}" not in out["heldout_sets"]])
     out_dir = run.path("compare")
     fsutil.write_json(out_dir / "results.json", out)
     fsutil.write_text(out_dir / "results.csv", table_csv(table))
     summary = format_table(table)
-    note = documents_note(out)
-    if note:
-        summary += "\n" + note
+    if out["heldout_sets"]:
+        summary += "\n" + format_heldout(out["heldout_sets"])
+    for line in [documents_note(out), *heldout_notes(out, None)]:
+        if line:
+            summary += "\n" + line
     return {"runs": len(planned), "evaluations": len(runs), "tokens_per_run": runs[0]["tokens"],
             "same_documents": out["same_documents"], "summary": summary}

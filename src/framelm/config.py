@@ -99,11 +99,9 @@ def _build(cls: type, data: Any, where: str) -> Any:
     if unknown:
         k = unknown[0]
         close = difflib.get_close_matches(str(k), list(fields), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(
-            f"unknown key '{_key(where, str(k))}'{hint} Allowed keys{' of ' + where if where else ''}: "
-            f"{', '.join(sorted(fields))}"
-        )
+        allowed = f"allowed keys{' of ' + where if where else ''}: {', '.join(sorted(fields))}"
+        hint = f"did you mean '{close[0]}'? {allowed[0].upper()}{allowed[1:]}" if close else allowed
+        raise ConfigError(f"unknown key '{_key(where, str(k))}'; {hint}")
     kwargs = {}
     for name, f in fields.items():
         if name in data:

@@ -22,15 +22,19 @@ Reads: the task files. Writes: one `<task>.yaml` per task into the folder it is 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
 from framelm import fsutil
 from framelm.errors import FramelmError
+
+log = logging.getLogger("framelm")
 
 MULTIPLE_CHOICE, WINOGRANDE, LAMBADA = "multiple_choice", "winogrande", "lambada"
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -233,6 +237,33 @@ def check_lengths(model_dir: Path, tasks: list[TaskFile], limit: int | None) -> 
             )
 
 
+@contextlib.contextmanager
+def _harness_quieted() -> Iterator[None]:
+    """Keep lm-evaluation-harness's own chatter out of framelm's output during one evaluation."""
+    import lm_eval.evaluator
+
+    # The harness warns once per request whose context it left-truncates; that is expected for
+    # small proxies with short windows and would bury framelm's own output. Under --quiet the
+    # libraries it drives (model loading, dataset building) keep to errors too.
+    names = ["lm_eval"] + ([] if log.isEnabledFor(logging.INFO) else ["transformers", "datasets"])
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    # simple_evaluate records `git describe` of the working directory in its results, which
+    # framelm does not use; outside a repository git prints "fatal: not a git repository".
+    git_hash = lm_eval.evaluator.get_git_commit_hash
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        lm_eval.evaluator.get_git_commit_hash = lambda: None
+        # it print()s "bootstrapping for stddev: ..." to stdout, where framelm's tables go
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        lm_eval.evaluator.get_git_commit_hash = git_hash
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def run_harness(model_dir: Path, tasks: list[TaskFile], config_dir: Path, *, device: str, dtype: str,
                 batch_size: int, limit: int | None, trust_remote_code: bool = False) -> dict[str, dict[str, Any]]:
     """Evaluate `model_dir` on `tasks` (configs already in `config_dir`); metrics per task.
@@ -244,22 +275,20 @@ def run_harness(model_dir: Path, tasks: list[TaskFile], config_dir: Path, *, dev
     from lm_eval.tasks import TaskManager
 
     check_lengths(model_dir, tasks, limit)
-    # The harness warns once per request whose context it left-truncates; that is expected for
-    # small proxies with short windows and would bury framelm's own output.
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    manager = TaskManager(include_path=str(config_dir), include_defaults=False)
-    out = lm_eval.simple_evaluate(
-        model="hf",
-        model_args={"pretrained": str(model_dir), "dtype": dtype, "trust_remote_code": trust_remote_code},
-        tasks=[t.name for t in tasks],
-        task_manager=manager,
-        device=device,
-        batch_size=batch_size,
-        limit=limit,
-        log_samples=False,
-        bootstrap_iters=1000,
-        random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
-    )
+    with _harness_quieted():
+        manager = TaskManager(include_path=str(config_dir), include_defaults=False)
+        out = lm_eval.simple_evaluate(
+            model="hf",
+            model_args={"pretrained": str(model_dir), "dtype": dtype, "trust_remote_code": trust_remote_code},
+            tasks=[t.name for t in tasks],
+            task_manager=manager,
+            device=device,
+            batch_size=batch_size,
+            limit=limit,
+            log_samples=False,
+            bootstrap_iters=1000,
+            random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
+        )
     results: dict[str, dict[str, Any]] = {}
     for t in tasks:
         raw = out["results"][t.name]

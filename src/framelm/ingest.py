@@ -60,6 +60,16 @@ COMPRESSIONS = ("", ".gz", ".zst")
 ROWS_PER_GROUP = 512
 BYTES_PER_GROUP = 1 << 20
 SPLITS = ("heldout", "ref", "train")
+# Below this many documents the held-out losses (and the reference models) rest on too few
+# documents for the curriculum verdict to mean much.
+MIN_SPLIT_DOCS = 50
+# Keys of a record listed when the source field is missing from every record (a likely typo).
+SHOWN_KEYS = 10
+
+
+class _DefaultInputs(list):
+    """The `inputs` default, told apart from an explicit `[builtin]` so that an ingest run
+    without --inputs can say that it falls back to the demo corpus."""
 
 DOCUMENT_SCHEMA = pa.schema([
     ("id", pa.string()), ("source", pa.string()), ("split", pa.string()), ("text", pa.string()),
@@ -69,7 +79,7 @@ DOCUMENT_SCHEMA = pa.schema([
 
 @dataclasses.dataclass
 class IngestConfig(StageConfig):
-    inputs: list[str] = field(default_factory=lambda: [BUILTIN],
+    inputs: list[str] = field(default_factory=lambda: _DefaultInputs([BUILTIN]),
                               help="files, globs or directories to read, or 'builtin' for the built-in corpus")
     text_field: str = field("text", help="record key holding the document text")
     source_field: str | None = field(None, help="record key naming the document's source; unset or absent: the input file's stem")
@@ -332,6 +342,12 @@ class RecordChecker:
         self.rejects: list[dict[str, Any]] = []
         self.reject_counts: Counter[str] = Counter()
         self.duplicates_dropped = 0
+        # records that reached the source field check, and those of them whose `source_field`
+        # is absent or empty (they get the file stem instead)
+        self.source_checked = 0
+        self.source_missing = 0
+        self.source_missing_file: str | None = None
+        self.source_missing_keys: list[str] = []
 
     def _reject(self, rec: RawRecord, reason: str, detail: str) -> None:
         if self.cfg.strict:
@@ -366,11 +382,17 @@ class RecordChecker:
         source = rec.default_source
         if cfg.source_field:
             given = value.get(cfg.source_field)
+            self.source_checked += 1
             if given is not None and not isinstance(given, str):
                 self._reject(rec, "non_string_source", f"'{cfg.source_field}' is {type(given).__name__}, not a string")
                 return None
             if given:
                 source = given
+            else:
+                if self.source_missing == 0:
+                    self.source_missing_file = rec.file
+                    self.source_missing_keys = [str(k) for k in list(value)[:SHOWN_KEYS]]
+                self.source_missing += 1
         text_hash = hashlib.sha1(encoded).digest()
         raw_id = value.get(cfg.id_field)
         derived_id = raw_id is None or raw_id == ""
@@ -441,9 +463,47 @@ def _prepare_plan(run: RunDir, plan: dict[str, Any]) -> None:
     fsutil.write_json(plan_path, plan)
 
 
+def _note_builtin(cfg: IngestConfig) -> None:
+    """Say so when the built-in demo corpus is read, above all when nobody asked for it."""
+    if BUILTIN not in cfg.inputs:
+        return
+    what = (f"the built-in demo corpus (Python standard library code, docstrings and licence texts, "
+            f"at most builtin_max_chars={cfg.builtin_max_chars:,} characters)")
+    if isinstance(cfg.inputs, _DefaultInputs):
+        log.warning("ingest: no --inputs given: ingesting %s; pass --inputs FILES (or ingest.inputs in the config) "
+                    "to ingest your own data", what)
+    else:
+        log.info("ingest: ingesting %s", what)
+
+
+def _warn_missing_sources(cfg: IngestConfig, checker: RecordChecker) -> None:
+    """A source field missing from records silently falls back to the file stem; say how often."""
+    if not cfg.source_field or not checker.source_missing:
+        return
+    field_name, missing, n_seen = cfg.source_field, checker.source_missing, checker.source_checked
+    if missing >= n_seen:
+        # missing everywhere: most likely a misspelt field name
+        log.warning("ingest: source_field '%s' is missing or empty in all %d records, so every document's source is "
+                    "its input file's stem; is the field name misspelt? The first record (%s) has the keys: %s",
+                    field_name, missing, checker.source_missing_file, ", ".join(checker.source_missing_keys) or "none")
+    else:
+        log.warning("ingest: source_field '%s' is missing or empty in %d of %d records (first in %s); those documents "
+                    "take their input file's stem as source", field_name, missing, n_seen, checker.source_missing_file)
+
+
+def _warn_small_splits(cfg: IngestConfig, splits: Counter[str]) -> None:
+    """The held-out and reference splits are shares of the corpus; a small corpus leaves them tiny."""
+    for split, setting in (("heldout", "heldout_fraction"), ("ref", "ref_fraction")):
+        if splits[split] < MIN_SPLIT_DOCS:
+            log.warning("ingest: the '%s' split has only %d documents (%s=%s); results read on it rest on very few "
+                        "documents; raise %s or ingest more data (at least %d documents in the split are advisable)",
+                        split, splits[split], setting, getattr(cfg, setting), setting, MIN_SPLIT_DOCS)
+
+
 def ingest_corpus(cfg: IngestConfig, run: RunDir) -> dict[str, Any]:
     """Read every input into RUN/ingest/documents/part-*.parquet; return the counts."""
     units = resolve_inputs(cfg.inputs)
+    _note_builtin(cfg)
     fingerprints = input_fingerprints(cfg, run)
     _prepare_plan(run, {"docs_per_shard": cfg.docs_per_shard, "inputs": fingerprints})
     out_dir = run.path("ingest", "documents")
@@ -486,6 +546,8 @@ def ingest_corpus(cfg: IngestConfig, run: RunDir) -> dict[str, Any]:
     if n_docs == 0:
         raise FramelmError(f"ingest found no usable documents in {', '.join(cfg.inputs)} "
                            f"(rejected: {dict(checker.reject_counts) or 'none'}); check text_field='{cfg.text_field}'")
+    _warn_missing_sources(cfg, checker)
+    _warn_small_splits(cfg, splits)
     fsutil.write_text(run.path("ingest", "rejects.jsonl"), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in checker.rejects))
     if resumed:
         log.info("ingest: %d of %d shards were already finished", resumed, n_shards)

@@ -3,13 +3,19 @@
 A stage run is identified by its key (`train/frame/seed0`) and its hash: the hash of its
 result-relevant config plus the hashes of the upstream records it reads. The same hash and a
 finished record means nothing to do. A different hash means the stage's folder holds outputs
-of another config; it is cleared before the run. The same hash without a finished record means
-an interrupted run; the folder is kept so the stage can skip its finished shards.
+of another config: a finished result is set aside in RUN/.previous/<key> (removed once the new
+run finishes), so a re-run that fails on bad input puts it back and loses nothing, and a later
+run with the old config takes it back instead of recomputing it. The same hash without a
+finished record means an interrupted run; the folder is kept so the stage can skip its finished
+shards. Every upstream record must itself be current (made from the records now in the
+manifest), or the stage refuses to run on stale inputs.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +31,8 @@ from framelm.stages import ORDER, STAGES
 log = logging.getLogger("framelm")
 
 HASH_FILE = ".framelm-hash"
+RECORD_FILE = ".framelm-record.json"  # beside a set-aside result: the manifest record it had
+PREVIOUS = ".previous"
 PIPELINE_KEYS = {"run_dir", "stages"}
 
 
@@ -48,6 +56,7 @@ def stage_hash(name: str, cfg: StageConfig, run: RunDir, dry_run: bool = False) 
         upstream = {k: (run.record(k) or {}).get("hash", "not-run-yet") for k in upstream_keys(name, cfg)}
     else:
         upstream = {k: run.require(k)["hash"] for k in upstream_keys(name, cfg)}
+        _require_current(run, list(upstream))
     payload = {"stage": name, "config": cfg.hashed_dict(), "upstream": upstream}
     fingerprint = getattr(cfg, "input_fingerprint", None)
     if callable(fingerprint):  # a stage that reads whatever exists (report) re-runs when that changes
@@ -55,11 +64,30 @@ def stage_hash(name: str, cfg: StageConfig, run: RunDir, dry_run: bool = False) 
     return stable_hash(payload), upstream
 
 
+def _require_current(run: RunDir, keys: list[str]) -> None:
+    """Refuse upstream records made from inputs that have since been re-run with another result:
+    after `framelm ingest` on new files, an old `score` would otherwise feed `partition` silently."""
+    stages = run.manifest()["stages"]
+    seen: set[str] = set()
+    while keys:
+        key = keys.pop()
+        if key in seen or key not in stages:
+            continue
+        seen.add(key)
+        for up, used in (stages[key].get("upstream") or {}).items():
+            now = stages.get(up, {})
+            if now.get("hash") != used or now.get("status") != "done":
+                raise FramelmError(f"stage '{key}' in {run.root} is out of date: it was made from another result of "
+                                   f"'{up}' than the one there now; re-run it first: {run.command_for(key)}")
+            keys.append(up)
+
+
 def run_stage(name: str, cfg: StageConfig, run: RunDir | str | Path, *, force: bool = False, dry_run: bool = False) -> dict[str, Any]:
     """Run one stage unless it is up to date; return its counts."""
     run = run if isinstance(run, RunDir) else RunDir(run)
     key = stage_key(name, cfg)
-    if force and getattr(cfg, "world_size", 1) > 1:
+    distributed = getattr(cfg, "world_size", 1) > 1
+    if force and distributed:
         # Every rank would clear the stage's folder, deleting shards the other ranks finished.
         raise FramelmError(f"{key}: --force cannot be given to the {cfg.world_size} ranks of a distributed run; "
                            f"to start over, delete {run.path(key)} and launch the ranks without --force")
@@ -76,32 +104,78 @@ def run_stage(name: str, cfg: StageConfig, run: RunDir | str | Path, *, force: b
 
     lock_name = getattr(cfg, "lock_name", lambda k: k)(key)
     with run.stage_lock(lock_name):
-        out_dir = run.path(key)
+        out_dir, previous = run.path(key), run.path(PREVIOUS, key)
+        set_aside = False
         with run._manifest_lock():
             marker = out_dir / HASH_FILE
             if out_dir.exists() and (force or not marker.exists() or marker.read_text().strip() != h):
-                run.reset_dir(out_dir)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            fsutil.clean_temporaries(out_dir)
-            fsutil.write_text(marker, h + "\n")
+                rec = run.record(key)
+                if distributed or not (rec and rec.get("status") == "done" and marker.exists()
+                                       and marker.read_text().strip() == rec.get("hash")):
+                    run.reset_dir(out_dir)  # not a finished result (or shared by ranks): nothing to keep
+                else:
+                    _set_aside(out_dir, previous, rec)
+                    set_aside = True
+                    log.info("%s: the result of the previous config is kept in %s until this run finishes",
+                             key, previous)
+            restored = _take_back(out_dir, previous) if not force and not out_dir.exists() and _hash_of(previous) == h else None
+            if restored is None:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                fsutil.clean_temporaries(out_dir)
+                fsutil.write_text(marker, h + "\n")
+        if restored is not None:
+            run.update_record(key, restored)  # takes the manifest lock itself (flock does not nest)
+            log.info("%s: the result set aside for this config (hash %s) is back in place, skipping", key, h)
+            return restored.get("counts", {})
         started = time.time()
-        run.update_record(key, {
-            "stage": name, "status": "running", "hash": h, "upstream": upstream,
-            "config": cfg.to_dict(), "started": started, "versions": package_versions(),
-        })
+        running = {"stage": name, "status": "running", "hash": h, "upstream": upstream,
+                   "config": cfg.to_dict(), "started": started, "versions": package_versions()}
+        run.update_record(key, running)
         log.info("%s: running (hash %s)", key, h)
-        counts = STAGES[name].entry()(cfg, run) or {}
+        try:
+            counts = STAGES[name].entry()(cfg, run) or {}
+        except FramelmError as exc:
+            if set_aside:  # this invocation's partial work is all that is lost
+                with run._manifest_lock():
+                    run.reset_dir(out_dir)
+                    restored = _take_back(out_dir, previous)
+                run.update_record(key, restored)
+                exc.args = (f"{exc.args[0] if exc.args else exc}\n(the previous result of {key} is unchanged)",)
+            else:
+                run.update_record(key, {**running, "status": "failed", "error": str(exc)})
+            raise
         if counts.get("_pending"):
             # A distributed rank finished its share; another rank completes the stage.
             log.info("%s: this process's share is done; the stage completes when all ranks finish", key)
             return counts
-        run.update_record(key, {
-            "stage": name, "status": "done", "hash": h, "upstream": upstream,
-            "config": cfg.to_dict(), "started": started, "seconds": round(time.time() - started, 3),
-            "versions": package_versions(), "counts": counts,
-        })
+        run.update_record(key, {**running, "status": "done", "seconds": round(time.time() - started, 3),
+                                "counts": counts})
+        run.reset_dir(previous)
     log.info("%s: done in %.1fs", key, time.time() - started)
     return counts
+
+
+def _hash_of(folder: Path) -> str | None:
+    """The config hash of a set-aside result, or None if there is none."""
+    marker, record = folder / HASH_FILE, folder / RECORD_FILE
+    return marker.read_text().strip() if marker.is_file() and record.is_file() else None
+
+
+def _set_aside(out_dir: Path, previous: Path, record: dict[str, Any]) -> None:
+    if previous.exists():
+        shutil.rmtree(previous)
+    fsutil.write_json(out_dir / RECORD_FILE, record)
+    previous.parent.mkdir(parents=True, exist_ok=True)
+    out_dir.rename(previous)
+
+
+def _take_back(out_dir: Path, previous: Path) -> dict[str, Any]:
+    """Move a set-aside result back under its key; return the manifest record it had."""
+    record = json.loads((previous / RECORD_FILE).read_text())
+    (previous / RECORD_FILE).unlink()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    previous.rename(out_dir)
+    return record
 
 
 def build_config(name: str, data: dict[str, Any] | None) -> StageConfig:

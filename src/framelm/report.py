@@ -527,11 +527,31 @@ def _stage_starts(run: RunDir, schedule: str) -> list[float]:
             if isinstance(st, dict) and st.get("start_token", 0)]
 
 
-def _loss_section(cfg: ReportConfig, run: RunDir, out: Path, palette: dict[str, str]) -> Section:
+def _compared_train_keys(compare: tuple[Path, dict[str, Any]] | None) -> list[str] | None:
+    """The training runs compare/results.json lists (None without one): the loss plots show only
+    these, so an ad-hoc `framelm train --seed 1` is not averaged into a schedule compare ran once."""
+    if compare is None:
+        return None
+    runs = compare[1].get("runs")
+    keys = [r.get("train_key") for r in runs if isinstance(r, dict)] if isinstance(runs, list) else []
+    return list(dict.fromkeys(k for k in keys if isinstance(k, str) and k.startswith("train/")))
+
+
+def _loss_section(cfg: ReportConfig, run: RunDir, out: Path, palette: dict[str, str],
+                  compare: tuple[Path, dict[str, Any]] | None = None) -> Section:
     title, anchor = "Loss curves", "loss"
-    logs = sorted(run.root.glob("train/*/seed*/log.jsonl"))
+    keys = _compared_train_keys(compare)
+    if keys is None:
+        logs = sorted(run.root.glob("train/*/seed*/log.jsonl"))
+    else:
+        logs = [p for p in (run.path(k, "log.jsonl") for k in keys) if p.is_file()]
     if not logs:
-        return _not_run(title, anchor, "no train/*/seed*/log.jsonl", f"framelm compare --run-dir {run.root}")
+        what = "no train/*/seed*/log.jsonl" if keys is None else "no train/*/seed*/log.jsonl of the runs compare/results.json lists"
+        return _not_run(title, anchor, what, f"framelm compare --run-dir {run.root}")
+    shown_runs = ", ".join(str(p.parent.relative_to(run.root)) for p in logs)
+    runs_text = (f" Runs shown: {shown_runs} ("
+                 + ("those compare/results.json lists; other training runs in the run directory are left out)"
+                    if keys is not None else "every train/*/seed*/log.jsonl found: there is no compare/results.json)"))
     per_schedule: dict[str, list[tuple[dict[float, float], dict[str, dict[float, float]]]]] = {}
     for path in logs:
         per_schedule.setdefault(path.parent.parent.name, []).append(_read_log(path))
@@ -576,7 +596,8 @@ def _loss_section(cfg: ReportConfig, run: RunDir, out: Path, palette: dict[str, 
     section.images.append(Image(
         "loss.png",
         "Loss against training tokens, one line per schedule (mean over seeds); lower is better, and the held-out "
-        "panel is the fair comparison because every schedule is scored on the same documents." + band + marks))
+        "panel is the fair comparison because every schedule is scored on the same documents." + band + marks
+        + html.escape(runs_text)))
 
     detail_keys = sorted({k for v in per_schedule.values() for r in v for k in r[1] if k != "all"})
     if detail_keys:
@@ -586,7 +607,7 @@ def _loss_section(cfg: ReportConfig, run: RunDir, out: Path, palette: dict[str, 
             "heldout-sets.png",
             "Held-out loss on each source and each quadrant separately, one line per schedule: a set whose loss "
             "falls while its stage trains and rises after it shows how much the order, not only the data, matters."
-            + band))
+            + band + html.escape(runs_text)))
     return section
 
 
@@ -655,6 +676,10 @@ def _accuracy_section(cfg: ReportConfig, run: RunDir, out: Path, compare: tuple[
         "accuracy.png", f"Downstream {metric} per task (higher is better), one bar per schedule; error bars are {what}, "
                         f"so bars whose error bars overlap are not clearly different."))
     return section
+
+
+def _count(x: Any) -> str:
+    return f"{x:,}" if isinstance(x, int) and not isinstance(x, bool) else "n/a"
 
 
 def _fmt(x: Any, digits: int = 4) -> str:
@@ -743,6 +768,18 @@ def _compare_section(cfg: ReportConfig, run: RunDir, compare: tuple[Path, dict[s
     if note:
         section.blocks.append(f"<p class=\"caution\">{html.escape(note[0].upper() + note[1:])}.</p>")
         verdicts.append(note)
+    from framelm.compare import heldout_notes
+
+    sizes = data.get("heldout_sets")
+    if isinstance(sizes, dict) and sizes:
+        rows = [[html.escape(str(name)), _count(size.get("docs")), _count(size.get("tokens"))]
+                for name, size in sizes.items() if isinstance(size, dict)]
+        section.blocks.append(_table(["held-out set", "documents", "tokens"], rows,
+                                     "The held-out sets the held-out rows (and a held-out verdict) are measured on"))
+    for line in heldout_notes(data, None):
+        section.blocks.append(f"<p class=\"caution\">{html.escape(line[0].upper() + line[1:])}.</p>")
+    if metric:
+        verdicts.extend(heldout_notes({**data, "quadrants_without_heldout": None}, metric))
     level = cfg.significance_level
     with_items = any(isinstance(r.get("item_stderr"), (int, float)) for r in table)
     body = []
@@ -837,7 +874,7 @@ def build_report(cfg: ReportConfig, run: RunDir) -> dict[str, Any]:
         sections = [
             _partition_section(cfg, run, out, con),
             _schedule_section(cfg, run, out, con),
-            _loss_section(cfg, run, out, palette),
+            _loss_section(cfg, run, out, palette, compare),
             _accuracy_section(cfg, run, out, compare, palette),
             comparison,
         ]

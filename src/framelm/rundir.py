@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -86,9 +87,22 @@ class RunDir:
         """The finished record of an upstream stage, or an error saying which command makes it."""
         rec = self.record(key)
         if not rec or rec.get("status") != "done":
-            cmd = hint or f"framelm {key.split('/')[0]} --run-dir {self.root}"
-            raise FramelmError(f"stage '{key}' has not finished in {self.root}; run it first: {cmd}")
+            raise FramelmError(f"stage '{key}' has not finished in {self.root}; run it first: {hint or self.command_for(key)}")
         return rec
+
+    def command_for(self, key: str) -> str:
+        """The command line that makes stage run `key` (train/frame/seed3: its schedule and seed)."""
+        from framelm.stages import STAGES
+
+        name, _, instance = key.partition("/")
+        words = " ".join(STAGES[name].words) if name in STAGES else name
+        cmd = f"framelm {words} --run-dir {self.root}"
+        run_name = re.fullmatch(r"(.+)/seed(\d+)", instance)
+        if name == "train" and run_name:
+            cmd += f" --schedule {run_name[1]} --seed {run_name[2]}"
+        elif name == "eval" and run_name:
+            cmd += f" --model train/{instance}"
+        return cmd
 
     def update_record(self, key: str, record: dict[str, Any]) -> None:
         with self._manifest_lock():

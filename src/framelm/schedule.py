@@ -1042,6 +1042,37 @@ def write_order(path: Path, corpus: Corpus, stream: Stream, threads: int = 2) ->
     return docs.reshape(shape), tokens.reshape(shape)
 
 
+# Repeating a source more often than this is rarely meant (repeated data helps little after a
+# few epochs) and says the corpus is small for the budget.
+MANY_EPOCHS = 4.0
+
+
+def warn_about_scale(info: dict[str, Any], cfg: ScheduleConfig) -> None:
+    """Warn about a schedule too short for its optimizer steps, or one that repeats data a lot.
+
+    Trainers take whole steps of global_batch * seq_len tokens: a schedule of less than one step
+    trains nothing, and one with fewer steps than stages cannot give each stage a step (the
+    trainer exports then merge stages into one segment)."""
+    name, per_step, total = info["strategy"], info["tokens_per_step"], info["total_tokens"]
+    steps, n_stages = total // per_step, len(info["stages"])
+    fix = ("lower schedule.global_batch or schedule.seq_len (--global-batch, --seq-len), or raise schedule.total_tokens "
+           "or ingest more data")
+    if steps < 1:
+        log.warning("schedule %s: its %s tokens are less than one optimizer step of global_batch * seq_len = %d * %d "
+                    "= %s tokens, so a trainer would take no step on it; %s", name, f"{total:,}", cfg.global_batch,
+                    cfg.seq_len, f"{per_step:,}", fix)
+    elif steps < n_stages:
+        log.warning("schedule %s: its %s tokens give only %d whole optimizer steps of %s tokens (global_batch * "
+                    "seq_len) for %d stages, so trainers cannot give each stage a step and exports merge stages; %s",
+                    name, f"{total:,}", steps, f"{per_step:,}", n_stages, fix)
+    for source, entry in info["sources"].items():
+        if entry["epochs"] > MANY_EPOCHS and (cfg.max_epochs is None or entry["epochs"] > cfg.max_epochs):
+            log.warning("schedule %s: source %r is repeated %.1f times (%s of its %s pool tokens scheduled); "
+                        "lower schedule.total_tokens or cap repeats with schedule.max_epochs (or a strategy's "
+                        "epoch_caps)", name, source, entry["epochs"], f"{entry['scheduled_tokens']:,}",
+                        f"{entry['pool_tokens']:,}")
+
+
 def build_schedules(cfg: ScheduleConfig, run: RunDir) -> dict[str, Any]:
     corpus = load_corpus(run)
     builder = Builder(corpus, cfg)
@@ -1059,6 +1090,7 @@ def build_schedules(cfg: ScheduleConfig, run: RunDir) -> dict[str, Any]:
             stream = assemble(schedule.stages, transition, cfg.transition_window, cfg.logistic_steepness)
             docs, mix = write_order(order_path, corpus, stream, cfg.threads)
             info = describe(schedule, stream, docs, mix, builder, transition)
+            warn_about_scale(info, cfg)
             del stream
             fsutil.write_yaml(stages_path, info)
             fsutil.mark_done(stages_path)

@@ -4,6 +4,7 @@ Megatron-Core's own IndexedDataset where megatron-core is installed."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import struct
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import STAGE_NAMES, build_tiny_run
+from framelm.errors import FramelmError
 from framelm.export import ExportConfig, export_schedules
 
 DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16}
@@ -99,3 +101,17 @@ def test_megatron_core_reads_the_datasets(tiny_run):
         got.extend(np.array(ds[i]) for i in range(len(ds)))  # copies: the dataset unmaps on deletion
         np.testing.assert_array_equal(ds.document_indices, np.arange(len(ds) + 1))
     np.testing.assert_array_equal(np.concatenate(got), tiny_run.expected_stream())
+
+
+def test_merged_segments_are_reported_once_for_all_formats(tmp_path, caplog):
+    # as test_segments_shorter_than_a_step_are_trained_merged: two slices shorter than a step merge
+    tiny = build_tiny_run(tmp_path / "run")
+    with caplog.at_level(logging.INFO, logger="framelm"):
+        export_schedules(ExportConfig(formats=["nanotron", "megatron"], n_substages=4), tiny.run)
+    assert caplog.text.count("merged segments") == 1
+
+
+def test_megatron_refuses_an_export_of_zero_iterations(tmp_path):
+    tiny = build_tiny_run(tmp_path / "run")
+    with pytest.raises(FramelmError, match="Megatron would train 0 iterations; lower export.global_batch"):
+        export_schedules(ExportConfig(formats=["megatron"], seq_len=1024, global_batch=32), tiny.run)

@@ -7,13 +7,11 @@ import json
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from conftest import build_tiny_run
 from framelm.export import ExportConfig, export_schedules
+from framelm import schedule
 from framelm.partition import write_labels
-
-schedule = pytest.importorskip("framelm.schedule")
 
 CELLS = [("Q1", 0, 0), ("Q2", 0, 1), ("Q3", 1, 0), ("Q4", 1, 1)]
 

@@ -41,7 +41,7 @@ def test_score_and_eval_refuse_pickled_weights(framelm_cli, tmp_path):
     ingest(framelm_cli, run, [{"id": "a", "text": "the quick brown fox"}, {"id": "b", "text": "jumps over the lazy dog"}])
     assert framelm_cli("tokenize", "--run-dir", run, "--quiet", "--tokenizer", tok_dir, "--num-workers", "1").code == 0
     result = framelm_cli("score", "--run-dir", run, "--quiet", "--weak-model", model, "--strong-model", model, "--device", "cpu")
-    assert_user_error(result, str(model))
+    assert_user_error(result, str(model), "safetensors")
     assert not marker.exists(), "framelm unpickled a model file: arbitrary code ran"
     assert not (run / "score" / "scores.parquet").exists()
     result = framelm_cli("eval", "--run-dir", run, "--quiet", "--model", model, "--device", "cpu")

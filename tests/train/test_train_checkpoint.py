@@ -5,17 +5,21 @@ from framelm.train.checkpoint import checkpoint_dirs, load_checkpoint, save_chec
 
 def test_keeps_the_newest_and_optimizer_state_only_in_the_last(tmp_path):
     root = tmp_path / "checkpoints"
+    rng_states = {}
     for step in (10, 20, 30):
+        torch.rand(1)  # each checkpoint holds another RNG state
+        rng_states[step] = torch.get_rng_state()
         model = {"w": torch.full((2, 2), float(step))}
         trainer = {"optimizer": {"state": {0: {"step": torch.tensor(float(step))}}, "param_groups": [{"lr": 0.1, "betas": (0.9, 0.95)}]},
-                   "torch_rng": torch.get_rng_state()}
+                   "torch_rng": rng_states[step]}
         save_checkpoint(root, step, model, trainer, {"step": step}, keep=2)
     assert [p.name for p in checkpoint_dirs(root)] == ["step-00000020", "step-00000030"]
     assert not (root / "step-00000020" / "trainer.pt").exists()
     model, trainer, state = load_checkpoint(root / "step-00000030")
     assert state == {"step": 30} and torch.equal(model["w"], torch.full((2, 2), 30.0))
     assert trainer["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.95)
-    assert torch.equal(trainer["torch_rng"], torch.get_rng_state())
+    assert float(trainer["optimizer"]["state"][0]["step"]) == 30.0
+    assert torch.equal(trainer["torch_rng"], rng_states[30]) and not torch.equal(rng_states[20], rng_states[30])
 
 
 def test_unfinished_folders_are_not_checkpoints(tmp_path):

@@ -43,6 +43,13 @@ def write_megatron(plan: ExportPlan, cfg: ExportConfig, run: RunDir, out_dir: Pa
     dtype, code = DTYPE_CODES[plan.store.dtype]
     if plan.store.vocab_size > np.iinfo(dtype).max + 1:
         raise FramelmError(f"vocab_size {plan.store.vocab_size} does not fit Megatron's {dtype} tokens")
+    if plan.n_tokens < tokens_per_step:
+        # Megatron trains whole iterations: a stream shorter than one would train 0 iterations
+        raise FramelmError(
+            f"export/{plan.name}/megatron: the schedule holds {plan.n_tokens:,} tokens, fewer than one iteration of "
+            f"global_batch * seq_len = {tokens_per_step:,} tokens, so Megatron would train 0 iterations; lower "
+            "export.global_batch or export.seq_len (or schedule.global_batch / schedule.seq_len), or raise "
+            "schedule.total_tokens")
     segments = plan.step_segments(tokens_per_step)
     written = 0
     for seg in segments:

@@ -133,6 +133,9 @@ class ExportPlan:
         self.segments = segments
         self._tokens = np.asarray(store.tokens)  # plain ndarray view: np.take on it returns ndarrays
         self._index: np.ndarray | None = None
+        # step_segments per step size: computed (and its merges logged) once, though each
+        # step-driven format and its phases ask for it
+        self._step_segments: dict[int, list[Segment]] = {}
 
     @property
     def n_docs(self) -> int:
@@ -151,6 +154,11 @@ class ExportPlan:
         trained) or take a whole step that its successor then lacks. A merged segment is named
         "<first part>+<last part>" (a name that stays short enough for a file name however many
         parts it has), numbered as its first, and carries their combined stage mix."""
+        if tokens_per_step not in self._step_segments:
+            self._step_segments[tokens_per_step] = self._merge_short_segments(tokens_per_step)
+        return list(self._step_segments[tokens_per_step])
+
+    def _merge_short_segments(self, tokens_per_step: int) -> list[Segment]:
         groups = [[seg] for seg in self.segments]
 
         def tokens(group: list[Segment]) -> int:
