@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from framelm import fsutil
 from framelm.builtin_tasks import LAST_WORD, NEXT_LINE, write_builtin_tasks
 from framelm.errors import FramelmError
 from framelm.evaltasks import check_task_file, run_harness, write_task_configs
@@ -268,7 +269,7 @@ def run(tmp_path, model_dir) -> RunDir:
                       "text": [d[3] for d in DOCS]})
     run.path("ingest", "documents").mkdir(parents=True)
     pq.write_table(table, run.path("ingest", "documents", "part-00000.parquet"))
-    run.path("ingest", "documents", "part-00000.parquet.done").touch()  # shard markers sit beside the shards
+    fsutil.mark_done(run.path("ingest", "documents", "part-00000.parquet"))  # shard markers sit beside the shards
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids, offsets, flat = [], [], []
     for _, _, _, text in DOCS:

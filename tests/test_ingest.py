@@ -123,7 +123,7 @@ def test_every_bad_record_reason_is_counted_with_file_and_line(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", BAD_LINES)
     counts, run = ingest(tmp_path, [bad])
     written = sorted(str(p.relative_to(run.path("ingest"))) for p in run.path("ingest").rglob("*") if p.is_file())
-    assert written == [".framelm-hash", "documents/part-00000.parquet", "documents/part-00000.parquet.done",
+    assert written == [".framelm-hash", "documents/.part-00000.parquet.done", "documents/part-00000.parquet",
                        "plan.json", "rejects.jsonl"]
     assert counts["rejects"] == {"invalid_json": 2, "missing_text": 1, "non_string_text": 1, "undecodable_bytes": 2,
                                  "empty_text": 1, "duplicate_id": 1, "invalid_id": 1}
@@ -339,3 +339,12 @@ def test_tiny_heldout_and_ref_splits_are_warned_about(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="framelm"):
         ingest(tmp_path, [data], run_name="large", heldout_fraction=0.3, ref_fraction=0.3)
     assert "split has only" not in caplog.text
+
+
+def test_the_documents_folder_reads_as_one_dataset(tmp_path):
+    """Shard markers are hidden, so pyarrow (and pandas, DuckDB) read the folder as a dataset."""
+    rows = [{"text": f"document number {i} " * 3} for i in range(30)]
+    counts, run = ingest(tmp_path, [write_jsonl(tmp_path / "c.jsonl", rows)], docs_per_shard=10)
+    table = pq.read_table(run.path("ingest", "documents"))
+    assert table.num_rows == counts["docs"] == 30
+    assert len(list(run.path("ingest", "documents").glob("part-*.parquet"))) == 3

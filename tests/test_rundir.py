@@ -72,4 +72,4 @@ def test_done_markers_and_temporaries(tmp_path):
     assert is_done(shard)
     (tmp_path / "part-00001.parquet.tmp-123").write_bytes(b"half")
     assert clean_temporaries(tmp_path) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["part-00000.parquet", "part-00000.parquet.done"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".part-00000.parquet.done", "part-00000.parquet"]

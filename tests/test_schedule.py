@@ -454,7 +454,7 @@ def test_cli_runs_partition_then_schedule_and_writes_exactly_the_contract_files(
     assert "frame: Q3" in out and "reverse: Q2" in out
     written = sorted(str(p.relative_to(run.path("schedule"))) for p in run.path("schedule").rglob("*") if p.is_file())
     assert written == [".framelm-hash"] + [f"{s}/{f}" for s in ("frame", "random", "reverse")
-                                           for f in ("order.parquet", "stages.yaml", "stages.yaml.done")]
+                                           for f in (".stages.yaml.done", "order.parquet", "stages.yaml")]
     assert run.record("schedule")["status"] == "done"
     schema = pq.read_schema(run.path("schedule/frame/order.parquet"))
     assert [(f.name, str(f.type)) for f in schema] == [

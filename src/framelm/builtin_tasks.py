@@ -46,7 +46,7 @@ def heldout_documents(run: RunDir) -> list[tuple[str, str]]:
     import pyarrow.dataset as ds
 
     docs_dir = run.path("ingest", "documents")
-    parts = sorted(docs_dir.glob("*.parquet"))  # not the shards' .done markers beside them
+    parts = sorted(docs_dir.glob("*.parquet"))  # the hidden .NAME.done markers do not match
     if not parts:
         raise FramelmError(
             f"built-in tasks are cut from held-out documents, but {docs_dir} has no Parquet files; "

@@ -3,7 +3,7 @@
 Everything framelm writes goes through `atomic_path`: the data lands in a temporary file in
 the same directory, is flushed to disk, and only then renamed over the final name (rename is
 atomic on POSIX within one file system). A killed process leaves at worst a `*.tmp-*` file,
-which `clean_temporaries` removes on the next run. Finished shards get an empty `*.done`
+which `clean_temporaries` removes on the next run. Finished shards get an empty `.NAME.done`
 marker written after the shard itself, so "marker exists" implies "shard complete".
 """
 
@@ -118,8 +118,10 @@ def write_parquet(path: str | Path, table: Any, **kwargs: Any) -> None:
 
 
 def done_marker(path: str | Path) -> Path:
+    """`.NAME.done` beside NAME: hidden, so that pyarrow, pandas and DuckDB read a folder of
+    finished shards as a dataset (they skip names that start with '.' or '_')."""
     path = Path(path)
-    return path.with_name(path.name + ".done")
+    return path.with_name(f".{path.name}.done")
 
 
 def is_done(path: str | Path) -> bool:

@@ -16,7 +16,7 @@ records are dropped and counted by reason; with `strict` the first one stops the
 Exact duplicate texts are dropped when `dedup` is on.
 
 Writes:
-    RUN/ingest/documents/part-NNNNN.parquet (+ .done)   id, source, split, text, n_chars, n_bytes
+    RUN/ingest/documents/part-NNNNN.parquet (+ hidden .done marker)   id, source, split, text, n_chars, n_bytes
     RUN/ingest/rejects.jsonl                            {"reason", "file", "line", "detail"}
     RUN/ingest/plan.json                                shard size and input fingerprints
 

@@ -3,7 +3,7 @@
 Reads  RUN/ingest/documents/*.parquet   (id, source, split, text, n_bytes; every split)
        RUN/tokenize/index.parquet       (id, n_tokens: the document's length in the corpus tokenizer)
        RUN/refmodels/{weak,strong}/     (unless weak_model / strong_model name other local HF dirs)
-Writes RUN/score/shards/part-NNNNN.parquet (+ .done)   one shard per `docs_per_shard` documents
+Writes RUN/score/shards/part-NNNNN.parquet (+ hidden .done marker) one shard per `docs_per_shard` documents
        RUN/score/scores.parquet                       the shards in document order, plus n_tokens
        RUN/score/precision.json                       {"dtype"}: the precision every shard is scored in
 

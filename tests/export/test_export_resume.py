@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from conftest import read_tree
+from framelm import fsutil
 from framelm.export import ExportConfig, export_schedules
 from framelm.export.plan import ExportPlan
 from framelm.pipeline import run_stage
@@ -42,12 +43,12 @@ def test_restart_after_a_kill_is_byte_identical(tiny_run, monkeypatch, caplog):
     # whose .done marker was never written
     llmc = export_dir / "frame" / "llmc"
     (llmc / "train_000005.bin.tmp-4242").write_bytes(b"half a shard")
-    (llmc / "train_000001.bin.done").unlink()
+    fsutil.done_marker(llmc / "train_000001.bin").unlink()
     (llmc / "train_000001.bin").write_bytes(b"stale")
     export_schedules(ALL, tiny_run.run)
     frame = export_dir / "frame"
-    for done in ("text/005_Q4.parquet.done", "nanotron/000_Q3/000_000_Q3.ds.index.done", "megatron/010_Q1.idx.done"):
-        (frame / done).unlink()
+    for done in ("text/005_Q4.parquet", "nanotron/000_Q3/000_000_Q3.ds.index", "megatron/010_Q1.idx"):
+        fsutil.done_marker(frame / done).unlink()
     (frame / "text" / "005_Q4.parquet").unlink()
 
     with caplog.at_level(logging.INFO, logger="framelm"):

@@ -174,8 +174,8 @@ def assert_nothing_partial_visible(run_dir: Path, reference: Path) -> None:
                 json.loads(path.read_text())
             except ValueError as exc:
                 raise AssertionError(f"{rel} is visible under its final name but not valid JSON: {exc}") from None
-        elif path.name.endswith(".done"):
-            shard = path.with_name(path.name[: -len(".done")])
+        elif path.name.startswith(".") and path.name.endswith(".done"):
+            shard = path.with_name(path.name[1: -len(".done")])
             assert shard.is_file(), f"{rel} marks a shard that does not exist"
             twin = reference / shard.relative_to(run_dir)
             if twin.is_file():

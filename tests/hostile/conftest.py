@@ -70,8 +70,8 @@ def assert_nothing_half_written(run_dir: Path, key: str) -> None:
             pq.read_table(path)
         elif path.suffix == ".json" and path.is_file():
             json.loads(path.read_text())
-        elif path.name.endswith(".done"):
-            assert path.with_name(path.name[:-5]).is_file(), f"{path} marks a missing shard"
+        elif path.name.startswith(".") and path.name.endswith(".done"):
+            assert path.with_name(path.name[1:-5]).is_file(), f"{path} marks a missing shard"
     manifest = run_dir / "manifest.json"
     if manifest.exists():
         record = json.loads(manifest.read_text())["stages"].get(key)

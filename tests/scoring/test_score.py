@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from framelm import fsutil
 from framelm.config import ConfigError
 from framelm.errors import FramelmError
 from framelm.pipeline import run_stage
@@ -96,7 +97,7 @@ def test_empty_document_gets_status_and_nulls(scored):
 def test_run_writes_exactly_its_files(scored):
     run, _, _ = scored
     files = sorted(str(p.relative_to(run.path("score"))) for p in run.path("score").rglob("*") if p.is_file())
-    shards = [f"shards/part-{k:05d}.parquet{done}" for k in range(4) for done in ("", ".done")]
+    shards = [f"shards/{name}" for k in range(4) for name in (f"part-{k:05d}.parquet", f".part-{k:05d}.parquet.done")]
     assert files == sorted([".framelm-hash", "precision.json", "scores.parquet", *shards])
 
 
@@ -122,7 +123,7 @@ def test_ranks_share_shards_and_last_one_merges(scored, ref_models, tmp_path):
     assert cfgs[1].lock_name("score") == "score.rank1"
     first = run_stage("score", cfgs[0], run)
     assert first["_pending"] and not run.path("score", "scores.parquet").exists()
-    assert sorted(p.name for p in run.path("score", "shards").glob("*.done")) == ["part-00000.parquet.done", "part-00002.parquet.done"]
+    assert sorted(p.name for p in run.path("score", "shards").glob("*.done")) == [".part-00000.parquet.done", ".part-00002.parquet.done"]
     assert run_stage("score", cfgs[1], run)["docs"] == len(TEXTS)
     assert run.record("score")["status"] == "done"
     assert pq.read_table(run.path("score", "scores.parquet")).equals(single)
@@ -180,7 +181,7 @@ def test_ray_executor_writes_the_same_shards(scored, ref_models, tmp_path):
     finally:
         ray.shutdown()
     assert counts["docs"] == len(TEXTS)
-    assert all(shard_path(run, k).with_name(shard_path(run, k).name + ".done").exists() for k in range(counts["shards"]))
+    assert all(fsutil.is_done(shard_path(run, k)) for k in range(counts["shards"]))
     assert pq.read_table(run.path("score", "scores.parquet")).equals(local)
 
 
