@@ -428,6 +428,7 @@ def test_property_yaml_budgets_and_weights_are_respected(tmp_path_factory, seed,
         # refused only when every source's demand is under half a document
         assert "no document fits" in str(exc) and sum(st_["tokens"] for st_ in stages) < len(corpus.source_names) * max_w / 2
         return
+    assert [st_.name for st_ in sched.stages] == [spec["name"] for spec in stages]  # none dropped or added
     for spec, st_ in zip(stages, sched.stages):
         per_source = np.bincount(corpus.source[st_.idx], weights=corpus.weight[st_.idx], minlength=len(corpus.source_names))
         for s, share in spec["mix"].items():
