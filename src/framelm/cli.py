@@ -91,6 +91,16 @@ def _set_arg(assignment: str) -> str:
     return f"--set '{assignment}'" if any(c in assignment for c in " []{}*?$'\"|&;<>()") else f"--set {assignment}"
 
 
+def _simple_example(cls: type, prefix: str = "") -> str | None:
+    """`KEY=VALUE` for the first field of `cls` with a flag and a plain, non-empty default."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        d = _default(f)
+        if _flag_spec(hints[f.name]) is not None and isinstance(d, (int, float, str)) and not isinstance(d, bool) and d != "":
+            return f"{prefix}{f.name}={_flow_yaml(d)}"
+    return None
+
+
 def nested_examples(cls: type) -> list[str]:
     """A working `--set ...` example for each field of `cls` that has no flag of its own."""
     hints = typing.get_type_hints(cls)
@@ -101,37 +111,24 @@ def nested_examples(cls: type) -> list[str]:
             continue
         default = _default(f)
         if dataclasses.is_dataclass(tp):
-            sub = None
-            sub_hints = typing.get_type_hints(tp)
-            for sf in dataclasses.fields(tp):
-                sd = _default(sf)
-                if _flag_spec(sub_hints[sf.name]) is not None and sd not in (None, dataclasses.MISSING, "", []):
-                    sub = f"{f.name}.{sf.name}={_flow_yaml(_minimal(sd))}"
-                    break
-            out.append(f"{_set_arg(f.name + '.KEY=VALUE')} (e.g. {_set_arg(sub)})" if sub else _set_arg(f.name + ".KEY=VALUE"))
+            sub = _simple_example(tp, f"{f.name}.")
+            out.append(_set_arg(f.name + ".KEY=VALUE") + (f" (e.g. {_set_arg(sub)})" if sub else ""))
+        elif default is dataclasses.MISSING or default in (None, [], {}):
+            value = "[...]" if typing.get_origin(tp) in (list, tuple) else "{KEY: VALUE}"
+            shown = "" if default is dataclasses.MISSING else f" (default: {_flow_yaml(_minimal(default))})"
+            out.append(_set_arg(f"{f.name}={value}") + shown)
         else:
-            if default is dataclasses.MISSING or default in (None, [], {}):
-                value = "[...]" if typing.get_origin(tp) in (list, tuple) else "{KEY: VALUE}"
-                shown = "" if default is dataclasses.MISSING else f" (default: {_flow_yaml(_minimal(default))})"
-            else:
-                value = shown = _flow_yaml(_minimal(default))
-                shown = f" (default: {shown})"
-            out.append(f"{_set_arg(f.name + '=' + value)}{shown}")
+            value = _flow_yaml(_minimal(default))
+            out.append(f"{_set_arg(f'{f.name}={value}')} (default: {value})")
     return out
 
 
 def set_example(cls: type) -> str:
-    """A `--set` example made of one of the config's own fields."""
-    examples = nested_examples(cls)
-    for ex in examples:
-        if "(e.g. " in ex:
-            return ex.split("(e.g. ", 1)[1].rstrip(")").removeprefix("--set ").strip("'")
+    """A `--set` example made of one of the config's own fields: a nested one if it has any."""
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        d = _default(f)
-        if _flag_spec(hints[f.name]) is not None and isinstance(d, (int, float, str)) and not isinstance(d, bool) and d != "":
-            return f"{f.name}={d}"
-    return "KEY=VALUE"
+    nested = (_simple_example(_unwrap_optional(hints[f.name]), f"{f.name}.") for f in dataclasses.fields(cls)
+              if dataclasses.is_dataclass(_unwrap_optional(hints[f.name])))
+    return next((ex for ex in nested if ex), None) or _simple_example(cls) or "KEY=VALUE"
 
 
 _MENTIONS_DEFAULT = re.compile(r"\(default\b|[;,] default[ :]|\bthe default is\b", re.IGNORECASE)

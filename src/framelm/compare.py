@@ -375,15 +375,14 @@ def heldout_sizes(runs: list[dict[str, Any]]) -> dict[str, dict[str, int | None]
 
 def partition_quadrants(run: RunDir) -> list[str] | None:
     """The quadrants of RUN/partition (None without a readable one)."""
-    from framelm.partition import LABELS, _label_file
+    from framelm.partition import LABELS, label_cells
 
     if not run.path(LABELS).is_file():
         return None
     try:
-        _, meta = _label_file(run)
+        return [name for name, _, _ in label_cells(run)]
     except FramelmError:
         return None
-    return [c[0] for c in meta["cells"]]
 
 
 def heldout_set_of(metric: str) -> str | None:

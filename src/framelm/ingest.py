@@ -67,10 +67,6 @@ MIN_SPLIT_DOCS = 50
 SHOWN_KEYS = 10
 
 
-class _DefaultInputs(list):
-    """The `inputs` default, told apart from an explicit `[builtin]` so that an ingest run
-    without --inputs can say that it falls back to the demo corpus."""
-
 DOCUMENT_SCHEMA = pa.schema([
     ("id", pa.string()), ("source", pa.string()), ("split", pa.string()), ("text", pa.string()),
     ("n_chars", pa.int64()), ("n_bytes", pa.int64()),
@@ -79,7 +75,7 @@ DOCUMENT_SCHEMA = pa.schema([
 
 @dataclasses.dataclass
 class IngestConfig(StageConfig):
-    inputs: list[str] = field(default_factory=lambda: _DefaultInputs([BUILTIN]),
+    inputs: list[str] = field(default_factory=lambda: [BUILTIN],
                               help="files, globs or directories to read, or 'builtin' for the built-in corpus")
     text_field: str = field("text", help="record key holding the document text")
     source_field: str | None = field(None, help="record key naming the document's source; unset or absent: the input file's stem")
@@ -464,16 +460,12 @@ def _prepare_plan(run: RunDir, plan: dict[str, Any]) -> None:
 
 
 def _note_builtin(cfg: IngestConfig) -> None:
-    """Say so when the built-in demo corpus is read, above all when nobody asked for it."""
-    if BUILTIN not in cfg.inputs:
-        return
-    what = (f"the built-in demo corpus (Python standard library code, docstrings and licence texts, "
-            f"at most builtin_max_chars={cfg.builtin_max_chars:,} characters)")
-    if isinstance(cfg.inputs, _DefaultInputs):
-        log.warning("ingest: no --inputs given: ingesting %s; pass --inputs FILES (or ingest.inputs in the config) "
-                    "to ingest your own data", what)
-    else:
-        log.info("ingest: ingesting %s", what)
+    """Say so when the built-in demo corpus is read: it is also what ingest reads without --inputs."""
+    if BUILTIN in cfg.inputs:
+        log.warning("ingest: ingesting the built-in demo corpus (Python standard library code, docstrings and licence "
+                    "texts, at most builtin_max_chars=%s characters), the default when no --inputs are given; pass "
+                    "--inputs FILES (or ingest.inputs in the config) to ingest your own data",
+                    f"{cfg.builtin_max_chars:,}")
 
 
 def _warn_missing_sources(cfg: IngestConfig, checker: RecordChecker) -> None:

@@ -567,6 +567,11 @@ def _label_file(run: RunDir) -> tuple[Any, dict[str, Any]]:
     return parquet, meta
 
 
+def label_cells(run: RunDir) -> list[tuple[str, int, int]]:
+    """The cells ((name, ppl_bin, pd_bin)) of the label file, from its metadata alone."""
+    return [tuple(c) for c in _label_file(run)[1]["cells"]]
+
+
 def read_labels(run: RunDir) -> tuple[Any, list[tuple[str, int, int]]]:
     """Each scores.parquet row's cell as an int16 index into the returned cells ((name,
     ppl_bin, pd_bin)); -1 where the row has no label."""
