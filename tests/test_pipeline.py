@@ -89,7 +89,7 @@ def test_interrupted_run_keeps_its_outputs(tmp_path):
     pipeline.run_stage("source", ToyConfig(value=3), run)  # another config: old outputs cleared
     assert CALLS == ["source", "source", "source"]
     assert not (tmp_path / "source" / "shard-0.done").exists()
-    assert not (tmp_path / pipeline.PREVIOUS).exists() or not any((tmp_path / pipeline.PREVIOUS).iterdir())
+    assert not (tmp_path / pipeline.PREVIOUS).exists()  # the set-aside result went with its folders
 
 
 def test_a_failing_rerun_keeps_the_previous_result(tmp_path):
@@ -161,3 +161,20 @@ def test_run_pipeline_from_yaml_and_errors(tmp_path, capsys, monkeypatch):
     cfg.write_text("run_dir: out\nsorce: {}\n")
     assert main(["run", str(cfg), "--quiet"]) == 2
     assert "unknown top-level key 'sorce'" in capsys.readouterr().err
+
+
+@dataclass
+class NamedToyConfig(ToyConfig):
+    name: str = field("a/b", help="instance name, nested like train's schedule/seed")
+
+    def instance(self) -> str | None:
+        return self.name
+
+
+def test_a_nested_instance_leaves_no_empty_set_aside_folders(tmp_path):
+    run = RunDir(tmp_path)
+    pipeline.run_stage("source", NamedToyConfig(value=1), run)
+    pipeline.run_stage("source", NamedToyConfig(value=2), run)  # sets value 1 aside, then drops it
+    assert CALLS == ["source", "source"]
+    assert run.record("source/a/b")["counts"] == {"value": 2}
+    assert not (tmp_path / pipeline.PREVIOUS).exists()

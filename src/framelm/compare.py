@@ -62,6 +62,7 @@ from framelm import fsutil
 from framelm.config import ConfigError, StageConfig, field
 from framelm.errors import FramelmError
 from framelm.evaluate import AVERAGED, EvalConfig
+from framelm.ingest import MIN_SPLIT_DOCS
 from framelm.pipeline import run_stage
 from framelm.rundir import RunDir
 from framelm.train import TrainConfig
@@ -73,11 +74,9 @@ TABLE_COLUMNS = ("metric", "schedule", "weights", "mean", "stderr", "n_seeds", "
 TASK_METRICS = ("acc", "acc_norm", "perplexity")
 VARIES = ("schedule", "seed")  # the only TrainConfig fields that may differ between compared runs
 SHARED_DOCUMENTS_CAUTION = 0.95  # below this share of common documents, a difference is not one of order alone
-# Below either, the held-out loss a verdict reads is too small a sample to rank schedules on: the
-# per-document loss varies by several tenths of a nat, so its standard error over 50 documents is
-# already ~0.05 nats, the size of typical schedule differences; and 20,000 tokens is ten times
-# less than eval's default of 200,000 tokens per set (a tiny corpus gives sets of 2 documents).
-HELDOUT_CAUTION_DOCS = 50
+# Below either, the held-out loss a verdict reads is too small a sample to rank schedules on (see
+# MIN_SPLIT_DOCS); 20,000 tokens is ten times less than eval's default of 200,000 tokens per set.
+HELDOUT_CAUTION_DOCS = MIN_SPLIT_DOCS
 HELDOUT_CAUTION_TOKENS = 20_000
 TABLE_FORMAT = 2  # 1: no weights, diff_paired, diff_df or diff_p columns; same_documents over whole streams
 

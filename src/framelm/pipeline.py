@@ -150,7 +150,8 @@ def run_stage(name: str, cfg: StageConfig, run: RunDir | str | Path, *, force: b
             return counts
         run.update_record(key, {**running, "status": "done", "seconds": round(time.time() - started, 3),
                                 "counts": counts})
-        run.reset_dir(previous)
+        with run._manifest_lock():  # set-asides of other keys are made under it
+            _drop_set_aside(run, previous)
     log.info("%s: done in %.1fs", key, time.time() - started)
     return counts
 
@@ -167,6 +168,16 @@ def _set_aside(out_dir: Path, previous: Path, record: dict[str, Any]) -> None:
     fsutil.write_json(out_dir / RECORD_FILE, record)
     previous.parent.mkdir(parents=True, exist_ok=True)
     out_dir.rename(previous)
+
+
+def _drop_set_aside(run: RunDir, previous: Path) -> None:
+    """Delete a set-aside result and the folders it leaves empty, RUN/.previous included."""
+    run.reset_dir(previous)
+    top = run.path(PREVIOUS)
+    folder = previous.parent
+    while folder != top.parent and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+        folder = folder.parent
 
 
 def _take_back(out_dir: Path, previous: Path) -> dict[str, Any]:
