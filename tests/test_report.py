@@ -63,16 +63,17 @@ def write_partition(root: Path, rng: np.random.Generator, n_docs: int = 400, wit
     return {"table": table, "ppl_cut": ppl_cut, "pd_cuts": pd_cuts}
 
 
-def write_schedules(root: Path, table: pa.Table, rng: np.random.Generator) -> dict[str, list[int]]:
-    """frame: quadrants in FRAME's order; random: shuffled, cut into the same stage budgets."""
+def write_schedules(root: Path, table: pa.Table, rng: np.random.Generator) -> None:
+    """frame: quadrants in FRAME's order; random: shuffled, cut into the same stage budgets.
+    Stage tokens are stream tokens, each document's n_tokens and its EOS."""
     t = table.filter(pa.compute.equal(table["split"], "train")).to_pydict()
     rows = list(zip(t["id"], t["source"], t["quadrant"], t["n_tokens"]))
     frame = sorted(rows, key=lambda r: FRAME_ORDER.index(r[2]))
-    budgets = [sum(r[3] for r in rows if r[2] == q) for q in FRAME_ORDER]
+    budgets = [sum(r[3] + 1 for r in rows if r[2] == q) for q in FRAME_ORDER]
     shuffled = [rows[i] for i in rng.permutation(len(rows))]
-    starts = {}
     for name, docs in (("frame", frame), ("random", shuffled)):
-        cum = np.cumsum([r[3] for r in docs]) - np.array([r[3] for r in docs])
+        stream_tokens = np.array([r[3] + 1 for r in docs])
+        cum = np.cumsum(stream_tokens) - stream_tokens
         stage = np.searchsorted(np.cumsum(budgets), cum, side="right").astype(np.int32)
         d = root / "schedule" / name
         d.mkdir(parents=True)
@@ -89,8 +90,6 @@ def write_schedules(root: Path, table: pa.Table, rng: np.random.Generator) -> di
         meta.mkdir(parents=True)
         (meta / "meta.json").write_text(json.dumps({"dtype": "uint16", "n_tokens": ends[-1], "eos_id": 0,
                                                     "vocab_size": 512, "stages": stages}))
-        starts[name] = [0, *ends[:-1]]
-    return starts
 
 
 def write_logs(root: Path, seeds: tuple[int, ...], rng: np.random.Generator, steps: int = 40) -> None:
@@ -414,6 +413,23 @@ def test_one_seed_has_no_band_and_says_so(tmp_path):
     assert "one seed: sampling of the task" in text
 
 
+def test_loss_caption_says_why_no_stage_boundary_is_drawn(tmp_path):
+    run = make_run(tmp_path / "run", seeds=(0,), parts=("schedule", "train"))
+    build_report(ReportConfig(), run)
+    assert "Dotted vertical lines" in run.path("report", "index.html").read_text()
+    for name in SCHEDULES:  # single-stage exports: the file is there, with nothing to mark
+        meta = run.path("export", name, "stream", "meta.json")
+        meta.write_text(json.dumps({**json.loads(meta.read_text()), "stages": [{"name": "all", "start_token": 0}]}))
+    build_report(ReportConfig(), run)
+    assert "each exported schedule shown has a single stage" in run.path("report", "index.html").read_text()
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "stages": ["all"]}))
+    with pytest.raises(FramelmError, match=r"meta.json: field 'stages' must be a list of"):
+        build_report(ReportConfig(), run)
+    shutil.rmtree(run.path("export"))
+    build_report(ReportConfig(), run)
+    assert "no export/&lt;schedule&gt;/stream/meta.json found" in run.path("report", "index.html").read_text()
+
+
 def test_cut_lines_from_bins_and_stratified_overlap():
     # two PPL bins split at 10..20, PD cut 0.2..0.3 inside bin 0 and 0.5..0.6 inside bin 1
     ranges = [(0, 0, 1.0, 10.0, 0.0, 0.2), (0, 1, 2.0, 9.0, 0.3, 0.9),
@@ -701,3 +717,47 @@ def test_small_heldout_sets_and_quadrants_without_one_are_stated(tmp_path):
     path.write_text(json.dumps(data))
     counts = build_report(ReportConfig(), run)
     assert "too small a sample" not in run.path("report", "index.html").read_text() and "too small a sample" not in counts["summary"]
+
+
+def test_schedule_plot_counts_stream_tokens_as_stages_yaml_does(tmp_path, monkeypatch):
+    """The schedule plot's token axis is the stream's (each document's tokens and its EOS, as in
+    stages.yaml and the export), so the stage lines sit where the shares change; a stage without
+    documents (its budget rounded to none) still gets its line, and the later stages keep their names."""
+    from framelm import plots
+    from framelm.partition import PartitionConfig, partition_documents
+    from framelm.schedule import ScheduleConfig, build_schedules, load_stages
+
+    run = RunDir(tmp_path / "run")
+    rng = np.random.default_rng(0)
+    n = 600
+    run.path("score").mkdir()
+    pq.write_table(pa.table({  # short documents: the EOS is a quarter of the stream
+        "id": [f"d{i}" for i in range(n)], "source": rng.choice(SOURCES, n), "split": ["train"] * n,
+        "n_tokens": rng.integers(1, 6, n), "ppl": rng.lognormal(2, 0.5, n), "pd": rng.beta(2, 5, n), "status": ["ok"] * n,
+    }), run.path("score", "scores.parquet"))
+    partition_documents(PartitionConfig(), run)
+    build_schedules(ScheduleConfig(transition="hard"), run)
+    drawn = {}
+    monkeypatch.setattr(plots, "schedule_areas", lambda path, title, total, centres, groups, shares, boundaries, *a:
+                        drawn.update({Path(path).name: (total, centres, groups, shares, boundaries)}))
+    build_report(ReportConfig(), run)
+    info = load_stages(run.path("schedule", "frame", "stages.yaml"))
+    total, centres, groups, shares, boundaries = drawn["schedule-frame.png"]
+    assert total == info["total_tokens"]
+    assert boundaries == [(s["name"], s["start_token"]) for s in info["stages"]]
+    width = total / shares.shape[1]
+    for s in info["stages"]:  # hard switches: a bin wholly inside a stage holds only its quadrant
+        inside = (centres > s["start_token"] + width) & (centres < s["end_token"] - width)
+        assert inside.any() and (shares[groups.index(s["name"]), inside] == 1).all()
+
+    stages_yaml = run.path("schedule", "frame", "stages.yaml")
+    data = yaml.safe_load(stages_yaml.read_text())
+    q4 = data["stages"][1]
+    data["stages"].insert(1, {**q4, "name": "empty", "end_token": q4["start_token"], "docs": 0, "tokens": 0})
+    stages_yaml.write_text(yaml.safe_dump(data))
+    order = pq.read_table(run.path("schedule", "frame", "order.parquet"))
+    stage = order["stage"].to_numpy()
+    pq.write_table(order.set_column(2, "stage", pa.array(np.where(stage >= 1, stage + 1, stage).astype(np.int32))),
+                   run.path("schedule", "frame", "order.parquet"))
+    build_report(ReportConfig(), run)
+    assert [name for name, _ in drawn["schedule-frame.png"][4]] == ["Q3", "empty", "Q4", "Q1", "Q2"]

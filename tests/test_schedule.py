@@ -1,4 +1,5 @@
 import logging
+import warnings
 from collections import Counter
 from dataclasses import replace as dataclasses_replace
 
@@ -201,6 +202,23 @@ def test_realised_share_in_the_window_tracks_the_curve(kind):
     assert np.abs(shares - expected).max() < 0.12
     assert (stage[cum <= lo] == 0).all() and (stage[cum > hi + 20] == 1).all()
     assert total == weight.sum()
+
+
+def test_an_empty_stage_leaves_its_neighbours_blending():
+    n = 400
+    weight = np.full(2 * n, 5, np.int64)
+    empty = np.array([], np.int64)
+    stages = [Stage("A", np.arange(n), np.zeros(n, np.int32), weight[:n]),
+              Stage("none", empty, np.zeros(0, np.int32), empty),
+              Stage("B", np.arange(n, 2 * n), np.zeros(n, np.int32), weight[n:])]
+    stream = assemble(stages, "linear", window=0.5, steepness=10)
+    assert sorted(stream.idx.tolist()) == list(range(2 * n))
+    assert set(stream.stage.tolist()) == {0, 2}  # labels name the stage a document came from
+    assert (stream.idx[stream.stage == 2] >= n).all() and (stream.idx[stream.stage == 0] < n).all()
+    # a window of 200 documents around the boundary: B starts before A's last document, which a
+    # hard switch would never do
+    assert (stream.stage[n - 100:n] == 2).any() and (stream.stage[n:n + 100] == 0).any()
+    assert (stream.stage[:n - 100] == 0).all() and (stream.stage[n + 100:] == 2).all()
 
 
 def test_two_phase_epochs_match_hand_computation():
@@ -589,3 +607,30 @@ def test_schedules_too_short_for_their_steps_or_repeating_data_are_warned_about(
     with caplog.at_level(logging.WARNING, logger="framelm"):
         build(run, [{"kind": "frame", "name": "capped"}], seq_len=16, global_batch=4, total_tokens=200_000, max_epochs=20)
     assert "repeated" not in caplog.text
+
+
+def test_two_phase_weight_on_a_source_without_training_documents_is_named():
+    # math's documents are all held out: it is a source of the table, with no training tokens
+    table = pa.table({"id": [f"d{i}" for i in range(6)], "source": ["web"] * 4 + ["math"] * 2, "quadrant": ["Q1"] * 6,
+                      "split": ["train"] * 4 + ["heldout"] * 2, "n_tokens": pa.array([5] * 6, pa.int64())})
+    builder = Builder(Corpus.from_table(table, FRAME_CELLS), ScheduleConfig(strategies=[]))
+    by_source = StrategyConfig.from_dict({"kind": "two_phase", "blends": [{"web": 1.0}, {"math": 0.5, "web": 0.5}]})
+    with pytest.raises(FramelmError, match="source 'math' has weight but no training tokens"):
+        builder.build(by_source)
+    by_tier = dataclasses_replace(by_source, tiers={"math": "high", "web": "low"}, blends=[{"low": 1.0}, {"high": 0.5, "low": 0.5}])
+    with pytest.raises(FramelmError, match=r"blends\[1\]: tier 'high' has weight but its sources \(math\) have no training tokens"):
+        builder.build(by_tier)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no 0 / 0 for a weightless tier of such sources
+        builder.build(dataclasses_replace(by_tier, blends=[{"low": 1.0}, {"high": 0.0, "low": 1.0}]))
+
+
+def test_a_two_phase_blend_within_tolerance_of_one_fills_its_phase():
+    # 2,000 documents of 10 tokens (+EOS): a blend summing to 0.9992 would leave ~18 tokens, about two
+    # documents, of the run unfilled if it were not scaled to 1
+    table = pa.table({"id": [f"d{i}" for i in range(2000)], "source": ["web", "math"] * 1000, "quadrant": ["Q1"] * 2000,
+                      "split": ["train"] * 2000, "n_tokens": pa.array([10] * 2000, pa.int64())})
+    builder = Builder(Corpus.from_table(table, FRAME_CELLS), ScheduleConfig(strategies=[]))
+    exact = builder.build(StrategyConfig.from_dict({"kind": "two_phase", "blends": [{"web": 0.5, "math": 0.5}] * 2}))
+    short = builder.build(StrategyConfig.from_dict({"kind": "two_phase", "blends": [{"web": 0.4996, "math": 0.4996}] * 2}))
+    assert [len(p.idx) for p in short.stages] == [len(p.idx) for p in exact.stages]

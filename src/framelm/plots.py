@@ -44,8 +44,6 @@ def _grid(n: int, max_cols: int) -> tuple[int, int]:
 
 def _tokens_label(ax, axis: str = "x") -> None:
     """Axis tick labels in K/M/B tokens."""
-    from matplotlib.ticker import FuncFormatter
-
     def fmt(v: float, _pos: int) -> str:
         for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
             if abs(v) >= scale:

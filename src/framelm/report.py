@@ -66,7 +66,8 @@ class ReportConfig(StageConfig):
     schedule_groups: Literal["quadrant", "source"] = field("quadrant", help="what the schedule plots stack: "
                                                                            "quadrant or source shares")
     density_bins: int = field(80, help="most bins per axis of the PPL-PD density plot (fewer for small tables)")
-    schedule_bins: int = field(200, help="most token bins along each schedule plot (each bin holds >= 10 documents)")
+    schedule_bins: int = field(200, help="most token bins along each schedule plot (fewer for short schedules: "
+                                         "10 documents a bin on average)")
     train_loss_window: int = field(10, help="training-loss log entries in the centred rolling mean (1 = raw)")
     max_source_panels: int = field(8, help="largest sources (by documents) that get their own density panel")
     dpi: int = field(110, help="resolution of the PNG figures")
@@ -384,30 +385,23 @@ def _partition_section(cfg: ReportConfig, run: RunDir, out: Path, con: Any) -> S
 # -- schedules ----------------------------------------------------------------------------
 
 def _stage_boundaries(path: Path, stage_tokens: list[int]) -> list[tuple[str, float]]:
-    """(name, start token) of each stage: from stages.yaml where it says, else from the
-    stage column of order.parquet (stage k starts after the tokens of stages < k)."""
-    starts = np.concatenate([[0], np.cumsum(stage_tokens)[:-1]]).tolist()
-    out = [(f"stage {i}", float(t)) for i, t in enumerate(starts)]
+    """(name, start token) of each stage: from stages.yaml, else from the stage column of
+    order.parquet (stage k starts after the tokens of stages < k). stages.yaml also lists a
+    stage that got no documents, which order.parquet cannot show."""
     if not path.is_file():
-        return out
-    data = load_yaml(path)
-    stages = data.get("stages")
-    if not isinstance(stages, list):
-        raise FramelmError(f"{path}: expected a mapping with a 'stages' list (name, start_token, end_token, ...)")
-    for i, st in enumerate(stages[: len(out)]):
-        if isinstance(st, dict):
-            start = st.get("start_token")
-            out[i] = (str(st.get("name", out[i][0])),
-                      float(start) if isinstance(start, (int, float)) and not isinstance(start, bool) else out[i][1])
-    return out
+        starts = np.concatenate([[0], np.cumsum(stage_tokens)[:-1]]).tolist()
+        return [(f"stage {i}", float(t)) for i, t in enumerate(starts)]
+    stages = load_yaml(path).get("stages")
+    if not isinstance(stages, list) or not all(isinstance(st, dict) for st in stages):
+        raise FramelmError(f"{path}: expected a mapping with a 'stages' list of {{name, start_token, end_token, ...}}")
+    return [(str(st.get("name", f"stage {i}")), _number(st, "start_token", f"{path}: stages[{i}]"))
+            for i, st in enumerate(stages)]
 
 
 def _tokens_by_bin(path: Path, group: str, n_bins: int, total_tokens: int) -> dict[str, np.ndarray]:
-    """Tokens of each group (quadrant or source) in each of n_bins equal token ranges of a
-    schedule, streaming order.parquet in row batches (it is written in position order)."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
+    """Stream tokens (each document's n_tokens and its EOS, as stages.yaml counts them) of each
+    group (quadrant or source) in each of n_bins equal token ranges of a schedule, streaming
+    order.parquet in row batches (it is written in position order)."""
     out: dict[str, np.ndarray] = {}
     done_tokens, last_position, row = 0, -1, 0
     for batch in pq.ParquetFile(path).iter_batches(columns=["position", group, "n_tokens"], batch_size=1 << 20):
@@ -418,7 +412,7 @@ def _tokens_by_bin(path: Path, group: str, n_bins: int, total_tokens: int) -> di
             raise FramelmError(f"{path}: row {bad}: 'position' {position[bad - row]} does not increase; "
                                f"order.parquet must be sorted by position (re-run framelm schedule)")
         last_position, row = int(position[-1]), row + len(position)
-        tokens = batch.column("n_tokens").to_numpy().astype(np.int64)
+        tokens = batch.column("n_tokens").to_numpy().astype(np.int64) + 1
         ends = done_tokens + np.cumsum(tokens)
         done_tokens = int(ends[-1])
         # a document counts in the bin holding its middle token
@@ -442,13 +436,13 @@ def _schedule_section(cfg: ReportConfig, run: RunDir, out: Path, con: Any) -> Se
     binned = {}
     for path in orders:
         _check_columns(con, path, ORDER_COLUMNS)
-        stage_rows = con.execute(f"SELECT stage, sum(n_tokens), count(*) FROM read_parquet({_sql_str(str(path))}) "
+        stage_rows = con.execute(f"SELECT stage, sum(n_tokens + 1), count(*) FROM read_parquet({_sql_str(str(path))}) "
                                  f"GROUP BY stage ORDER BY stage").fetchall()
         total = int(sum(t for _, t, _ in stage_rows))
         if total <= 0:
             section.blocks.append(f"<p>Schedule <b>{html.escape(path.parent.name)}</b> is empty.</p>")
             continue
-        n_bins = max(2, min(cfg.schedule_bins, sum(n for *_, n in stage_rows) // 10))  # >= 10 documents per bin
+        n_bins = max(2, min(cfg.schedule_bins, sum(n for *_, n in stage_rows) // 10))  # 10 documents a bin on average
         binned[path] = (total, n_bins, [t for _, t, _ in stage_rows], _tokens_by_bin(path, group, n_bins, total))
     groups = sorted({g for *_, by_group in binned.values() for g in by_group})  # same colours in every plot
     for path, (total, n_bins, stage_tokens, by_group) in binned.items():
@@ -515,16 +509,17 @@ def _read_log(path: Path) -> tuple[dict[float, float], dict[str, dict[float, flo
     return train, heldout
 
 
-def _stage_starts(run: RunDir, schedule: str) -> list[float]:
+def _stage_starts(run: RunDir, schedule: str) -> list[float] | None:
+    """Where the schedule's stages after the first begin, in stream tokens; None without an export."""
     path = run.path("export", schedule, "stream", "meta.json")
     if not path.is_file():
-        return []
+        return None
     meta = _read_json(path)
     stages = meta.get("stages") if isinstance(meta, dict) else None
-    if not isinstance(stages, list):
+    if not isinstance(stages, list) or not all(isinstance(st, dict) for st in stages):
         raise FramelmError(f"{path}: field 'stages' must be a list of {{name, start_token, end_token}}")
-    return [_number(st, "start_token", f"{path}: stages[{i}]") for i, st in enumerate(stages)
-            if isinstance(st, dict) and st.get("start_token", 0)]
+    starts = [_number(st, "start_token", f"{path}: stages[{i}]") for i, st in enumerate(stages)]
+    return [t for t in starts if t > 0]
 
 
 def _compared_train_keys(compare: tuple[Path, dict[str, Any]] | None) -> list[str] | None:
@@ -556,7 +551,8 @@ def _loss_section(cfg: ReportConfig, run: RunDir, out: Path, palette: dict[str, 
     for path in logs:
         per_schedule.setdefault(path.parent.parent.name, []).append(_read_log(path))
     schedules = sorted(per_schedule)
-    starts = {s: _stage_starts(run, s) for s in schedules}
+    exported = {s: _stage_starts(run, s) for s in schedules}
+    starts = {s: v or [] for s, v in exported.items()}
     seeds = {s: len(v) for s, v in per_schedule.items()}
 
     def curves(pick) -> list[plots.Curve]:
@@ -590,8 +586,12 @@ def _loss_section(cfg: ReportConfig, run: RunDir, out: Path, palette: dict[str, 
         return section
     many_seeds = any(n > 1 for n in seeds.values())
     band = " Shaded bands are one standard error across seeds." if many_seeds else ""
-    marks = " Dotted vertical lines (in each schedule's colour) mark where its stages begin." if any(starts.values()) else \
-        " Stage boundaries are not shown: no export/<schedule>/stream/meta.json found."
+    if any(starts.values()):
+        marks = " Dotted vertical lines (in each schedule's colour) mark where its stages begin."
+    elif any(v is not None for v in exported.values()):
+        marks = " No stage boundaries to mark: each exported schedule shown has a single stage."
+    else:
+        marks = " Stage boundaries are not shown: no export/&lt;schedule&gt;/stream/meta.json found."
     plots.curves(out / "loss.png", panels, cfg.dpi)
     section.images.append(Image(
         "loss.png",
@@ -691,13 +691,18 @@ def _lower_is_better(metric: str) -> bool:
     return any(k in m for k in ("loss", "bpb", "perplexity", "ppl", "heldout")) and "acc" not in m
 
 
+def _is_overall_heldout_loss(metric: str) -> bool:
+    """Whether a compare-table metric is the held-out loss over all held-out documents."""
+    return "heldout" in metric and metric.endswith("/all") and "bpb" not in metric
+
+
 def _pick_verdict_metric(cfg: ReportConfig, metrics: list[str], path: Path) -> str | None:
     if cfg.verdict_metric != "auto":
         if cfg.verdict_metric not in metrics:
             raise ConfigError(f"'verdict_metric' = {cfg.verdict_metric!r} is not a metric of {path}; "
                               f"choose one of: {', '.join(metrics)} (or 'auto')")
         return cfg.verdict_metric
-    overall = [m for m in metrics if "heldout" in m and m.endswith("/all") and "bpb" not in m]
+    overall = [m for m in metrics if _is_overall_heldout_loss(m)]
     return next(iter(overall + [m for m in metrics if "loss" in m] + metrics), None)
 
 
@@ -718,7 +723,7 @@ def _significant(cfg: ReportConfig, row: dict[str, Any]) -> bool | None:
 
 def _verdicts(cfg: ReportConfig, table: list[dict[str, Any]], metric: str) -> list[str]:
     lower = _lower_is_better(metric)
-    label = "held-out loss" if ("heldout" in metric and metric.endswith("/all") and "bpb" not in metric) else metric
+    label = "held-out loss" if _is_overall_heldout_loss(metric) else metric
     unit = " bits/byte" if "bpb" in metric else (" nats" if "loss" in metric else "")
     rows = [r for r in table if r.get("metric") == metric]
     seeds = {_label(r): r.get("n_seeds") for r in rows}
@@ -762,14 +767,12 @@ def _compare_section(cfg: ReportConfig, run: RunDir, compare: tuple[Path, dict[s
     if not verdicts:
         verdicts = [f"no verdict: {path} has no difference against 'random' for {metric} "
                     f"(was 'random' among the compared schedules?)"]
-    from framelm.compare import documents_note  # compare imports the trainer (torch); most reports need neither
+    from framelm.compare import documents_note, heldout_notes  # compare imports the trainer (torch): only with a compare result
 
     note = documents_note(data)
     if note:
         section.blocks.append(f"<p class=\"caution\">{html.escape(note[0].upper() + note[1:])}.</p>")
         verdicts.append(note)
-    from framelm.compare import heldout_notes
-
     sizes = data.get("heldout_sets")
     if isinstance(sizes, dict) and sizes:
         rows = [[html.escape(str(name)), _count(size.get("docs")), _count(size.get("tokens"))]

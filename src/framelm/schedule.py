@@ -51,7 +51,6 @@ from framelm.rundir import RunDir
 log = logging.getLogger("framelm")
 
 SUMMARY = "partition/summary.json"
-KINDS = ("frame", "random", "permutation", "ppl_two_stage", "pd_two_stage", "sorted", "two_phase", "yaml")
 WRITE_CHUNK_ROWS = 1 << 21
 
 
@@ -340,7 +339,7 @@ def load_corpus(run: RunDir) -> Corpus:
     path = run.path(SCORES)
     codes, cells = read_labels(run)  # first: it refuses scores that changed after the partition
     if [c[0] for c in cells] != [c["name"] for c in summary["cells"]]:
-        raise FramelmError(f"{run.path(SUMMARY)} and the labels in {run.path('partition')} name different cells; "
+        raise FramelmError(f"{summary_path} and the labels in {run.path('partition')} name different cells; "
                            f"re-run: framelm partition --run-dir {run.root} --force")
     ids = in_background(lambda: _read_ids(path))
 
@@ -575,7 +574,8 @@ class Builder:
         """needed: source -> (epochs its budget needs, what drives it). Raise if a cap is exceeded."""
         unknown = [s for s in strategy.epoch_caps if s not in self.corpus.source_names]
         if unknown:
-            raise ConfigError(f"strategy {strategy.label!r}: 'epoch_caps.{unknown[0]}' names no source; sources: {', '.join(self.corpus.source_names)}")
+            where = f"strategy {strategy.label!r}" + (f" (or its file {strategy.path})" if strategy.kind == "yaml" else "")
+            raise ConfigError(f"{where}: 'epoch_caps.{unknown[0]}' names no source; sources: {', '.join(self.corpus.source_names)}")
         for source, (epochs, why) in sorted(needed.items()):
             cap = strategy.epoch_caps.get(source, self.cfg.max_epochs)
             if cap is not None and epochs > cap * (1 + 1e-9):
@@ -643,7 +643,8 @@ class Builder:
         return [c for c in strategy.order if c in cells]
 
     def _two_stage(self, strategy: StrategyConfig) -> list[Stage]:
-        """Split on one axis at its middle bin: PPL high then low, or PD low then high."""
+        """Split on one axis at its middle, PPL high then low or PD low then high: bins below
+        n_bins // 2 are low, the rest high (of an odd number of bins, the middle one is high)."""
         axis = 0 if strategy.kind == "ppl_two_stage" else 1
         n_bins = max(b[axis] for b in self.corpus.cell_bins) + 1
         draws = self._cell_draws(strategy)
@@ -675,16 +676,22 @@ class Builder:
         out: dict[str, float] = {}
         for key, w in blend.items():
             if key in sources:
-                members = [key]
-            else:
-                members = [s for s in sources if tiers.get(s) == key]
-                if not members:
-                    raise ConfigError(f"{where}: {key!r} is neither a source ({', '.join(sources)}) nor a tier with sources "
-                                      f"({', '.join(sorted(set(tiers.values()))) or 'no tiers given'})")
+                out[key] = out.get(key, 0.0) + w
+                continue
+            members = [s for s in sources if tiers.get(s) == key]
+            if not members:
+                raise ConfigError(f"{where}: {key!r} is neither a source ({', '.join(sources)}) nor a tier with sources "
+                                  f"({', '.join(sorted(set(tiers.values()))) or 'no tiers given'})")
             tokens = np.array([self.source_tokens[sources.index(s)] for s in members], float)
+            if not tokens.sum():  # sources of held-out or unscored documents only
+                if w > 0:
+                    raise FramelmError(f"{where}: tier {key!r} has weight but its sources ({', '.join(members)}) "
+                                       f"have no training tokens")
+                continue
             for s, t in zip(members, tokens):
                 out[s] = out.get(s, 0.0) + w * t / tokens.sum()
-        return out
+        total = sum(out.values())  # check_weights lets a blend sum to 1 +- 1e-3: a phase gets all its tokens
+        return {s: v / total for s, v in out.items()} if total > 0 else out
 
     def _two_phase(self, strategy: StrategyConfig) -> tuple[list[Stage], dict[str, int]]:
         sources = self.corpus.source_names
@@ -893,15 +900,16 @@ def assemble(stages: list[Stage], kind: str, window: float, steepness: float) ->
     tokens = [int(st.weight.sum()) for st in stages]
     head = [0] * len(stages)  # documents of each stage's start that go into the window before it
     tail = [0] * len(stages)
+    # A stage without tokens has no window of its own: its neighbours blend with each other.
+    filled = [k for k, t in enumerate(tokens) if t > 0]
+    following = dict(zip(filled, filled[1:]))
     if kind != "hard" and window > 0:
-        for k in range(len(stages) - 1):
-            half = window * min(tokens[k], tokens[k + 1]) / 2
-            if half <= 0:
-                continue
+        for k, j in following.items():
+            half = window * min(tokens[k], tokens[j]) / 2
             tail[k] = _docs_within(stages[k].weight[::-1], half)
-            head[k + 1] = _docs_within(stages[k + 1].weight, half)
-            if tail[k] == 0 or head[k + 1] == 0:
-                tail[k] = head[k + 1] = 0
+            head[j] = _docs_within(stages[j].weight, half)
+            if tail[k] == 0 or head[j] == 0:
+                tail[k] = head[j] = 0
     n = sum(len(st.idx) for st in stages)
     idx = np.empty(n, np.result_type(np.int32, *(st.idx.dtype for st in stages)))
     weight = np.empty(n, np.result_type(np.int32, *(st.weight.dtype for st in stages)))
@@ -920,13 +928,14 @@ def assemble(stages: list[Stage], kind: str, window: float, steepness: float) ->
             put(out, part, values[lo:hi])
         label[part] = k
         at += hi - lo
-        if k + 1 < len(stages) and tail[k]:
-            nxt, m = stages[k + 1], tail[k] + head[k + 1]
-            order = _interleave(st.weight[hi:], nxt.weight[:head[k + 1]], kind, steepness)
+        if tail[k]:
+            j = following[k]
+            nxt, m = stages[j], tail[k] + head[j]
+            order = _interleave(st.weight[hi:], nxt.weight[:head[j]], kind, steepness)
             part = slice(at, at + m)
             for out, a, b in ((idx, st.idx, nxt.idx), (epoch, st.epoch, nxt.epoch), (weight, st.weight, nxt.weight)):
-                put(out, part, np.concatenate([a[hi:], b[:head[k + 1]]])[order])
-            label[part] = (order >= tail[k]) + k
+                put(out, part, np.concatenate([a[hi:], b[:head[j]]])[order])
+            label[part] = np.where(order >= tail[k], j, k)
             at += m
         stages[k] = None  # copied: let its arrays go
     stages.clear()
