@@ -178,3 +178,19 @@ def test_a_nested_instance_leaves_no_empty_set_aside_folders(tmp_path):
     assert CALLS == ["source", "source"]
     assert run.record("source/a/b")["counts"] == {"value": 2}
     assert not (tmp_path / pipeline.PREVIOUS).exists()
+
+
+def test_a_stale_stage_hint_repeats_the_command_that_ran_it(tmp_path, monkeypatch, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    (work / "p.yaml").write_text("run_dir: out\nsource: {value: 5}\nsink: {}\ntail: {}\n")
+    assert main(["run", "p.yaml", "--quiet", "--force"]) == 0
+    (work / "q.yaml").write_text("run_dir: out\nsource: {value: 6}\n")
+    assert main(["run", "q.yaml", "--quiet"]) == 0  # sink and tail still hold value 5
+    with pytest.raises(FramelmError, match=r"stage 'sink' .* out of date.*re-run it first: framelm run p\.yaml --quiet$"):
+        pipeline.run_stage("tail", ToyConfig(), RunDir(work / "out"))
+    monkeypatch.chdir(tmp_path)  # elsewhere, the hint goes back to the folder relative paths are read from
+    with pytest.raises(FramelmError, match=rf"re-run it first: \(cd {work} && framelm run p\.yaml --quiet\)$"):
+        pipeline.run_stage("tail", ToyConfig(), RunDir(work / "out"))
+    assert RunDir(work / "out").record("source")["command"] == {"argv": ["framelm", "run", "q.yaml", "--quiet"], "cwd": str(work)}

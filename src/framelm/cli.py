@@ -290,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     _setup_logging(getattr(args, "quiet", False))
+    from framelm.rundir import INVOCATION
+
+    invocation = INVOCATION.set({"argv": ["framelm", *(sys.argv[1:] if argv is None else argv)], "cwd": os.getcwd()})
     try:
         args.handler(args)
     except FramelmError as exc:
@@ -298,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("framelm: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        INVOCATION.reset(invocation)
     return 0
 
 

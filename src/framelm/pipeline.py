@@ -25,7 +25,7 @@ import yaml
 from framelm import fsutil
 from framelm.config import ConfigError, StageConfig, load_yaml, stable_hash, apply_override
 from framelm.errors import FramelmError
-from framelm.rundir import RunDir, package_versions
+from framelm.rundir import INVOCATION, RunDir, package_versions
 from framelm.stages import ORDER, STAGES
 
 log = logging.getLogger("framelm")
@@ -130,6 +130,8 @@ def run_stage(name: str, cfg: StageConfig, run: RunDir | str | Path, *, force: b
         started = time.time()
         running = {"stage": name, "status": "running", "hash": h, "upstream": upstream,
                    "config": cfg.to_dict(), "started": started, "versions": package_versions()}
+        if INVOCATION.get():
+            running["command"] = INVOCATION.get()
         run.update_record(key, running)
         log.info("%s: running (hash %s)", key, h)
         try:

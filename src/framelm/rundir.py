@@ -15,11 +15,13 @@ lock, so several processes (e.g. score ranks) can record into it safely.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import fcntl
 import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -29,6 +31,9 @@ from framelm import fsutil
 from framelm.errors import FramelmError
 
 MANIFEST = "manifest.json"
+# The command line a CLI invocation runs under ({"argv": [...], "cwd": ...}); stage records keep
+# it, so a hint to re-run a stage repeats the user's own command, config file and options included.
+INVOCATION: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("framelm_invocation", default=None)
 
 
 class RunDir:
@@ -91,9 +96,16 @@ class RunDir:
         return rec
 
     def command_for(self, key: str) -> str:
-        """The command line that makes stage run `key` (train/frame/seed3: its schedule and seed)."""
+        """The command line that makes stage run `key`: the one that last ran it, so its settings
+        (a --config file, options) carry over, else the plain subcommand (train/frame/seed3: with
+        its schedule and seed)."""
         from framelm.stages import STAGES
 
+        ran = (self.record(key) or {}).get("command")
+        if isinstance(ran, dict) and isinstance(ran.get("argv"), list):
+            cmd = shlex.join(a for a in ran["argv"] if a != "--force")  # the new inputs make it re-run anyway
+            cwd = ran.get("cwd")
+            return f"(cd {shlex.quote(cwd)} && {cmd})" if isinstance(cwd, str) and cwd != os.getcwd() else cmd
         name, _, instance = key.partition("/")
         words = " ".join(STAGES[name].words) if name in STAGES else name
         cmd = f"framelm {words} --run-dir {self.root}"
