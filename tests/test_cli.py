@@ -1,5 +1,6 @@
 """Every stage's command builds its flags from its config and explains itself with --help."""
 
+import dataclasses
 import re
 
 import pytest
@@ -78,6 +79,16 @@ def test_schedule_help_shows_a_working_list_override_and_its_default(tmp_path, c
     capsys.readouterr()
     assert main(["schedule", "--run-dir", str(run_dir), "--set", "strategies=[{kind: frame}, {kind: random}]", "--dry-run"]) == 0
     assert "kind: random" in capsys.readouterr().out
+
+
+def test_schedule_help_lists_every_key_a_strategy_takes(capsys):
+    from framelm.schedule import StrategyConfig
+
+    out = _help(["schedule"], capsys)
+    assert "Keys of each item of 'strategies' (StrategyConfig):" in out
+    for f in dataclasses.fields(StrategyConfig):
+        assert f" {f.name}: {' '.join(f.metadata['help'].split())}" in out, f.name
+    assert "phase_split: two_phase: token share of each phase (sums to 1) (default: [0.6, 0.4])" in out
 
 
 @pytest.mark.parametrize("stage", list(STAGES))

@@ -213,6 +213,7 @@ def test_heldout_sizes_and_small_set_caution():
     assert notes[1] == "quadrants without a held-out set (no held-out loss for them in the table): Q2, Q3"
     assert len(notes) == 2  # Q1 is large enough
     assert heldout_notes(results, "heldout_loss/quadrant/Q1") == notes[1:]
+    assert heldout_notes(results, "piqa/acc") == notes[1:]  # a task's accuracy reads no held-out set
     assert heldout_notes({"heldout_sets": {"all": {"docs": 500, "tokens": 200_000}}, "quadrants_without_heldout": []}) == []
 
 

@@ -69,6 +69,10 @@ def test_override_parses_yaml_values():
     assert data == {"train": {"lr": 3e-4}, "model": {"tied": True}}
     with pytest.raises(ConfigError, match="key.subkey=value"):
         apply_override(data, "novalue")
+    data["schedule"] = {"strategies": [{"kind": "frame"}]}
+    with pytest.raises(ConfigError, match=r"'schedule.strategies' is a list, whose items have no dotted keys; set the "
+                                          r"whole list, e.g. --set 'schedule.strategies=\[...\]'"):
+        apply_override(data, "schedule.strategies.0.kind=random")
 
 
 def test_unknown_key_message_is_punctuated_with_and_without_a_suggestion():

@@ -84,7 +84,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 MC_ROWS = [{"query": f"The quick brown {w}", "choices": ["fox jumps", "dog", "lazy over the"], "gold": i % 3}
-           for i, w in enumerate(["cat", "fox", "dog", "sum", "copy"])]
+           for i, w in enumerate(["cat", "fox", "dog", "sum", "copy"])] + [
+    # acc_norm picks "dog" here only when a log-likelihood is divided by its choice's length without the space
+    {"query": "The quick brown cat", "choices": ["a", "b", "dog"], "gold": 2}]
 MMLU_ROWS = [{"query": q, "choices": ["sum", "copy", "dog", "fox"], "gold": g, "subject": "high_school_math"}
              for q, g in (("What is a + b?", 0), ("What does a copy return?", 1), ("Which animal jumps?", 3))]
 WG_ROWS = [{"context_options": ["Return the sum", "Permission is"], "continuation": "of two numbers.", "gold": 0},
@@ -107,19 +109,21 @@ def harness_results(model_dir, tmp_path_factory):
 
 
 def test_multiple_choice_matches_hand_computed_loglikelihoods(model_dir, harness_results):
-    acc, acc_norm = [], []
+    acc, acc_norm, acc_norm_with_space = [], [], []
     for row in MC_ROWS:
         lls = np.array([loglikelihood(model_dir, row["query"], " " + c)[0] for c in row["choices"]])
-        # acc_norm: log-likelihood per character of the choice as the harness scores it (with its space)
-        lengths = np.array([len(" " + c) for c in row["choices"]])
+        # acc_norm: log-likelihood per character of the choice as the file gives it (the joining space not counted)
+        lengths = np.array([len(c) for c in row["choices"]])
         acc.append(float(lls.argmax() == row["gold"]))
         acc_norm.append(float((lls / lengths).argmax() == row["gold"]))
+        acc_norm_with_space.append(float((lls / (lengths + 1)).argmax() == row["gold"]))
     got = harness_results["mc"]
     assert got["n"] == len(MC_ROWS) and got["schema"] == "multiple_choice"
     assert got["acc"] == pytest.approx(np.mean(acc)) and got["acc_norm"] == pytest.approx(np.mean(acc_norm))
     assert got["acc_stderr"] == pytest.approx(mean_stderr(acc))
     assert got["acc_norm_stderr"] == pytest.approx(mean_stderr(acc_norm))
     assert 0 < np.mean(acc) < 1, "fixture must give a non-trivial accuracy so the comparison can fail"
+    assert acc_norm != acc_norm_with_space, "fixture must tell the two length normalisations apart"
 
 
 def mmlu_prompt(row: dict) -> str:
@@ -200,6 +204,17 @@ def test_continuation_longer_than_the_model_context_is_refused(model_dir, tmp_pa
     write_task_configs([task], tmp_path / "yaml", tmp_path / "cache")
     with pytest.raises(FramelmError, match=rf"long.jsonl:3: a scored continuation is \d+ tokens, but .* at most 512"):
         run_harness(model_dir, [task], tmp_path / "yaml", device="cpu", dtype="float32", batch_size=4, limit=None)
+
+
+def test_a_subject_marks_only_multiple_choice_rows_as_mmlu(model_dir, tmp_path):
+    from framelm.evaltasks import check_lengths
+
+    long_word = "".join(chr(0x4E00 + i) for i in range(300))  # unseen characters: 3 byte tokens each
+    lam = check_task_file(write_jsonl(tmp_path / "lam.jsonl", [{**LAMBADA_ROWS[0], "continuation": long_word, "subject": "x"}]))
+    assert lam.schema == "lambada" and not lam.subject
+    with pytest.raises(FramelmError, match=r"lam.jsonl:1: a scored continuation is \d+ tokens"):  # still length-checked
+        check_lengths(model_dir, [lam], None)
+    assert not check_task_file(write_jsonl(tmp_path / "wg.jsonl", [{**WG_ROWS[0], "subject": "x"}, WG_ROWS[1]])).subject
 
 
 def test_shared_eval_files_are_recognised(shared_data):

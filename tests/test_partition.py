@@ -125,6 +125,42 @@ def test_stratified_cut_points_are_per_source(run):
     assert groups == {("ppl", "books"), ("ppl", "math"), ("pd", "books"), ("pd", "math")}
 
 
+def hand_quadrants(ppl, pd, source, split, n_tokens, weight: str) -> list[str]:
+    """FRAME's quadrants computed directly: per source, the PPL median of its train documents,
+    then the PD median of the train documents in each (source, PPL half); every split labelled."""
+    def median(values, tokens):
+        if weight == "docs":
+            return np.quantile(values, 0.5)  # linear interpolation at (n - 1) q, as quantile_cont
+        order = np.argsort(values)
+        running = np.cumsum(tokens[order])
+        return values[order][np.argmax(running >= 0.5 * running[-1])]  # smallest value reaching half the tokens
+
+    quadrant = np.empty(len(ppl), object)
+    for s in np.unique(source):
+        fit = (source == s) & (split == "train")
+        high_ppl = ppl > median(ppl[fit], n_tokens[fit])
+        for high in (False, True):
+            members = (source == s) & (high_ppl == high)
+            high_pd = pd > median(pd[members & fit], n_tokens[members & fit])
+            quadrant[members & ~high_pd], quadrant[members & high_pd] = ("Q3", "Q4") if high else ("Q1", "Q2")
+    return quadrant.tolist()
+
+
+@pytest.mark.parametrize("weight", ["docs", "tokens"])
+def test_nested_stratified_quadrants_match_a_direct_computation(run, weight):
+    rng = np.random.default_rng(4)
+    n = 900
+    source = rng.choice(["books", "code", "math"], n)
+    ppl = rng.lognormal(size=n) * np.select([source == "books", source == "code"], [20.0, 5.0], 1.0)
+    pd = rng.normal(size=n) + (source == "math")
+    split = np.where(rng.random(n) < 0.8, "train", "heldout")
+    n_tokens = rng.integers(1, 500, n)
+    write_scores(run, {"ppl": ppl, "pd": pd, "source": source.tolist(), "split": split.tolist(), "n_tokens": n_tokens})
+    partition_documents(PartitionConfig(stratify_by_source=True, weight=weight), run)
+    got = labels(run)
+    assert [got[f"d{i:04d}"] for i in range(n)] == hand_quadrants(ppl, pd, source, split, n_tokens, weight)
+
+
 def test_grid_cells_are_named_by_bins(run):
     ppl = np.arange(1, 61, dtype=float)
     pd = np.tile(np.arange(1, 21, dtype=float), 3)

@@ -142,6 +142,21 @@ def test_two_stage_splits(run):
     assert set(o[o.stage == 0].quadrant) == {"Q1", "Q3"} and set(o[o.stage == 1].quadrant) == {"Q2", "Q4"}
 
 
+def test_two_stage_on_an_odd_grid_warns_of_the_uneven_split(caplog):
+    cells = [{"name": f"P{p}D{d}", "ppl_bin": p, "pd_bin": d} for p in range(3) for d in range(3)]
+    table = pa.table({"id": [f"d{i}" for i in range(90)], "source": ["web"] * 90,
+                      "quadrant": [cells[i % 9]["name"] for i in range(90)], "n_tokens": pa.array([9] * 90, pa.int64())})
+    builder = Builder(Corpus.from_table(table, cells), ScheduleConfig(strategies=[]))
+    with caplog.at_level("WARNING", logger="framelm"):
+        sched = builder.build(StrategyConfig(kind="ppl_two_stage"))
+    assert [len(st.idx) for st in sched.stages] == [60, 30]  # PPL bins 1 and 2 high, bin 0 low
+    assert "3 PPL bins, an odd number" in caplog.text and "gets 67% of the tokens" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="framelm"):
+        builder.build(StrategyConfig(kind="frame"))
+    assert "odd number" not in caplog.text
+
+
 def test_transition_curves_are_monotone_and_bounded():
     u = np.linspace(0, 1, 101)
     for kind in ("hard", "linear", "logistic"):

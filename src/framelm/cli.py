@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import sys
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -160,6 +161,39 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> list[str]:
     return names
 
 
+def item_keys(cls: type) -> str:
+    """For each field of `cls` that holds config objects (a list of them, as schedule's
+    strategies), the keys one such object takes, with their help: a config file needs them and
+    no flag shows them."""
+    hints = typing.get_type_hints(cls)
+    parts = []
+    for f in dataclasses.fields(cls):
+        tp = _unwrap_optional(hints[f.name])
+        listed = typing.get_origin(tp) is list
+        item = typing.get_args(tp)[0] if listed and typing.get_args(tp) else tp
+        if not dataclasses.is_dataclass(item):
+            continue
+        lines = [f"Keys of {'each item of ' if listed else ''}'{f.name}' ({item.__name__}):"]
+        for sub in dataclasses.fields(item):
+            default = _default(sub)
+            shown = "" if default is dataclasses.MISSING or default in ("", [], {}) else f" (default: {_flow_yaml(_minimal(default))})"
+            lines.append(f"  {sub.name}: {sub.metadata.get('help', '')}{shown}")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Fills each line of a description on its own; an indented line is a list entry."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        out = []
+        for line in text.split("\n"):
+            hanging = "    " if line.startswith("  ") else ""
+            out.append(textwrap.fill(" ".join(line.split()), width, initial_indent=indent + hanging[:2],
+                                     subsequent_indent=indent + hanging) if line.strip() else "")
+        return "\n".join(out)
+
+
 def _common_flags(p: argparse.ArgumentParser, config_flag: bool = True, example: str = "model.n_layers=4") -> None:
     if config_flag:
         p.add_argument("--config", metavar="YAML", help="pipeline config file; its section for this stage is used")
@@ -171,10 +205,11 @@ def _common_flags(p: argparse.ArgumentParser, config_flag: bool = True, example:
 
 
 def _add_stage_parser(subparsers: Any, stage: Stage, words: tuple[str, ...], selected: bool) -> None:
-    p = subparsers.add_parser(words[0], help=stage.help, description=stage.description)
+    p = subparsers.add_parser(words[0], help=stage.help, description=stage.description, formatter_class=_HelpFormatter)
     if not selected:
         return  # flags come from the config class, imported only for the command being run
     cls = stage.config_class()
+    p.epilog = item_keys(cls).replace("%", "%%") or None
     p.add_argument("--run-dir", help="run directory (default: run_dir from --config)"
                    + ("; created if missing" if stage.name == "ingest" else "; must already exist (started by framelm ingest)"))
     _common_flags(p, example=set_example(cls))

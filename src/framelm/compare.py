@@ -34,8 +34,9 @@ train.max_tokens is below the stream length (FRAME's prefix is its first stages)
 documents with a token inside that prefix count: `n_documents` of them, hashed into `documents`
 (null without RUN/schedule/<schedule>/order.parquet, and then `same_documents` is null).
 Budgets end on whole training steps, so even two orders of the same documents lose different
-stream ends: `shared_documents` gives, per schedule, the share of its trained documents (with
-repeats) that random trained on too, and the summary cautions below SHARED_DOCUMENTS_CAUTION.
+stream ends: `shared_documents` gives, per schedule, the documents (with repeats) it and random
+both trained on, as a share of the larger of the two runs' documents, and the summary cautions
+below SHARED_DOCUMENTS_CAUTION.
 
 Reads: RUN/train/<schedule>/seed<k>/ records, RUN/eval/<schedule>/seed<k>[-avg]/results.json,
 RUN/schedule/<schedule>/order.parquet (which documents each schedule holds, in stream order).
@@ -258,6 +259,11 @@ def format_table(table: list[dict[str, Any]]) -> str:
         rows.append((r["metric"], label(r["schedule"], r["weights"]), pm(r["mean"], r["stderr"]),
                      f"{r['item_stderr']:.4f}" if r["item_stderr"] is not None else "-", str(r["n_seeds"]),
                      pm(r["diff_vs_random"], r["diff_stderr"]), f"{r['diff_p']:.3g}" if r["diff_p"] is not None else "-"))
+    return _aligned(rows)
+
+
+def _aligned(rows: list[tuple[str, ...]]) -> str:
+    """Rows of cells as text, each column left-aligned to its widest cell."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
@@ -391,13 +397,13 @@ def heldout_set_of(metric: str) -> str | None:
 
 
 def heldout_notes(results: dict[str, Any], metric: str | None = "heldout_loss/all") -> list[str]:
-    """What a reader must know about the held-out sets behind `metric` (every set when None):
-    one caution naming those below HELDOUT_CAUTION_DOCS documents or HELDOUT_CAUTION_TOKENS
-    tokens, and the quadrants that have no held-out set at all."""
+    """What a reader must know about the held-out sets behind `metric` (every set when None; none
+    for a task metric): one caution naming those below HELDOUT_CAUTION_DOCS documents or
+    HELDOUT_CAUTION_TOKENS tokens, and the quadrants that have no held-out set at all."""
     sizes = results.get("heldout_sets")
+    wanted = None if metric is None else heldout_set_of(metric)
     notes = []
-    if isinstance(sizes, dict):
-        wanted = None if metric is None else heldout_set_of(metric)
+    if isinstance(sizes, dict) and (metric is None or wanted is not None):
         small = []
         for name, size in sizes.items():
             if wanted is not None and name != wanted or not isinstance(size, dict):
@@ -423,8 +429,7 @@ def format_heldout(sizes: dict[str, dict[str, int | None]]) -> str:
     rows = [("held-out set", "docs", "tokens")] + [(n, str(s["docs"]) if s["docs"] is not None else "-",
                                                     str(s["tokens"]) if s["tokens"] is not None else "-")
                                                    for n, s in sizes.items()]
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    return _aligned(rows)
 
 
 def check_same_budget(runs: list[dict[str, Any]], run: RunDir) -> None:

@@ -231,6 +231,10 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         child = node.get(p)
         if child is None:
             child = node[p] = {}
+        if isinstance(child, list):
+            whole = ".".join(parts[:parts.index(p) + 1])
+            raise ConfigError(f"override '{assignment}': '{whole}' is a list, whose items have no dotted keys; set the "
+                              f"whole list, e.g. --set '{whole}=[...]' (--help lists the keys of its items)")
         if not isinstance(child, dict):
             raise ConfigError(f"override '{assignment}': '{p}' is not a mapping")
         node = child

@@ -141,8 +141,8 @@ def check_task_file(path: str | Path, name: str | None = None) -> TaskFile:
                     )
             _check_row(row, schema, where)
             rows += 1
-            subject += "subject" in row
-            if schema == MULTIPLE_CHOICE:
+            if schema == MULTIPLE_CHOICE:  # only these rows can be MMLU's; a "subject" elsewhere is ignored
+                subject += "subject" in row
                 verbatim = verbatim and all(c[:1].isspace() for c in row["choices"])
     if schema is None:
         raise FramelmError(f"{path}: the task file has no rows")

@@ -89,6 +89,12 @@ def cell_name(ppl_bin: int, pd_bin: int, n_ppl_bins: int, n_pd_bins: int) -> str
     return f"P{ppl_bin}D{pd_bin}"
 
 
+def _grid_cells(cfg: PartitionConfig) -> list[tuple[str, int, int]]:
+    """The cells (name, ppl_bin, pd_bin) of cfg's grid in label-code order: code = ppl_bin * pd_bins + pd_bin."""
+    n_ppl, n_pd = len(cfg.ppl_quantiles) + 1, len(cfg.pd_quantiles) + 1
+    return [(cell_name(i, j, n_ppl, n_pd), i, j) for i in range(n_ppl) for j in range(n_pd)]
+
+
 def _sql_str(value: str) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
@@ -110,17 +116,17 @@ def _connect(cfg: PartitionConfig, tmp_dir: Path):
     return con
 
 
-def _check_columns(con, path: Path) -> None:
+def _check_columns(con, path: Path, run: RunDir) -> None:
     import duckdb
 
     try:
         cols = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM read_parquet({_sql_str(str(path))})").fetchall()}
     except duckdb.Error as exc:  # truncated or not Parquet at all
-        raise FramelmError(f"{path}: not a readable Parquet file ({exc}); re-run: framelm score --run-dir RUN --force") from None
+        raise FramelmError(f"{path}: not a readable Parquet file ({exc}); re-run: framelm score --run-dir {run.root} --force") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in cols]
     if missing:
         raise FramelmError(f"{path}: missing column(s) {', '.join(missing)}; expected the score stage's schema "
-                           f"({', '.join(REQUIRED_COLUMNS)}, ...). Re-run: framelm score --run-dir RUN")
+                           f"({', '.join(REQUIRED_COLUMNS)}, ...). Re-run: framelm score --run-dir {run.root}")
 
 
 def _fit_cuts(con, table: str, value: str, groups: list[str], quantiles: list[float], weight: str) -> dict[tuple, list[float]]:
@@ -159,7 +165,7 @@ def partition_documents(cfg: PartitionConfig, run: RunDir) -> dict[str, Any]:
     tmp_dir = out_dir / ".duckdb-tmp"
     con = _connect(cfg, tmp_dir)
     try:
-        _check_columns(con, scores)
+        _check_columns(con, scores, run)
         counts = _partition(con, cfg, scores, out_dir)
     finally:
         con.close()
@@ -314,7 +320,7 @@ def _partition(con, cfg: PartitionConfig, scores: Path, out_dir: Path) -> dict[s
         raise FramelmError(f"{scores}: no document with split '{cfg.fit_split}' has a usable score "
                            f"(excluded: {excluded or 'none'}); cut points need at least one. Check fit_split.")
 
-    n_ppl, n_pd = len(cfg.ppl_quantiles), len(cfg.pd_quantiles)
+    n_ppl_cuts = len(cfg.ppl_quantiles)
     source_group = ["source"] if cfg.stratify_by_source else []
     src_codes = [(data["source_names"], data["source"])] if cfg.stratify_by_source else []
     if cfg.weight == "docs":
@@ -323,13 +329,13 @@ def _partition(con, cfg: PartitionConfig, scores: Path, out_dir: Path) -> dict[s
         ppl_cuts = _fit_cuts(con, "fit", "ppl", source_group, cfg.ppl_quantiles, cfg.weight)
     ppl_bin, _ = _bins(cfg, data, ppl_cuts, None)
     if cfg.weight == "docs":
-        bin_codes = [(list(range(n_ppl + 1)), ppl_bin)] if cfg.split == "nested" else []
+        bin_codes = [(list(range(n_ppl_cuts + 1)), ppl_bin)] if cfg.split == "nested" else []
         pd_cuts = _numpy_cuts(data["pd"], data["fit"], src_codes + bin_codes, cfg.pd_quantiles, cfg.threads)
     else:
         con.execute("CREATE TEMP TABLE ppl_cuts (g VARCHAR, cuts DOUBLE[])")
         con.executemany("INSERT INTO ppl_cuts VALUES (?, ?)", [[k[0] if k else ALL_SOURCES, v] for k, v in ppl_cuts.items()])
         group = "v.source" if cfg.stratify_by_source else _sql_str(ALL_SOURCES)
-        con.execute(f"CREATE VIEW binned AS SELECT v.*, {_bin_expr('v.ppl', 'pc.cuts', n_ppl)} AS ppl_bin "
+        con.execute(f"CREATE VIEW binned AS SELECT v.*, {_bin_expr('v.ppl', 'pc.cuts', n_ppl_cuts)} AS ppl_bin "
                     f"FROM valid v JOIN ppl_cuts pc ON pc.g = {group}")
         pd_groups = source_group + (["ppl_bin"] if cfg.split == "nested" else [])
         pd_cuts = _fit_cuts(con, f"(SELECT * FROM binned WHERE split = {_sql_str(cfg.fit_split)})", "pd",
@@ -369,21 +375,21 @@ def _bins(cfg: PartitionConfig, data: dict, ppl_cuts: dict, pd_cuts: dict | None
         with ThreadPoolExecutor(cfg.threads) as pool:
             list(pool.map(fn, slices))
 
-    n_ppl, n_pd = len(cfg.ppl_quantiles), len(cfg.pd_quantiles)
+    n_ppl_cuts, n_pd_cuts = len(cfg.ppl_quantiles), len(cfg.pd_quantiles)
     strat, nested = cfg.stratify_by_source, cfg.split == "nested"
     names = data["source_names"] if strat else [ALL_SOURCES]
     gindex = {g: i for i, g in enumerate(names)}
     group = data["source"] if strat else np.broadcast_to(np.int16(0), (data["n"],))
     slices = [slice(lo, lo + BIN_SLICE_ROWS) for lo in range(0, data["n"], BIN_SLICE_ROWS)]
     if ppl_bin is None:
-        P = np.full((len(names), n_ppl), np.nan)
+        P = np.full((len(names), n_ppl_cuts), np.nan)
         for k, v in ppl_cuts.items():
             P[gindex[k[0]] if strat else 0] = v
         ppl_bin = np.zeros(data["n"], np.int8)
 
         def ppl_slice(sl: slice) -> None:
             cuts = P[group[sl]]
-            for i in range(n_ppl):  # NaN (no cuts) compares false; such rows are dropped below
+            for i in range(n_ppl_cuts):  # NaN (no cuts) compares false; such rows are dropped below
                 ppl_bin[sl] += data["ppl"][sl] > cuts[:, i]
 
         each_slice(ppl_slice)
@@ -392,7 +398,7 @@ def _bins(cfg: PartitionConfig, data: dict, ppl_cuts: dict, pd_cuts: dict | None
     has_ppl = np.zeros(len(names), bool)
     for k in ppl_cuts:
         has_ppl[gindex[k[0]] if strat else 0] = True
-    D = np.full((len(names), n_ppl + 1, n_pd), np.nan)
+    D = np.full((len(names), n_ppl_cuts + 1, n_pd_cuts), np.nan)
     for k, v in pd_cuts.items():
         gi = gindex[k[0]] if strat else 0
         if nested:
@@ -400,14 +406,14 @@ def _bins(cfg: PartitionConfig, data: dict, ppl_cuts: dict, pd_cuts: dict | None
         else:
             D[gi, :] = v
     has_cuts = (~np.isnan(D).any(axis=2) & has_ppl[:, None]).reshape(-1)
-    D = D.reshape(-1, n_pd)
+    D = D.reshape(-1, n_pd_cuts)
     keep, pd_bin = np.empty(data["n"], bool), np.zeros(data["n"], np.int8)
 
     def pd_slice(sl: slice) -> None:
-        cell_group = group[sl].astype(np.int32) * (n_ppl + 1) + ppl_bin[sl]
+        cell_group = group[sl].astype(np.int32) * (n_ppl_cuts + 1) + ppl_bin[sl]
         keep[sl] = data["valid"][sl] & has_cuts[cell_group]
         cuts = D[cell_group]
-        for j in range(n_pd):
+        for j in range(n_pd_cuts):
             pd_bin[sl] += data["pd"][sl] > cuts[:, j]
 
     each_slice(pd_slice)
@@ -431,10 +437,9 @@ def _label(cfg: PartitionConfig, scores: Path, out: Path, data: dict, ppl_bin: A
 
     from framelm.columnar import in_background
 
-    n_ppl, n_pd = len(cfg.ppl_quantiles) + 1, len(cfg.pd_quantiles) + 1
-    cells = [(cell_name(i, j, n_ppl, n_pd), i, j) for i in range(n_ppl) for j in range(n_pd)]
+    cells = _grid_cells(cfg)
     cell = ppl_bin.astype(np.int16)
-    cell *= n_pd
+    cell *= len(cfg.pd_quantiles) + 1
     cell += pd_bin
     source_names, split_names = data["source_names"], data["split_names"]
     ns, nsrc = max(len(split_names), 1), max(len(source_names), 1)
@@ -626,13 +631,9 @@ def labelled_sql(run: RunDir) -> str:
 
 def _summary(cfg: PartitionConfig, ppl_cuts: dict, pd_cuts: dict, per_cell: list[tuple], excluded: dict[str, int],
              n_scored: int, n_labelled: int) -> dict[str, Any]:
-    n_ppl, n_pd = len(cfg.ppl_quantiles) + 1, len(cfg.pd_quantiles) + 1
-    cells = {}
-    for i in range(n_ppl):
-        for j in range(n_pd):
-            name = cell_name(i, j, n_ppl, n_pd)
-            cells[name] = {"name": name, "ppl_bin": i, "pd_bin": j, "docs": 0, "tokens": 0,
-                           "doc_share": 0.0, "token_share": 0.0, "source_mix": {}, "docs_by_split": {}}
+    cells = {name: {"name": name, "ppl_bin": i, "pd_bin": j, "docs": 0, "tokens": 0,
+                    "doc_share": 0.0, "token_share": 0.0, "source_mix": {}, "docs_by_split": {}}
+             for name, i, j in _grid_cells(cfg)}
     source_tokens: dict[str, dict[str, int]] = {name: {} for name in cells}
     for name, _, _, split, source, docs, tokens in per_cell:
         cell = cells[name]
@@ -656,7 +657,7 @@ def _summary(cfg: PartitionConfig, ppl_cuts: dict, pd_cuts: dict, per_cell: list
     return {
         "split": cfg.split, "weight": cfg.weight, "stratify_by_source": cfg.stratify_by_source,
         "fit_split": cfg.fit_split, "ppl_quantiles": cfg.ppl_quantiles, "pd_quantiles": cfg.pd_quantiles,
-        "grid": {"ppl_bins": n_ppl, "pd_bins": n_pd}, "cut_points": cut_points,
+        "grid": {"ppl_bins": len(cfg.ppl_quantiles) + 1, "pd_bins": len(cfg.pd_quantiles) + 1}, "cut_points": cut_points,
         "cells": list(cells.values()), "scored": n_scored, "labelled": n_labelled, "excluded": excluded,
         "fit_docs": total_docs, "fit_tokens": total_tokens,
     }

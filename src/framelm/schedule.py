@@ -650,6 +650,12 @@ class Builder:
         draws = self._cell_draws(strategy)
         high = [draws[n] for n, b in zip(self.corpus.cell_names, self.corpus.cell_bins) if b[axis] >= n_bins // 2]
         low = [draws[n] for n, b in zip(self.corpus.cell_names, self.corpus.cell_bins) if b[axis] < n_bins // 2]
+        if n_bins % 2:
+            share = sum(int(w.sum()) for *_, w in high) / max(1, sum(int(w.sum()) for *_, w in high + low))
+            log.warning("schedule %r: the partition has %d %s bins, an odd number, so the middle bin goes to the high "
+                        "stage, which gets %.0f%% of the tokens; for an even split use an even number of bins or "
+                        "{kind: sorted, column: %s, n_stages: 2}", strategy.label, n_bins, ("PPL", "PD")[axis],
+                        100 * share, ("ppl, descending: true", "pd")[axis])
         if axis == 0:
             named = [("high_ppl", high), ("low_ppl", low)]
         else:
