@@ -31,11 +31,20 @@ def test_presets_resolve_to_known_sizes():
     assert count_params(ModelConfig(preset="tiny").resolve(1000), embeddings=True) < 300_000
 
 
+def test_flops_per_token_by_hand():
+    args = ModelConfig(preset="tiny").resolve(1000)  # d_model 64, 2 layers, 4 heads of 16, 2 kv heads, ffn 192
+    layer = 64 * (4 + 2 * 2) * 16 + 4 * 16 * 64 + 3 * 64 * 192 + 2 * 64  # wqkv, wo, SwiGLU, two norms
+    params = 2 * layer + 64 + 1000 * 64  # final norm, output projection (tied: the embedding lookup is no matmul)
+    assert flops_per_token(args, 256) == 6 * params + 12 * 2 * 64 * 256
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(preset="gpt5"), "preset"),
     (dict(n_heads=3), "divisible"),
     (dict(n_kv_heads=3), "n_kv_heads"),
     (dict(d_model=0), "d_model"),
+    (dict(rope_theta=0.0), "'rope_theta' = 0.0 must be positive"),
+    (dict(norm_eps=-1e-5), "'norm_eps' = -1e-05 must be positive"),
 ])
 def test_bad_shapes_are_rejected(bad, match):
     with pytest.raises(ConfigError, match=match):

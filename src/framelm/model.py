@@ -92,10 +92,11 @@ class ModelConfig(StageConfig):
     def validate(self) -> None:
         if self.preset not in PRESETS:
             raise ConfigError(f"'preset' = {self.preset!r} is not a known model; choose one of: {', '.join(PRESETS)}")
-        for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len", "vocab_size"):
+        for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len", "vocab_size",
+                     "rope_theta", "norm_eps", "init_std"):
             value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"'{name}' = {value} must be a positive integer")
+            if value is not None and value <= 0:
+                raise ConfigError(f"'{name}' = {value} must be positive")
         shape = {**PRESETS[self.preset], **self._overrides()}
         if shape["d_model"] % shape["n_heads"]:
             raise ConfigError(f"'d_model' = {shape['d_model']} must be divisible by 'n_heads' = {shape['n_heads']}")
@@ -355,7 +356,8 @@ def count_params(args: ModelArgs, embeddings: bool = True) -> int:
 
 def flops_per_token(args: ModelArgs, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward) for MFU, as in PaLM appendix B:
-    6 x (matmul parameters, output projection included) + 12 x layers x d_model x seq_len
-    for causal attention scores, counted as if dense."""
-    matmul_params = count_params(args, embeddings=False) + args.vocab_size * args.d_model
-    return 6.0 * matmul_params + 12.0 * args.n_layers * args.d_model * seq_len
+    6 x (parameters other than the input embedding, whose lookup is no matmul; the output
+    projection counted even when tied) + 12 x layers x d_model x seq_len for causal attention
+    scores, counted as if dense."""
+    params = count_params(args, embeddings=False) + args.vocab_size * args.d_model
+    return 6.0 * params + 12.0 * args.n_layers * args.d_model * seq_len

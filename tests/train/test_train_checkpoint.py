@@ -1,5 +1,7 @@
+import pytest
 import torch
 
+from framelm.errors import FramelmError
 from framelm.train.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
 
 
@@ -28,3 +30,15 @@ def test_unfinished_folders_are_not_checkpoints(tmp_path):
     (root / "step-00000010.tmp-123").mkdir()  # a save killed before its rename
     (root / "step-00000020").mkdir()  # no state.json: not a checkpoint
     assert [p.name for p in checkpoint_dirs(root)] == ["step-00000005"]
+
+
+def test_an_unreadable_newest_state_says_to_start_over(tmp_path):
+    root = tmp_path / "out" / "checkpoints"
+    for step in (5, 10):
+        save_checkpoint(root, step, {"w": torch.zeros(1)}, {}, {"step": step}, keep=2)
+    (root / "step-00000010" / "state.json").write_text("{")  # cut short by a crash
+    with pytest.raises(FramelmError, match=f"delete {tmp_path / 'out'} .*to start over"):
+        load_checkpoint(root / "step-00000010")
+    # the older checkpoint is no way back: it kept weights only
+    with pytest.raises(FramelmError, match="no trainer.pt"):
+        load_checkpoint(root / "step-00000005")

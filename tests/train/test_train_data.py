@@ -48,6 +48,17 @@ def test_shuffle_window_never_crosses_a_stage_and_is_seeded():
         assert set(a.row_order[w: w + 8]) == set(range(w, w + 8))
 
 
+def test_steps_read_the_shuffled_rows_and_windows_restart_at_a_stage_boundary():
+    # seq_len 7: rows 0-57 start below token 400 (stage Q3), rows 58-141 in Q4; windows of 5
+    plan = BatchPlan(TOKENS, STAGES, seq_len=7, global_batch_seqs=2, shuffle_window_seqs=5, seed=3)
+    read = np.concatenate([plan.rows(step, 0, 2)[0][:, 0] // 7 for step in range(plan.n_steps)])
+    assert np.array_equal(read, plan.row_order) and not np.array_equal(read, np.arange(len(read)))
+    windows = [range(w, min(w + 5, 58)) for w in range(0, 58, 5)] + [range(w, min(w + 5, 142)) for w in range(58, 142, 5)]
+    for window in windows:
+        assert set(read[window.start: window.stop]) == set(window)
+    assert [plan.stage_of_step(s) for s in range(plan.n_steps)] == ["Q3" if 2 * s < 58 else "Q4" for s in range(plan.n_steps)]
+
+
 def test_budget_errors_are_clear():
     with pytest.raises(FramelmError, match="exceeds"):
         BatchPlan(TOKENS, STAGES, seq_len=10, global_batch_seqs=4, max_tokens=2000)

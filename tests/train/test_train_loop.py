@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from framelm.errors import FramelmError
+from framelm.model import flops_per_token
 from framelm.pipeline import run_stage
 from framelm.rundir import RunDir
 from framelm.train import TrainConfig, fit
@@ -133,15 +134,33 @@ def test_token_ids_outside_the_vocabulary_are_refused(tmp_path):
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     tokens, stages = _stream()
     losses = {}
-    for micro in (0, 2):
-        # a large epsilon and no clipping make AdamW's update depend on the gradient's scale, so a
-        # mis-scaled accumulated gradient changes the losses (with eps=1e-8 Adam would hide it)
+    for micro, clip in ((0, 0.0), (2, 0.0), (0, 0.05), (2, 0.05)):
+        # a large epsilon makes AdamW's update depend on the gradient's scale, so a mis-scaled
+        # accumulated gradient changes the losses (with eps=1e-8 Adam would hide it); unclipped,
+        # as clipping hides a wrong scale too; clipped, to show the clip acts on the whole step
         cfg = TrainConfig(seq_len=16, global_batch_seqs=4, micro_batch_seqs=micro, eval_every_steps=0, max_tokens=640,
-                          device="cpu", adam_eps=1.0, grad_clip=0.0, lr=1e-1)
-        fit(cfg, tokens, stages, tmp_path / f"m{micro}", eos_id=0, vocab_size=64)
-        losses[micro] = [r["loss"] for r in records(tmp_path / f"m{micro}" / "log.jsonl", "train")]
-    assert len(losses[0]) == 10
-    assert np.allclose(losses[0], losses[2], rtol=1e-4)
+                          device="cpu", adam_eps=1.0, grad_clip=clip, lr=1.0)
+        fit(cfg, tokens, stages, tmp_path / f"m{micro}-{clip}", eos_id=0, vocab_size=64)
+        losses[micro, clip] = [r["loss"] for r in records(tmp_path / f"m{micro}-{clip}" / "log.jsonl", "train")]
+    assert len(losses[0, 0.0]) == 10
+    assert np.allclose(losses[0, 0.0], losses[2, 0.0], rtol=1e-4)
+    assert np.allclose(losses[0, 0.05], losses[2, 0.05], rtol=1e-4)
+    assert not np.allclose(losses[0, 0.0], losses[0, 0.05], rtol=1e-3)  # the clip is active
+
+
+def test_doc_masking_and_mfu_reach_the_log(tmp_path):
+    tokens, stages = _stream()  # an EOS every 50 tokens, so the first step's rows hold document starts
+    losses = {}
+    for masking in (True, False):
+        cfg = TrainConfig(seq_len=16, global_batch_seqs=4, eval_every_steps=0, max_tokens=128, device="cpu",
+                          doc_masking=masking, peak_tflops=1e-3)
+        fit(cfg, tokens, stages, tmp_path / f"mask-{masking}", eos_id=0, vocab_size=64)
+        train = records(tmp_path / f"mask-{masking}" / "log.jsonl", "train")
+        losses[masking] = train[0]["loss"]
+        flops = flops_per_token(cfg.model.resolve(64), cfg.seq_len)
+        for r in train:  # one rank: model FLOP/s over the given peak of 1e9
+            assert r["mfu"] == pytest.approx(flops * r["tokens_per_s"] / 1e9, rel=1e-3)
+    assert abs(losses[True] - losses[False]) > 1e-6  # the same weights see less context with the mask
 
 
 def test_missing_export_names_the_schedule(tmp_path):

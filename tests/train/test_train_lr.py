@@ -42,3 +42,11 @@ def test_wsd_has_warmup_stable_and_decay_phases(shape):
 def test_constant_and_no_warmup():
     assert curve("constant", warmup_fraction=0.0) == [PEAK] * 100
     assert curve("cosine", warmup_fraction=0.0)[0] == pytest.approx(PEAK)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+@pytest.mark.parametrize("steps, warmup_fraction", [(10, 0.9), (3, 0.5), (2, 0.5)])
+def test_a_warmup_up_to_the_last_step_still_ends_at_the_final_ratio(schedule, steps, warmup_fraction):
+    lrs = curve(schedule, steps=steps, warmup_fraction=warmup_fraction, wsd_decay_fraction=0.1)
+    assert lrs[-2] == pytest.approx(PEAK)  # the warmup's last step
+    assert lrs[-1] == pytest.approx(0.1 * PEAK)

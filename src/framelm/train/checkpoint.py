@@ -59,7 +59,9 @@ def load_state(path: Path) -> dict[str, Any]:
     try:
         return json.loads((path / "state.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise FramelmError(f"{path / 'state.json'}: unreadable checkpoint state ({exc}); delete {path} to resume from an earlier one") from None
+        # Older checkpoints keep no optimizer state, so there is no earlier one to resume from.
+        raise FramelmError(f"{path / 'state.json'}: unreadable checkpoint state ({exc}); "
+                           f"delete {path.parent.parent} (or run with --force) to start over") from None
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:

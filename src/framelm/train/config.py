@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Literal
 
 from framelm.config import ConfigError, StageConfig, field
@@ -64,7 +65,8 @@ class TrainConfig(StageConfig):
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"'{name}' = {getattr(self, name)} must be at least 1")
-        for name in ("micro_batch_seqs", "max_tokens", "shuffle_window_seqs", "eval_every_steps", "heldout_max_tokens_per_set"):
+        for name in ("micro_batch_seqs", "max_tokens", "shuffle_window_seqs", "eval_every_steps", "heldout_max_tokens_per_set",
+                     "grad_clip", "weight_decay", "peak_tflops"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"'{name}' = {getattr(self, name)} must not be negative")
         if self.lr <= 0:
@@ -77,10 +79,8 @@ class TrainConfig(StageConfig):
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"'{name}' = {getattr(self, name)} must lie in [0, 1)")
-        if self.grad_clip < 0 or self.weight_decay < 0 or self.peak_tflops < 0:
-            raise ConfigError("'grad_clip', 'weight_decay' and 'peak_tflops' must not be negative")
         if self.micro_batch_seqs and self.global_batch_seqs % self.micro_batch_seqs:
             raise ConfigError(f"'micro_batch_seqs' = {self.micro_batch_seqs} must divide 'global_batch_seqs' = {self.global_batch_seqs}")
-        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"'device' = {self.device!r}: use auto, cpu, cuda or cuda:N")
         self.model.validate()

@@ -18,7 +18,6 @@ from framelm.errors import FramelmError
 @dataclasses.dataclass(frozen=True)
 class World:
     rank: int
-    local_rank: int
     size: int
     device: torch.device
 
@@ -50,7 +49,7 @@ def init_world(device: str = "auto") -> World:
         dev = torch.device("cpu")
     if size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return World(rank, local_rank, size, dev)
+    return World(rank, size, dev)
 
 
 def all_reduce_mean(value: torch.Tensor, world: World) -> torch.Tensor:

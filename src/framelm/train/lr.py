@@ -18,18 +18,20 @@ def lr_at(step: int, total_steps: int, peak: float, schedule: str, warmup_fracti
     if step < warmup:
         return peak * (step + 1) / warmup
     final = peak * final_ratio
-    last = max(total_steps - 1, 1)
     if schedule == "constant":
         return peak
     if schedule == "cosine":
-        progress = (step - warmup) / max(last - warmup, 1)
-        return final + (peak - final) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        last = max(total_steps - 1, 1)
+        # A warmup that ends at the last step leaves that step to be the whole decay.
+        progress = (step - warmup) / (last - warmup) if last > warmup else 1.0
+        return final + (peak - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
     if schedule == "wsd":
-        decay_steps = round(wsd_decay_fraction * total_steps)
+        # At least one decay step, so that a short run still ends at the final ratio.
+        decay_steps = max(round(wsd_decay_fraction * total_steps), 1) if wsd_decay_fraction else 0
         decay_start = total_steps - decay_steps
         if step < decay_start or decay_steps == 0:
             return peak
-        # progress 0 at the first decay step, 1 at the last step
+        # progress 1/decay_steps at the first decay step (already below the peak), 1 at the last
         progress = (step - decay_start + 1) / decay_steps
         drop = progress if wsd_decay_shape == "linear" else math.sqrt(progress)
         return peak - (peak - final) * drop
