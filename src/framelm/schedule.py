@@ -22,6 +22,8 @@ would switch) is what stages.yaml records, so stage token ranges are contiguous 
 stage's range length equals its documents' tokens. Step ranges are half-open,
 [start_step, end_step), with start_step = start_token // tokens_per_step and end_step =
 ceil(end_token / tokens_per_step): a step that straddles a boundary belongs to both stages.
+Trainers take whole steps only, so total_steps = total_tokens // tokens_per_step, no end_step
+passes it, and the `tail_tokens` after the last whole step are not trained on.
 """
 
 from __future__ import annotations
@@ -964,6 +966,7 @@ def describe(schedule: Schedule, stream: Stream, docs: np.ndarray, mix: np.ndarr
     stage's nominal range holds its own documents' tokens, wherever blending put them."""
     corpus, cfg = builder.corpus, builder.cfg
     per_step = cfg.seq_len * cfg.global_batch
+    total_steps = int(mix.sum()) // per_step
     docs = docs.sum(axis=(1, 2))
     stages, start = [], 0
     for k, name in enumerate(stream.names):
@@ -971,7 +974,7 @@ def describe(schedule: Schedule, stream: Stream, docs: np.ndarray, mix: np.ndarr
         end = start + tokens
         stages.append({
             "name": name, "start_token": start, "end_token": end,
-            "start_step": start // per_step, "end_step": -(-end // per_step),
+            "start_step": start // per_step, "end_step": min(-(-end // per_step), total_steps),
             "docs": int(docs[k]), "tokens": tokens,
             "composition": {"cells": _shares(mix[k].sum(axis=1), corpus.cell_names),
                             "sources": _shares(mix[k].sum(axis=0), corpus.source_names)},
@@ -989,7 +992,7 @@ def describe(schedule: Schedule, stream: Stream, docs: np.ndarray, mix: np.ndarr
         "strategy": schedule.name, "kind": schedule.kind, "seed": cfg.seed,
         "seq_len": cfg.seq_len, "global_batch": cfg.global_batch, "tokens_per_step": per_step,
         "total_tokens": start, "total_docs": int(len(stream.idx)),
-        "total_steps": -(-start // per_step),
+        "total_steps": total_steps, "tail_tokens": start - total_steps * per_step,
         "transition": {"kind": transition, "window": cfg.transition_window if transition != "hard" else 0.0,
                        "steepness": cfg.logistic_steepness if transition == "logistic" else None},
         "sources": sources, "stages": stages,
