@@ -430,6 +430,22 @@ def test_loss_caption_says_why_no_stage_boundary_is_drawn(tmp_path):
     assert "no export/&lt;schedule&gt;/stream/meta.json found" in run.path("report", "index.html").read_text()
 
 
+def test_tasks_on_few_questions_get_a_caution_with_their_counts(tmp_path):
+    run = make_run(tmp_path / "run", seeds=(0, 1))  # every task scored on 100 questions
+    build_report(ReportConfig(), run)
+    text = " ".join(run.path("report", "index.html").read_text().split())
+    assert "Questions per task: " + ", ".join(f"{t} 100" for t in sorted(TASKS)) + "." in text
+    assert f"Caution: {sorted(TASKS)[0]} (100 questions)" in text and "about ±5 points" in text
+    data = json.loads(run.path("compare", "results.json").read_text())
+    for r in data["runs"]:
+        for m in r["results"]["tasks"].values():
+            m["n"] = 2000
+    run.path("compare", "results.json").write_text(json.dumps(data))
+    build_report(ReportConfig(), run)
+    text = " ".join(run.path("report", "index.html").read_text().split())
+    assert "questions)" not in text and f"{sorted(TASKS)[0]} 2,000" in text
+
+
 def test_cut_lines_from_bins_and_stratified_overlap():
     # two PPL bins split at 10..20, PD cut 0.2..0.3 inside bin 0 and 0.5..0.6 inside bin 1
     ranges = [(0, 0, 1.0, 10.0, 0.0, 0.2), (0, 1, 2.0, 9.0, 0.3, 0.9),

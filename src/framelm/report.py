@@ -52,6 +52,9 @@ INPUT_PATTERNS = (
 )
 QUADRANT_COLUMNS = ("source", "n_tokens", "ppl", "pd", "ppl_bin", "pd_bin", "quadrant")
 ORDER_COLUMNS = ("position", "stage", "source", "quadrant", "n_tokens")
+# Below this many questions a task's accuracy has a sampling error above ~2 points, more than the
+# differences between curricula of small proxy models (FRAME's gains are a few points).
+FEW_QUESTIONS = 500
 SAMPLE_DOCS = 1_000_000  # documents that fix the density plot's ranges and the quadrant medians
 
 
@@ -596,7 +599,9 @@ def _loss_section(cfg: ReportConfig, run: RunDir, out: Path, palette: dict[str, 
     section.images.append(Image(
         "loss.png",
         "Loss against training tokens, one line per schedule (mean over seeds); lower is better, and the held-out "
-        "panel is the fair comparison because every schedule is scored on the same documents." + band + marks
+        "panel is the fair comparison because every schedule is scored on the same documents. Its held-out sets are "
+        "the training loop's (capped at train.heldout_max_tokens_per_set tokens each), not the eval stage's, so its "
+        "last points need not equal the comparison table's held-out loss." + band + marks
         + html.escape(runs_text)))
 
     detail_keys = sorted({k for v in per_schedule.values() for r in v for k in r[1] if k != "all"})
@@ -642,6 +647,7 @@ def _accuracy_section(cfg: ReportConfig, run: RunDir, out: Path, compare: tuple[
     path, data = compare
     metric = cfg.accuracy_metric
     values: dict[tuple[str, str], list[tuple[float, float | None]]] = {}
+    questions: dict[str, int] = {}  # per task, the fewest questions any run was scored on
     for r in data.get("runs", []):
         results = r.get("results") if isinstance(r, dict) else None
         tasks = results.get("tasks") if isinstance(results, dict) else None
@@ -650,6 +656,8 @@ def _accuracy_section(cfg: ReportConfig, run: RunDir, out: Path, compare: tuple[
                 err = m.get(f"{metric}_stderr")
                 values.setdefault((task, _label(r)), []).append(
                     (float(m[metric]), float(err) if isinstance(err, (int, float)) else None))
+                if isinstance(m.get("n"), int):
+                    questions[task] = min(questions.get(task, m["n"]), m["n"])
     section = Section(title, anchor)
     if not values:
         section.missing = f"not run yet: {html.escape(str(path))} has no downstream task results with '{metric}'"
@@ -674,7 +682,16 @@ def _accuracy_section(cfg: ReportConfig, run: RunDir, out: Path, compare: tuple[
             else "the evaluation's own standard error (one seed: sampling of the task's questions only)")
     section.images.append(Image(
         "accuracy.png", f"Downstream {metric} per task (higher is better), one bar per schedule; error bars are {what}, "
-                        f"so bars whose error bars overlap are not clearly different."))
+                        f"so bars whose error bars overlap are not clearly different."
+                        + (" Questions per task: " + ", ".join(f"{html.escape(t)} {questions[t]:,}" for t in tasks if t in questions)
+                           + "." if questions else "")))
+    few = [t for t in tasks if questions.get(t, FEW_QUESTIONS) < FEW_QUESTIONS]
+    if few:
+        section.blocks.append(
+            "<p class=\"caution\">Caution: " + ", ".join(f"{html.escape(t)} ({questions[t]:,} questions)" for t in few)
+            + f" {'was' if len(few) == 1 else 'were'} scored on fewer than {FEW_QUESTIONS:,} questions; an accuracy near "
+              f"50 % then has a sampling error of about ±{50 / math.sqrt(min(questions[t] for t in few)):.0f} points, "
+              f"more than schedules usually differ by, so these bars cannot rank schedules.</p>")
     return section
 
 
