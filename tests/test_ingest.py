@@ -347,3 +347,17 @@ def test_the_documents_folder_reads_as_one_dataset(tmp_path):
     table = pq.read_table(run.path("ingest", "documents"))
     assert table.num_rows == counts["docs"] == 30
     assert len(list(run.path("ingest", "documents").glob("part-*.parquet"))) == 3
+
+
+def test_max_docs_per_input_keeps_the_first_usable_documents_of_each_file(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"id": f"a{i}", "text": f"doc a{i}"} for i in range(10)])
+    # a bad record and a duplicate are not documents, so they do not count towards the cap
+    b = write_jsonl(tmp_path / "b.jsonl", [b"{not json", {"id": "b0", "text": "doc a0"}]
+                    + [{"id": f"b{i}", "text": f"doc b{i}"} for i in range(1, 10)])
+    counts, run = ingest(tmp_path, [a, b], max_docs_per_input=3)
+    assert [d["id"] for d in documents(run)] == ["a0", "a1", "a2", "b1", "b2", "b3"]
+    assert counts["sources"] == {"a": 3, "b": 3} and counts["rejected"] == 1 and counts["duplicates_dropped"] == 1
+    counts, run = ingest(tmp_path, [a, b], run_name="all")
+    assert counts["docs"] == 19
+    with pytest.raises(Exception, match="'max_docs_per_input' = -1 must be 0"):
+        IngestConfig(inputs=[str(a)], max_docs_per_input=-1).validate()

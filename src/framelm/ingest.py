@@ -28,6 +28,7 @@ changed input files) discards the old shards first.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import gzip
@@ -87,6 +88,9 @@ class IngestConfig(StageConfig):
     heldout_fraction: float = field(0.02, help="share of documents in the 'heldout' split (never trained on)")
     ref_fraction: float = field(0.05, help="share of documents in the 'ref' split (trains the reference models)")
     builtin_max_chars: int = field(DEFAULT_MAX_CHARS, help="size cap of the 'builtin' corpus in characters")
+    max_docs_per_input: int = field(0, help="keep at most this many documents of each input file (a .txt folder and "
+                                            "'builtin' count as one), the first in reading order, and stop reading it "
+                                            "there: a quick subset of a large corpus, not a random sample; 0 keeps all")
     docs_per_shard: int = field(4096, hash=False, help="documents per output Parquet file")
 
     def validate(self) -> None:
@@ -102,6 +106,8 @@ class IngestConfig(StageConfig):
         for name in ("docs_per_shard", "builtin_max_chars"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"'{name}' = {getattr(self, name)} must be a positive integer")
+        if self.max_docs_per_input < 0:
+            raise ConfigError(f"'max_docs_per_input' = {self.max_docs_per_input} must be 0 (keep all) or positive")
         for name in ("text_field", "id_field"):
             if not getattr(self, name):
                 raise ConfigError(f"'{name}' must not be empty")
@@ -521,19 +527,24 @@ def ingest_corpus(cfg: IngestConfig, run: RunDir) -> dict[str, Any]:
 
     with tqdm(desc="ingest", unit=" docs") as bar:
         for kind, path in units:
-            for rec in read_records(kind, path, cfg):
-                doc = checker.check(rec)
-                bar.update()
-                if doc is None:
-                    continue
-                n_docs += 1
-                n_bytes += doc["n_bytes"]
-                n_chars += doc["n_chars"]
-                sources[doc["source"]] += 1
-                splits[doc["split"]] += 1
-                shard.append(doc)
-                if len(shard) == cfg.docs_per_shard:
-                    flush()
+            kept = 0
+            with contextlib.closing(read_records(kind, path, cfg)) as records:
+                for rec in records:
+                    doc = checker.check(rec)
+                    bar.update()
+                    if doc is None:
+                        continue
+                    kept += 1
+                    n_docs += 1
+                    n_bytes += doc["n_bytes"]
+                    n_chars += doc["n_chars"]
+                    sources[doc["source"]] += 1
+                    splits[doc["split"]] += 1
+                    shard.append(doc)
+                    if len(shard) == cfg.docs_per_shard:
+                        flush()
+                    if kept == cfg.max_docs_per_input:
+                        break
     if shard:
         flush()
     if n_docs == 0:
