@@ -31,6 +31,11 @@ FOREIGN_TEMPORARY_S = 3600  # see clean_temporaries
 _HOST = socket.gethostname().replace(TMP_TAG, "_")
 
 
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -66,9 +71,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = path.with_name(f"{path.name}{TMP_TAG}{_HOST}-{os.getpid()}")
     try:
         yield tmp
-        if tmp.is_file():
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
+        # Durable before the rename makes it visible: after a power loss a complete-looking
+        # file or folder (a checkpoint) must not hold empty files.
+        if tmp.is_dir():
+            for written in tmp.rglob("*"):
+                (_fsync_file if written.is_file() else _fsync_dir)(written)
+            _fsync_dir(tmp)
+        elif tmp.is_file():
+            _fsync_file(tmp)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as exc:

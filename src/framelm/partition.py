@@ -528,7 +528,8 @@ def _fingerprint(scores: Path) -> dict[str, Any]:
     try:
         rows = pq.ParquetFile(scores).metadata.num_rows  # first, as it checks the file is Parquet
     except Exception as exc:  # truncated or not Parquet at all
-        raise FramelmError(f"{scores}: not a readable Parquet file ({exc}); re-run: framelm score --force") from None
+        raise FramelmError(f"{scores}: not a readable Parquet file ({exc}); re-run: "
+                           f"framelm score --run-dir {scores.parent.parent} --force") from None  # scores: RUN/score/scores.parquet
     with open(scores, "rb") as f:
         f.seek(-8, 2)
         footer_len = int.from_bytes(f.read(4), "little")
