@@ -35,7 +35,7 @@ from framelm.model import FrameLM, ModelConfig, count_params, flops_per_token, n
 from framelm.train import TrainConfig, fit
 from framelm.train.data import BatchPlan, StageRange
 from framelm.hf_llama import llama_config
-from framelm.train.loop import GPU_PEAK_FLOPS
+from framelm.train.loop import peak_flops
 
 
 def parse_args() -> argparse.Namespace:
@@ -104,7 +104,7 @@ def main() -> None:
     x, y = tokens[:, :-1], tokens[:, 1:]
     packed = x.clone()
     packed[:, :: args.doc_tokens] = 0  # EOS (id 0) opens a document every doc_tokens tokens
-    peak = next((v for k, v in GPU_PEAK_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) if device.type == "cuda" else None
+    peak = peak_flops(device)
     flops = flops_per_token(margs, args.seq_len)
     tokens_per_step = args.batch * args.seq_len
 

@@ -2,10 +2,12 @@ import shutil
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
+import framelm.model
 from framelm.config import ConfigError
 from framelm.model import (PRESETS, FrameLM, ModelConfig, count_params, document_segments, flops_per_token,
-                           next_token_loss, segment_mask)
+                           next_token_loss, sdpa_takes_grouped_heads, segment_mask)
 
 EOS = 0
 
@@ -78,6 +80,35 @@ def test_no_attention_across_documents():
     assert torch.allclose(masked[0, 4:], alone[0], atol=1e-5)
 
 
+def test_grouped_heads_go_to_sdpa_only_where_a_fused_kernel_takes_them():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert sdpa_takes_grouped_heads(cpu, torch.float32) and sdpa_takes_grouped_heads(cuda, torch.bfloat16)
+    assert sdpa_takes_grouped_heads(cuda, torch.float16)
+    assert not sdpa_takes_grouped_heads(cuda, torch.float32)  # only the math kernel: (T, T) scores in memory
+
+
+def test_expanded_key_value_heads_give_the_grouped_output(monkeypatch):
+    """The plain causal path as it runs in fp32 on GPUs (k/v expanded to one head per query head)
+    equals the grouped-heads path."""
+    model = tiny().eval()
+    tokens = torch.randint(1, 50, (2, 24))
+    kv_heads = []
+
+    def recording_sdpa(q, k, v, **kwargs):
+        kv_heads.append(k.shape[1])
+        return sdpa(q, k, v, **kwargs)
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    with torch.no_grad():
+        grouped = model(tokens)
+        monkeypatch.setattr(framelm.model, "sdpa_takes_grouped_heads", lambda device, dtype: False)
+        expanded = model(tokens)
+    n_layers = model.args.n_layers
+    assert kv_heads == [model.args.n_kv_heads] * n_layers + [model.args.n_heads] * n_layers
+    assert torch.allclose(grouped, expanded, atol=1e-6)
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")  # flex attention runs unfused (eagerly) on the CPU
 def test_flex_attention_matches_the_dense_mask():
     model = tiny().eval()
@@ -121,9 +152,13 @@ def test_compiled_blocks_give_the_eager_hidden_states(attention):
     with torch.no_grad():
         eager = [model.hidden_states(tokens, segments=segments), model.hidden_states(tokens, segments=segments.flip(1))]
         model.compile_blocks()
-        compiled = [model.hidden_states(tokens, segments=segments), model.hidden_states(tokens, segments=segments.flip(1))]
+        compiled = [model.hidden_states(tokens, segments=segments)]
+        frames_compiled = counters["frames"]["total"]
+        compiled.append(model.hidden_states(tokens, segments=segments.flip(1)))
     for a, b in zip(eager, compiled):  # the second mask must not reuse the first one's
         assert torch.allclose(a, b, atol=1e-5)
+    # Nor recompile the blocks: the trainer builds a new mask (for flex: a new mask_mod closure) every batch.
+    assert counters["frames"]["total"] == frames_compiled
 
 
 def test_tied_weights_round_trip_through_weights():

@@ -9,9 +9,12 @@ projections and the SwiGLU gate/up projections are each one fused matmul.
 Document masking: in a packed row `[.. doc1 .. EOS doc2 ..]` each token may attend only to
 tokens of its own document. The EOS that ends a document opens the next one (it plays the role
 of BOS), so the prediction of a document's first token depends on nothing before that EOS.
-Plain causal rows go through `F.scaled_dot_product_attention` and take the flash kernel (with
-native grouped-query support). Masked rows use, with `attention="sdpa"` (the default), SDPA
-with a (B, 1, T, T) boolean block-diagonal mask, which runs on every device; with
+Plain causal rows go through `F.scaled_dot_product_attention`: on GPUs in bf16/fp16 the flash
+kernel, which shares each key/value head among its query heads natively; on GPUs in fp32 the
+memory-efficient kernel, with k/v expanded to one head per query head (it has no grouped-query
+support, and the math kernel, which has, materialises the T x T scores); on the CPU its fused
+kernel. Masked rows use, with `attention="sdpa"` (the default), SDPA with a (B, 1, T, T)
+boolean block-diagonal mask (k/v expanded likewise), which runs on every device; with
 `attention="flex"`, FlexAttention with a block-sparse mask that skips the blocks across
 documents (compiled on GPUs; elsewhere eager, slow but exact, and forward only: torch has no
 FlexAttention backward on the CPU). `hidden_states` also takes explicit RoPE positions and
@@ -167,19 +170,35 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if mask is None:  # plain causal: SDPA picks the flash kernel on GPUs
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        elif isinstance(mask, torch.Tensor):  # (B, 1, T, T) bool, True = may attend
-            # The masked fused kernel (memory-efficient attention) has no GQA support, so expand
-            # k/v to one head per query head rather than fall back to the unfused math kernel.
-            repeat = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)  # (B, H, T, hd)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if mask is None or isinstance(mask, torch.Tensor):  # plain causal, or (B, 1, T, T) bool, True = may attend
+            y = sdpa_attention(q, k, v, mask)
         else:  # a FlexAttention BlockMask
             # v stays a strided view of the qkv matmul's output otherwise, and compiled flex
             # attention (torch 2.11-2.13, CPU inductor) reads such a view wrongly.
             y = flex_attention(q, k, v.contiguous(), mask)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def sdpa_takes_grouped_heads(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether plain causal SDPA on this device and dtype runs a fused kernel that shares each k/v
+    head among a group of query heads: on the CPU, and on GPUs in fp16/bf16 (flash). On GPUs in
+    fp32 only the math kernel does, and it materialises the (T, T) scores."""
+    return device.type == "cpu" or dtype in (torch.float16, torch.bfloat16)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal SDPA of q (B, H, T, hd) over grouped k/v (B, KV, T, hd), with an optional (B, 1, T, T)
+    bool mask (True = may attend) -> (B, H, T, hd).
+
+    The memory-efficient kernel, the fused one for masked rows and for fp32 on GPUs, has no
+    grouped-query support, so there k/v are expanded to one head per query head rather than
+    fall back to the math kernel.
+    """
+    if mask is None and sdpa_takes_grouped_heads(q.device, q.dtype):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    repeat = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)  # (B, H, T, hd)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
 
 
 class SwiGLU(nn.Module):

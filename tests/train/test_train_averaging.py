@@ -1,7 +1,10 @@
+import re
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from framelm.errors import FramelmError
 from framelm.train.averaging import average_checkpoints, averaging_weights
 
 
@@ -32,3 +35,16 @@ def test_average_checkpoints_matches_the_recursion(tmp_path):
     assert torch.allclose(average_checkpoints(files, "wma")["w"], wma, atol=1e-6)
     sma = sum(thetas) / 3
     assert torch.allclose(average_checkpoints(files, "sma")["w"], sma, atol=1e-6)
+
+
+@pytest.mark.parametrize("later, problem", [
+    ({"w": torch.zeros(3, 2)}, "lacks tensor 'b'"),
+    ({"w": torch.zeros(3, 2), "b": torch.zeros(2), "extra": torch.zeros(1)}, "has tensor 'extra'"),
+    ({"w": torch.zeros(1, 2), "b": torch.zeros(2)}, r"has tensor 'w' of shape \(1, 2\)"),  # would broadcast
+])
+def test_checkpoints_of_another_model_are_named(tmp_path, later, problem):
+    first, second = tmp_path / "0.safetensors", tmp_path / "1.safetensors"
+    save_file({"w": torch.ones(3, 2), "b": torch.ones(2)}, str(first))
+    save_file(later, str(second))
+    with pytest.raises(FramelmError, match=f"{re.escape(str(second))}.* {problem}"):
+        average_checkpoints([first, second], "sma")

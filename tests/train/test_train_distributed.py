@@ -38,3 +38,34 @@ def test_torchrun_two_ranks_matches_one_process(tmp_path):
     assert np.allclose(a, b, rtol=1e-4)
     assert RunDir(ddp).record("train/frame/seed0")["status"] == "done"
     assert (ddp / "train" / "frame" / "seed0" / "hf" / "model.safetensors").is_file()
+
+
+# Each rank trains into its own folder, as ranks on nodes without a shared filesystem would see one run folder.
+RANK_FOLDER_FIT = """
+import os, sys
+from pathlib import Path
+import numpy as np
+import torch
+from framelm.train import TrainConfig, fit
+from framelm.train.data import StageRange
+torch.set_num_threads(1)
+tokens = np.random.default_rng(0).integers(1, 64, 4 * 4 * 16 + 1).astype(np.uint16)
+cfg = TrainConfig(seq_len=16, global_batch_seqs=4, eval_every_steps=0, checkpoint_every_steps=2, device="cpu")
+fit(cfg, tokens, [StageRange("all", 0, len(tokens))], Path(sys.argv[1]) / f"rank{os.environ.get('RANK', '0')}",
+    eos_id=0, vocab_size=64)
+"""
+
+
+@pytest.mark.slow
+def test_ranks_that_see_different_checkpoints_refuse_to_resume(tmp_path):
+    script = tmp_path / "fit_rank_folder.py"
+    script.write_text(RANK_FOLDER_FIT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    single = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert (tmp_path / "rank0" / "checkpoints" / "step-00000004").is_dir()  # rank 1's folder has none
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "from step 0 to step 4" in done.stderr and "filesystem shared by all ranks" in done.stderr, done.stderr[-3000:]

@@ -16,8 +16,9 @@ from framelm.errors import FramelmError
 from framelm.model import flops_per_token
 from framelm.pipeline import run_stage
 from framelm.rundir import RunDir
-from framelm.train import TrainConfig, fit
+from framelm.train import TrainConfig, fit, loop
 from framelm.train.data import StageRange
+from framelm.train.loop import gpu_peak_flops, peak_flops
 
 from train.tiny_run import make_tiny_run
 
@@ -161,6 +162,21 @@ def test_doc_masking_and_mfu_reach_the_log(tmp_path):
         for r in train:  # one rank: model FLOP/s over the given peak of 1e9
             assert r["mfu"] == pytest.approx(flops * r["tokens_per_s"] / 1e9, rel=1e-3)
     assert abs(losses[True] - losses[False]) > 1e-6  # the same weights see less context with the mask
+
+
+@pytest.mark.parametrize("name, tflops", [("NVIDIA L4", 121), ("NVIDIA L40", 181), ("NVIDIA L40S", 362),
+                                           ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA A10G", 70)])
+def test_gpu_peak_flops_takes_the_most_specific_name(name, tflops, monkeypatch):
+    # "L4" is also a substring of "NVIDIA L40": the answer must not hang on the table's order.
+    assert gpu_peak_flops(name) == tflops * 1e12
+    monkeypatch.setattr(loop, "GPU_PEAK_FLOPS", dict(reversed(loop.GPU_PEAK_FLOPS.items())))
+    assert gpu_peak_flops(name) == tflops * 1e12
+
+
+def test_peak_flops_prefers_the_given_peak_and_knows_no_cpu():
+    assert peak_flops(torch.device("cpu"), peak_tflops=2.0) == 2e12
+    assert peak_flops(torch.device("cpu")) is None
+    assert gpu_peak_flops("Tesla T4") is None
 
 
 def test_missing_export_names_the_schedule(tmp_path):

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from framelm.errors import FramelmError
+
 
 def averaging_weights(k: int, method: str, ema_decay: float = 0.5) -> list[float]:
     """Weight of each of k checkpoints, oldest first; they sum to 1."""
@@ -35,13 +37,33 @@ def averaging_weights(k: int, method: str, ema_decay: float = 0.5) -> list[float
 
 
 def average_checkpoints(model_files: list[Path], method: str, ema_decay: float = 0.5) -> dict[str, torch.Tensor]:
-    """Weighted average of the state dicts in `model_files` (oldest first), accumulated in fp64."""
+    """Weighted average of the state dicts in `model_files` (oldest first), accumulated in fp64.
+
+    Every file must hold the tensors of the first, by name and shape."""
     weights = averaging_weights(len(model_files), method, ema_decay)
     total: dict[str, torch.Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
     for path, w in zip(model_files, weights):
-        for name, tensor in load_file(str(path)).items():
+        state = load_file(str(path))
+        if total:
+            check_same_tensors(path, state, model_files[0], total)
+        for name, tensor in state.items():
             dtypes[name] = tensor.dtype
             contribution = tensor.double() * w
             total[name] = total[name] + contribution if name in total else contribution
     return {name: t.to(dtypes[name]) for name, t in total.items()}
+
+
+def check_same_tensors(path: Path, state: dict[str, torch.Tensor], first: Path, reference: dict[str, torch.Tensor]) -> None:
+    """Raise, naming `path` and the first differing tensor, unless `state` has the names and shapes of `reference`
+    (read from `first`): a missing tensor would get too little weight, a broadcastable shape a wrong average."""
+    for name in sorted(state.keys() | reference.keys()):
+        if name not in state:
+            problem = f"lacks tensor {name!r}, which {first} has"
+        elif name not in reference:
+            problem = f"has tensor {name!r}, which {first} lacks"
+        elif state[name].shape != reference[name].shape:
+            problem = f"has tensor {name!r} of shape {tuple(state[name].shape)}, {first} of shape {tuple(reference[name].shape)}"
+        else:
+            continue
+        raise FramelmError(f"{path} {problem}; checkpoints to average must come from one model")

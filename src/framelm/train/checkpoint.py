@@ -36,6 +36,11 @@ def checkpoint_dirs(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint folder, from its name step-NNNNNNNN."""
+    return int(STEP_DIR.match(path.name).group(1))
+
+
 def save_checkpoint(root: Path, step: int, model_state: dict[str, torch.Tensor], trainer_state: dict[str, Any],
                     state: dict[str, Any], keep: int) -> Path:
     """Write checkpoint `step`; drop trainer.pt from older ones and all but the newest `keep`."""

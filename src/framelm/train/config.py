@@ -38,7 +38,7 @@ class TrainConfig(StageConfig):
     adam_eps: float = field(1e-8, help="AdamW epsilon")
     grad_clip: float = field(1.0, help="clip the global gradient norm to this (0: no clipping)")
     eval_every_steps: int = field(50, help="held-out loss every this many steps and at the end (0: only at the end)")
-    heldout_max_tokens_per_set: int = field(50_000, help="tokens per held-out set (all, per source, per quadrant)")
+    heldout_max_tokens_per_set: int = field(50_000, help="tokens per held-out set (all, per source, per quadrant); 0 turns held-out evaluation off (no heldout records in log.jsonl)")
     checkpoint_every_steps: int = field(100, help="write a checkpoint every this many steps (and at the end)")
     average: Literal["none", "ema", "sma", "wma"] = field("none", help="average the last checkpoints into hf-avg/: exponential, simple or linearly weighted moving average")
     average_last: int = field(5, help="how many of the last checkpoints to average")

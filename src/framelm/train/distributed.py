@@ -59,6 +59,15 @@ def all_reduce_mean(value: torch.Tensor, world: World) -> torch.Tensor:
     return value
 
 
+def all_ranks_min_max(value: int, world: World) -> tuple[int, int]:
+    """(smallest, largest) of an integer over all ranks; (value, value) in one process."""
+    if not world.distributed:
+        return value, value
+    pair = torch.tensor([value, -value], dtype=torch.int64, device=world.device)
+    dist.all_reduce(pair, op=dist.ReduceOp.MIN)  # one collective for both: max(v) = -min(-v)
+    return int(pair[0]), -int(pair[1])
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()

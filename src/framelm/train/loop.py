@@ -15,7 +15,9 @@ sets of RUN/tokenize, and calls `fit` with OUT = RUN/train/<schedule>/seed<k>.
 
 Re-running a killed run resumes from its newest checkpoint: the log is cut back to that step,
 and because batches and learning rates are functions of the step alone, the losses that follow
-equal those of an uninterrupted run (bit for bit on CPU). Only rank 0 writes files.
+equal those of an uninterrupted run (bit for bit on CPU). Only rank 0 writes files, and every
+rank resumes from what it finds, so under torchrun OUT must be on a filesystem all ranks share
+(ranks that find different newest checkpoints refuse to start).
 """
 
 from __future__ import annotations
@@ -42,22 +44,30 @@ from framelm.train import checkpoint as ckpt
 from framelm.train.averaging import average_checkpoints
 from framelm.train.config import TrainConfig
 from framelm.train.data import BatchPlan, StageRange, check_stages, read_stream, stream_fingerprint
-from framelm.train.distributed import World, all_reduce_mean, barrier, init_world, shutdown
+from framelm.train.distributed import World, all_ranks_min_max, all_reduce_mean, barrier, init_world, shutdown
 from framelm.hf_llama import export_hf
 from framelm.train.lr import lr_at
 
 log = logging.getLogger("framelm")
 
 # Dense bf16 peak FLOP/s of one device, by a substring of torch.cuda.get_device_name().
-GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12, "4090": 165e12}
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12, "A10G": 70e12,
+                  "L4": 121e12, "4090": 165e12}
 
 
-def peak_flops(cfg: TrainConfig, device: torch.device) -> float | None:
-    if cfg.peak_tflops:
-        return cfg.peak_tflops * 1e12
+def gpu_peak_flops(device_name: str) -> float | None:
+    """Peak FLOP/s of a GPU by its name, None if unknown. The longest matching key wins, since
+    shorter ones are substrings of other names ("L4" of "NVIDIA L40")."""
+    matches = [key for key in GPU_PEAK_FLOPS if key in device_name]
+    return GPU_PEAK_FLOPS[max(matches, key=len)] if matches else None
+
+
+def peak_flops(device: torch.device, peak_tflops: float = 0.0) -> float | None:
+    """Peak FLOP/s of one `device` for MFU: `peak_tflops` when given, else looked up for known GPUs."""
+    if peak_tflops:
+        return peak_tflops * 1e12
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
+        return gpu_peak_flops(torch.cuda.get_device_name(device))
     return None
 
 
@@ -171,7 +181,7 @@ class _Trainer:
             forward_model = DistributedDataParallel(forward_model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
         mask_eos = self.eos_id if cfg.doc_masking else None
         accum = self.local_rows // self.micro_rows
-        peak = peak_flops(cfg, world.device)
+        peak = peak_flops(world.device, cfg.peak_tflops)
         flops = flops_per_token(self.args, cfg.seq_len)
         # TQDM_DISABLE is read here too: tqdm reads it only when first imported, which may be
         # before the CLI's --quiet sets it.
@@ -239,6 +249,13 @@ class _Trainer:
 
     def _resume(self, model: FrameLM, optimizer: torch.optim.Optimizer) -> int:
         found = ckpt.checkpoint_dirs(self.ckpt_root)
+        # Every rank looks on its own; on nodes that do not share the run folder they would
+        # resume from different steps (or some from scratch) and then hang or diverge.
+        lowest, highest = all_ranks_min_max(ckpt.checkpoint_step(found[-1]) if found else 0, self.world)
+        if lowest != highest:
+            raise FramelmError(
+                f"the ranks see different newest checkpoints under {self.ckpt_root} (from step {lowest} to step {highest}; "
+                f"0 = none); resuming under torchrun needs {self.out_dir} on a filesystem shared by all ranks")
         if not found:
             return 0
         latest = found[-1]
@@ -311,7 +328,7 @@ def train_model(cfg: TrainConfig, run: RunDir) -> dict[str, Any]:
         raise FramelmError(f"no exported stream for schedule '{cfg.schedule}' at {stream_dir}; exported schedules: {exported or 'none'}")
     tokens, stages, meta = read_stream(stream_dir)
     heldout = {}
-    if run.path("tokenize", "index.parquet").is_file():
+    if cfg.heldout_max_tokens_per_set and run.path("tokenize", "index.parquet").is_file():
         heldout = heldout_sets(run, cfg.heldout_max_tokens_per_set)
     tokenizer_dir = run.path("tokenize", "tokenizer")
     return fit(cfg, tokens, stages, run.path("train", cfg.instance()), eos_id=int(meta["eos_id"]),
