@@ -14,8 +14,8 @@ import pytest
 
 from framelm.compare import (TABLE_COLUMNS, CompareConfig, Difference, build_table, check_same_budget, difference,
                              documents_digest, format_table, heldout_notes, heldout_sizes, mean_stderr,
-                             shared_fraction, t_test_p,
-                             table_csv, trained_documents)
+                             non_finite_note, non_finite_values, shared_fraction, t_test_p,
+                             table_csv, trained_documents, trained_tokens)
 from framelm.config import ConfigError
 from framelm.errors import FramelmError
 from framelm.evaluate import EvalConfig, resolve_model
@@ -115,6 +115,35 @@ def test_one_seed_reports_null_stderr_and_text_and_csv():
     rows = list(csv.DictReader(io.StringIO(table_csv(table))))
     assert len(rows) == len(table) and rows[0]["stderr"] == ""
     assert tuple(rows[0]) == TABLE_COLUMNS and rows[0]["diff_p"] == "" and rows[0]["weights"] == "final"
+
+
+def test_a_non_finite_value_makes_its_rows_not_comparable():
+    runs = fake_runs({"frame": {0: (2.0, 0.6), 1: (float("nan"), 0.7)}, "random": {0: (2.5, 0.5), 1: (2.4, 0.5)},
+                      "curric": {0: (2.1, 0.6), 1: (2.3, 0.6)}})
+    table = build_table(runs, ["frame", "curric", "random"])
+    rows = {(r["metric"], r["schedule"]): r for r in table}
+    for metric in ("heldout_loss/all", "heldout_bpb/all"):  # frame seed 1 diverged: NaN loss and bits per byte
+        diverged = rows[metric, "frame"]
+        assert [diverged[k] for k in ("mean", "stderr", "item_stderr", "diff_vs_random", "diff_stderr", "diff_p")] == [None] * 6
+        assert diverged["n_seeds"] == 2
+        assert rows[metric, "curric"]["diff_p"] is not None  # the other schedules are still compared
+    assert rows["piqa/acc", "frame"]["diff_vs_random"] == pytest.approx(0.15)  # its accuracies are finite
+    text = json.dumps(table, allow_nan=False)  # no NaN reaches results.json's table
+    assert "NaN" not in text and "nan" not in format_table(table)
+
+    found = non_finite_values(runs)
+    assert found == [{"eval_key": "eval/frame/seed1", "schedule": "frame", "weights": "final", "seed": 1,
+                      "metric": m, "value": "nan"} for m in ("heldout_loss/all", "heldout_bpb/all")]
+    note = non_finite_note({"non_finite": found})
+    assert note.startswith("caution: not comparable: non-finite results (a diverged run?) in eval/frame/seed1: "
+                           "heldout_loss/all = nan, heldout_bpb/all = nan; ")
+    assert non_finite_note({"non_finite": []}) is None
+
+    runs[3]["results"]["heldout"]["all"]["loss"] = float("inf")  # the baseline's seed 1: no schedule has a difference
+    rows = {(r["metric"], r["schedule"]): r for r in build_table(runs, ["frame", "curric", "random"])}
+    assert rows["heldout_loss/all", "random"]["mean"] is None
+    assert rows["heldout_loss/all", "curric"]["mean"] == pytest.approx(2.2)
+    assert rows["heldout_loss/all", "curric"]["diff_vs_random"] is None and rows["heldout_loss/all", "curric"]["diff_p"] is None
 
 
 def test_unequal_token_budgets_are_refused(tmp_path):
@@ -268,6 +297,26 @@ def test_documents_match_what_the_trainer_reads(tmp_path):
         trained = plan.n_steps * plan.tokens_per_step
         assert trained_documents(run, "frame", trained).to_pylist() == sorted(f"d{i}" for i in seen)
         assert seen == set(range(max(seen) + 1))  # a prefix of the stream
+
+
+def test_trained_tokens_skips_an_unfinished_last_log_line(tmp_path):
+    run = RunDir(tmp_path / "run")
+    log = run.path("train", "frame", "seed0", "log.jsonl")
+    log.parent.mkdir(parents=True)
+    records = ['{"type": "train", "step": 1, "tokens": 128, "loss": 5.0}',
+               '{"type": "heldout", "step": 1, "tokens": 128, "losses": {"all": 5.1}}',
+               '{"type": "train", "step": 2, "tokens": 256, "loss": 4.0}']
+    log.write_text("\n".join(records) + "\n" + '{"type": "train", "step": 3, "tok')  # killed mid-write
+    assert trained_tokens(run, "train/frame/seed0", {}) == 256
+    assert trained_tokens(run, "train/frame/seed0", {"tokens": 384}) == 384  # the record's count comes first
+    log.write_text("\n".join(records[:1] + ['{"type": "train", "step": 2, "tok'] + records[2:]) + "\n")
+    with pytest.raises(FramelmError, match=r"seed0/log\.jsonl: line 2: invalid JSON"):
+        trained_tokens(run, "train/frame/seed0", {})
+    log.write_text(records[0] + "\n" + '{"type": "train", "step": 2, "tok')  # the unfinished line ends no newline
+    assert trained_tokens(run, "train/frame/seed0", {}) == 128
+    log.write_text('{"type": "train", "step": 2, "tokens": "256"}\n')
+    with pytest.raises(FramelmError, match=r"log\.jsonl: line 1: field 'tokens' must be an integer, got '256'"):
+        trained_tokens(run, "train/frame/seed0", {})
 
 
 def test_order_without_token_counts_is_refused(tmp_path):

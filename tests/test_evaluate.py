@@ -206,6 +206,62 @@ def test_continuation_longer_than_the_model_context_is_refused(model_dir, tmp_pa
         run_harness(model_dir, [task], tmp_path / "yaml", device="cpu", dtype="float32", batch_size=4, limit=None)
 
 
+def test_a_continuation_of_exactly_the_model_context_is_scored(model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from framelm.evaltasks import check_lengths
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    cjk = "".join(chr(0x4E00 + i) for i in range(170))  # unseen characters: 3 byte tokens each
+
+    def scored_tokens(query: str, choice: str) -> int:  # as the harness splits the pair
+        return len(tok.encode(query + " " + choice, add_special_tokens=False)) - len(tok.encode(query, add_special_tokens=False))
+
+    fits, too_long = cjk + "a", cjk + "aa"
+    assert scored_tokens("q", fits) == 512 and scored_tokens("q", too_long) == 513  # max_position_embeddings 512
+    task = check_task_file(write_jsonl(tmp_path / "edge.jsonl", [{"query": "q", "choices": ["a", fits], "gold": 0}]))
+    write_task_configs([task], tmp_path / "yaml", tmp_path / "cache")
+    got = run_harness(model_dir, [task], tmp_path / "yaml", device="cpu", dtype="float32", batch_size=4, limit=None)
+    assert got["edge"]["n"] == 1  # the harness scores it
+    longer = check_task_file(write_jsonl(tmp_path / "longer.jsonl", [{"query": "q", "choices": ["a", too_long], "gold": 0}]))
+    with pytest.raises(FramelmError, match=r"longer.jsonl:1: a scored continuation is 513 tokens, but .* at most 512"):
+        check_lengths(model_dir, [longer], None)
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_quiet_silences_the_harness_progress_bars(model_dir, tmp_path, capsys, monkeypatch, quiet):
+    """--quiet sets TQDM_DISABLE=1; the harness passes its bars an explicit disable=, which tqdm's
+    environment variable does not override, so framelm has to switch them off itself."""
+    if quiet:
+        monkeypatch.setenv("TQDM_DISABLE", "1")
+    else:
+        monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    task = check_task_file(write_jsonl(tmp_path / "lam.jsonl", LAMBADA_ROWS))
+    write_task_configs([task], tmp_path / "yaml", tmp_path / "cache")
+    run_harness(model_dir, [task], tmp_path / "yaml", device="cpu", dtype="float32", batch_size=4, limit=None)
+    err = capsys.readouterr().err
+    for bar in ("Tokenizing inputs", "Running loglikelihood requests"):
+        assert (bar in err) is not quiet, bar
+
+
+def test_a_results_folder_inside_eval_tasks_is_refused(run, tmp_path):
+    from framelm.config import ConfigError
+
+    builtin = run.path("eval", "tasks", "rows500-seed0", "next_line.jsonl")
+    builtin.parent.mkdir(parents=True)
+    builtin.write_text("{}\n")
+    for cfg in (EvalConfig(model=str(tmp_path / "tasks"), tasks=["builtin"]),  # a model folder named tasks
+                EvalConfig(model="train/tasks/seed0", tasks=["builtin"]),  # a schedule named tasks
+                EvalConfig(model="train/frame/seed0", name="tasks/mine", tasks=["builtin"])):
+        with pytest.raises(ConfigError, match=r"puts results in RUN/eval/tasks.*set 'name'"):
+            run_stage("eval", cfg, run)
+    assert builtin.read_text() == "{}\n"  # run_stage did not clear RUN/eval/tasks
+    with pytest.raises(ConfigError, match=r"the name derived from 'model' = 'train/tasks/seed0/hf-avg' puts results "
+                                          r"in RUN/eval/tasks/seed0-avg"):
+        EvalConfig.from_dict({"model": "train/tasks/seed0/hf-avg"})
+    assert EvalConfig.from_dict({"model": "train/tasks/seed0", "name": "tasks-model"}).instance() == "tasks-model"
+
+
 def test_a_subject_marks_only_multiple_choice_rows_as_mmlu(model_dir, tmp_path):
     from framelm.evaltasks import check_lengths
 

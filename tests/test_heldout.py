@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from framelm.heldout import HeldoutSet, heldout_loss, heldout_sets, packed_rows
+from framelm.heldout import HeldoutSet, document_windows, heldout_loss, heldout_sets, packed_rows
 from framelm.model import FrameLM, ModelConfig
 from framelm.rundir import RunDir
 
@@ -29,6 +29,16 @@ def test_without_a_partition_there_are_no_quadrant_sets(tmp_path):
     root = make_tiny_run(tmp_path / "run")
     (root / "partition" / "quadrants.parquet").unlink()
     assert set(heldout_sets(RunDir(root))) == {"all", "source/alpha", "source/beta"}
+
+
+def test_windows_read_each_document_after_an_eos():
+    docs = [np.arange(1, 6), np.arange(10, 30)]
+    windows = document_windows(docs, EOS, seq_len=8)
+    assert [(d, x.tolist(), y.tolist()) for d, x, y in windows] == [
+        (0, [EOS, 1, 2, 3, 4, 5], [1, 2, 3, 4, 5]),  # a last window's last input predicts nothing
+        (1, [EOS, *range(10, 17)], list(range(10, 18))),  # seq_len predictions per window
+        (1, list(range(17, 25)), list(range(18, 26))),  # a later window sees only its own tokens
+        (1, list(range(25, 30)), list(range(26, 30)))]
 
 
 def test_packing_predicts_each_document_token_once():

@@ -361,6 +361,18 @@ def test_different_documents_are_stated_plainly(tmp_path, shared, expected):
     assert "the schedules trained on" not in (tmp_path / "same" / "report" / "index.html").read_text()
 
 
+def test_a_diverged_run_is_named_in_the_report(tmp_path):
+    root = tmp_path / "run"
+    root.mkdir()
+    non_finite = [{"eval_key": "eval/frame-seed0", "schedule": "frame", "weights": "final", "seed": 0,
+                   "metric": "heldout_loss/all", "value": "nan"}]
+    write_compare(root, (0,), np.random.default_rng(1), non_finite=non_finite)
+    counts = build_report(ReportConfig(), RunDir(root))
+    assert "caution: not comparable: non-finite results (a diverged run?) in eval/frame-seed0: heldout_loss/all = nan" \
+        in counts["summary"]
+    assert "Caution: not comparable: non-finite results" in (root / "report" / "index.html").read_text()
+
+
 def test_averaged_weights_get_their_own_verdict_and_bars(tmp_path):
     root = tmp_path / "run"
     root.mkdir()

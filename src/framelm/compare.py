@@ -25,7 +25,11 @@ The table has one row per (metric, weights, schedule):
     diff_df         degrees of freedom of its t test: seeds - 1 when paired, else Welch-Satterthwaite
     diff_p          two-sided p-value of that t test (paired, or Welch's); null without a standard
                     error or with no spread at all across seeds
-The baseline's rows have null differences.
+The baseline's rows have null differences. A row over a non-finite value (NaN or infinite, as
+from a diverged run) is not comparable: its mean, stderr, differences and p-value are null, as
+are the differences to a baseline row that is not comparable; results.json lists those values
+under `non_finite` (eval_key, schedule, weights, seed, metric, value as text) and the summary
+names them.
 
 results.json also lists every evaluated run ("runs": schedule, weights, seed, train_key,
 eval_key, tokens, documents, n_documents, results) and `same_documents`: whether every run
@@ -214,6 +218,28 @@ def run_metrics(results: dict[str, Any]) -> dict[str, tuple[float, float | None]
     return out
 
 
+def non_finite_values(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The evaluations' non-finite metric values (NaN or infinite: a diverged run), each with its
+    run and metric; the value as text ("nan", "inf"), which JSON can hold."""
+    return [{"eval_key": r["eval_key"], "schedule": r["schedule"], "weights": r.get("weights", FINAL),
+             "seed": r["seed"], "metric": metric, "value": str(value)}
+            for r in runs for metric, (value, _) in run_metrics(r["results"]).items() if not math.isfinite(value)]
+
+
+def non_finite_note(results: dict[str, Any]) -> str | None:
+    """What a reader must know when an evaluation gave non-finite values (None when none did)."""
+    found = [v for v in results.get("non_finite") or [] if isinstance(v, dict)]
+    if not found:
+        return None
+    per_run: dict[str, list[str]] = {}
+    for v in found:
+        per_run.setdefault(str(v.get("eval_key")), []).append(f"{v.get('metric')} = {v.get('value')}")
+    return ("caution: not comparable: non-finite results (a diverged run?) in "
+            + "; ".join(f"{key}: {', '.join(values)}" for key, values in per_run.items())
+            + f"; for those metrics the table gives that schedule no mean, standard error, difference to {BASELINE} "
+              f"or p-value (and where the run is {BASELINE}'s, no schedule a difference)")
+
+
 def label(schedule: str, weights: str) -> str:
     """How a (schedule, weights) pair is named in tables: frame, or frame+ema for averaged weights."""
     return schedule if weights == FINAL else f"{schedule}+{weights}"
@@ -235,9 +261,13 @@ def build_table(runs: list[dict[str, Any]], schedules: list[str]) -> list[dict[s
                 seeds = by_schedule[schedule]
                 if not seeds:
                     continue
-                mean, stderr = mean_stderr([value for value, _ in seeds.values()])
-                item = [se for _, se in seeds.values() if se is not None]
-                diff = (difference({k: v for k, (v, _) in seeds.items()}, baseline) if schedule != BASELINE
+                # A non-finite value (a diverged run) would make every statistic over it NaN: the row
+                # is not comparable, its statistics are null and compare's summary names the run.
+                comparable = all(math.isfinite(value) for value, _ in seeds.values())
+                mean, stderr = mean_stderr([value for value, _ in seeds.values()]) if comparable else (None, None)
+                item = [se for _, se in seeds.values() if se is not None] if comparable else []
+                diff = (difference({k: v for k, (v, _) in seeds.items()}, baseline)
+                        if schedule != BASELINE and comparable and all(map(math.isfinite, baseline.values()))
                         else Difference(None, None, None, None))
                 table.append({"metric": metric, "schedule": schedule, "weights": weights, "mean": mean,
                               "stderr": stderr, "n_seeds": len(seeds),
@@ -280,19 +310,37 @@ def table_csv(table: list[dict[str, Any]]) -> str:
 # -- same budget, same documents ------------------------------------------------------------------
 
 def trained_tokens(run: RunDir, train_key: str, counts: dict[str, Any]) -> int:
-    """Tokens a training run consumed: its record's count, else the last step of its log."""
+    """Tokens a training run consumed: its record's count, else the last step of its log.
+
+    An unfinished last line (a run killed mid-write) is skipped, as framelm.report reads logs;
+    a bad line elsewhere is an error naming the file and line."""
     if "tokens" in counts:
         return int(counts["tokens"])
     log_path = run.path(train_key, "log.jsonl")
     last = None
     if log_path.is_file():
-        for line in log_path.read_text().splitlines():
-            record = json.loads(line)
+        text = log_path.read_text()
+        lines = text.split("\n")
+        for line_no, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                if line_no == len(lines) and not text.endswith("\n"):
+                    break
+                raise FramelmError(f"{log_path}: line {line_no}: invalid JSON ({exc})") from None
+            if not isinstance(record, dict):
+                raise FramelmError(f"{log_path}: line {line_no}: expected a JSON object, got {type(record).__name__}")
             if record.get("type") == "train":
-                last = record
+                last = line_no, record
     if last is None:
         raise FramelmError(f"{train_key}: neither its manifest record nor {log_path} says how many tokens it trained on")
-    return int(last["tokens"])
+    line_no, record = last
+    tokens = record.get("tokens")
+    if isinstance(tokens, bool) or not isinstance(tokens, int):
+        raise FramelmError(f"{log_path}: line {line_no}: field 'tokens' must be an integer, got {tokens!r}")
+    return tokens
 
 
 def trained_documents(run: RunDir, schedule: str, tokens: int) -> Any:
@@ -481,7 +529,7 @@ def compare_schedules(cfg: CompareConfig, run: RunDir) -> dict[str, Any]:
            "same_documents": None if None in fingerprints else len(fingerprints) == 1,
            "shared_documents": {s: None if ids is None or baseline_ids is None else round(shared_fraction(ids, baseline_ids), 6)
                                 for (s, _), ids in trained.items() if s != BASELINE},
-           "heldout_sets": heldout_sizes(runs), "runs": runs, "table": table}
+           "heldout_sets": heldout_sizes(runs), "non_finite": non_finite_values(runs), "runs": runs, "table": table}
     quadrants = partition_quadrants(run)
     out["quadrants_without_heldout"] = (None if quadrants is None or not out["heldout_sets"] else
                                         [q for q in quadrants if f"quadrant/{q}" not in out["heldout_sets"]])
@@ -491,7 +539,7 @@ def compare_schedules(cfg: CompareConfig, run: RunDir) -> dict[str, Any]:
     summary = format_table(table)
     if out["heldout_sets"]:
         summary += "\n" + format_heldout(out["heldout_sets"])
-    for line in [documents_note(out), *heldout_notes(out, None)]:
+    for line in [non_finite_note(out), documents_note(out), *heldout_notes(out, None)]:
         if line:
             summary += "\n" + line
     return {"runs": len(planned), "evaluations": len(runs), "tokens_per_run": runs[0]["tokens"],

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -217,7 +219,8 @@ def _continuations(task: TaskFile, limit: int | None) -> Iterator[tuple[int, str
 
 def check_lengths(model_dir: Path, tasks: list[TaskFile], limit: int | None) -> None:
     """Refuse continuations longer than the model's context, which the harness cannot score
-    (it truncates contexts from the left, but a continuation must fit whole)."""
+    (it truncates contexts from the left, but a continuation must fit whole: it asserts
+    len(continuation) <= max_length, so exactly max_len tokens still fits)."""
     from transformers import AutoConfig, AutoTokenizer
 
     max_len = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
@@ -228,9 +231,13 @@ def check_lengths(model_dir: Path, tasks: list[TaskFile], limit: int | None) -> 
         scored = list(_continuations(task, limit))
         if not scored:
             continue
+        # Counted alone, where the harness counts the tail of context + continuation tokenised
+        # whole. The two agree for byte-level BPE (framelm's own tokenizer), whose pre-tokeniser
+        # splits before the whitespace that joins them; a tokenizer that prefixes a lone string
+        # (SentencePiece's "▁") counts one more alone, so this errs towards refusing.
         lengths = [len(ids) for ids in tokenizer([text for _, text in scored], add_special_tokens=False)["input_ids"]]
         worst = max(range(len(scored)), key=lengths.__getitem__)
-        if lengths[worst] >= max_len:
+        if lengths[worst] > max_len:
             raise FramelmError(
                 f"{task.path}:{scored[worst][0]}: a scored continuation is {lengths[worst]} tokens, but {model_dir} "
                 f"reads at most {max_len} (max_position_embeddings); drop this task or evaluate a longer-context model"
@@ -272,18 +279,23 @@ def run_harness(model_dir: Path, tasks: list[TaskFile], config_dir: Path, *, dev
     `acc_norm`, ...), `n` (rows scored) and `schema`.
     """
     import lm_eval
+    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     check_lengths(model_dir, tasks, limit)
     with _harness_quieted():
         manager = TaskManager(include_path=str(config_dir), include_defaults=False)
+        model = HFLM(pretrained=str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code,
+                     device=device, batch_size=batch_size)
+        # HFLM's "Tokenizing inputs" and "Running loglikelihood requests" bars pass tqdm an
+        # explicit disable=, which overrides TQDM_DISABLE (what --quiet sets); HFLM's own switch
+        # is disable_tqdm. Every framelm task config issues loglikelihood requests only.
+        if os.environ.get("TQDM_DISABLE"):  # tqdm's reading: any non-empty value
+            model.loglikelihood = functools.partial(model.loglikelihood, disable_tqdm=True)
         out = lm_eval.simple_evaluate(
-            model="hf",
-            model_args={"pretrained": str(model_dir), "dtype": dtype, "trust_remote_code": trust_remote_code},
+            model=model,
             tasks=[t.name for t in tasks],
             task_manager=manager,
-            device=device,
-            batch_size=batch_size,
             limit=limit,
             log_samples=False,
             bootstrap_iters=1000,

@@ -37,7 +37,7 @@ from framelm.builtin_tasks import write_builtin_tasks
 from framelm.config import ConfigError, StageConfig, field
 from framelm.errors import FramelmError
 from framelm.evaltasks import TaskFile, check_task_file, run_harness, write_task_configs
-from framelm.heldout import heldout_sets, read_token_store
+from framelm.heldout import document_windows, heldout_sets, read_token_store
 from framelm.rundir import RunDir
 
 log = logging.getLogger("framelm")
@@ -72,8 +72,9 @@ class EvalConfig(StageConfig):
     def validate(self) -> None:
         if not self.model.strip():
             raise ConfigError("'model' is empty; give a model folder or a key like train/frame/seed0")
-        if self.name is not None and (not self.name.strip() or self.name.split("/")[0] == "tasks"):
-            raise ConfigError(f"'name' = {self.name!r} is not allowed (empty, or clashes with RUN/eval/tasks)")
+        if self.name is not None and not self.name.strip():
+            raise ConfigError(f"'name' = {self.name!r} is empty; give a results folder name like frame/seed0")
+        self.instance()  # refuses a results folder inside RUN/eval/tasks
         if not self.tasks and not self.heldout:
             raise ConfigError("'tasks' is empty and 'heldout' is false: nothing to evaluate")
         for key in ("heldout_tokens", "builtin_rows", "batch_size"):
@@ -99,12 +100,22 @@ class EvalConfig(StageConfig):
         return self.train_key is not None and self.model.strip("/") != self.train_key
 
     def instance(self) -> str:
+        """The results folder under RUN/eval: `name`, else derived from `model`."""
         if self.name:
-            return self.name
-        if self.train_key:
+            instance = self.name
+        elif self.train_key:
             # beside, not inside, the final weights' folder: run_stage clears that folder when it re-runs
-            return self.train_key.split("/", 1)[1] + ("-avg" if self.averaged else "")
-        return Path(self.model).name or "model"
+            instance = self.train_key.split("/", 1)[1] + ("-avg" if self.averaged else "")
+        else:
+            instance = Path(self.model).name or "model"
+        # Checked here, where every caller (run_stage, compare) learns the folder before run_stage
+        # clears it: RUN/eval/tasks holds the built-in task files (framelm.builtin_tasks).
+        if instance.split("/")[0] == "tasks":
+            origin = f"'name' = {self.name!r}" if self.name else f"the name derived from 'model' = {self.model!r}"
+            hint = " (framelm compare names evaluations after their schedule: rename it)" if self.train_key else ""
+            raise ConfigError(f"{origin} puts results in RUN/eval/{instance}, inside RUN/eval/tasks where the built-in "
+                              f"tasks are written; set 'name' to another folder (e.g. name: my-model){hint}")
+        return instance
 
     def input_fingerprint(self, run: RunDir) -> dict[str, Any]:
         """Results depend on the task files' and an outside model's contents, not only on their
@@ -170,19 +181,15 @@ def resolve_tasks(cfg: EvalConfig, run: RunDir) -> list[TaskFile]:
 def document_nll(model: Any, docs: list[np.ndarray], eos_id: int, seq_len: int, batch_size: int, device: str) -> np.ndarray:
     """Summed NLL in nats of each document's tokens, each document read on its own after an EOS.
 
-    This is framelm.heldout's definition (the one the trainer logs), for any HF causal LM: a
-    document longer than `seq_len` is cut into windows of `seq_len` predictions, and a later
-    window sees only its own tokens. Windows are batched by length so little is padded; right
+    This is framelm.heldout's definition (the one the trainer logs), for any HF causal LM: the
+    windows of `document_windows`. They are batched by length so little is padded; right
     padding cannot change a causal model's earlier positions.
     """
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
 
-    windows = []  # (document index, inputs, targets)
-    for d, doc in enumerate(docs):
-        seq = np.concatenate([[eos_id], doc]).astype(np.int64)
-        windows.extend((d, seq[s:s + seq_len], seq[s + 1:s + seq_len + 1]) for s in range(0, len(doc), seq_len))
+    windows = document_windows(docs, eos_id, seq_len)
     windows.sort(key=lambda w: -len(w[1]))
     nll = np.zeros(len(docs), dtype=np.float64)
     with torch.inference_mode():

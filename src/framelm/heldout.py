@@ -107,28 +107,35 @@ def heldout_sets(run: RunDir, max_tokens_per_set: int = 200_000) -> dict[str, He
     return out
 
 
-def packed_rows(docs: list[np.ndarray], eos_id: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pack documents into (rows, seq_len) inputs and targets without splitting a window.
+def document_windows(docs: list[np.ndarray], eos_id: int, seq_len: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """(document index, inputs, targets) of every window the held-out loss scores, in order.
 
-    Each document is read as `EOS doc`; a document longer than a row is cut into windows of
-    seq_len predictions (a later window sees only its own tokens, and starts a row because it
-    has no EOS to open it). Windows are packed greedily and never straddle rows, so a
-    document's loss does not depend on its neighbours. Targets not to be scored (padding) are
-    -100; exactly the documents' tokens are predicted, each once.
+    Each document is read as `EOS doc`; a document longer than `seq_len` is cut into windows of
+    seq_len predictions, and a later window sees only its own tokens. Over all windows, exactly
+    the documents' tokens are targets, each once.
     """
-    windows: list[tuple[np.ndarray, np.ndarray]] = []
-    for doc in docs:
-        seq = np.concatenate([[eos_id], doc])
-        for start in range(0, len(doc), seq_len):
-            windows.append((seq[start: start + seq_len], seq[start + 1: start + seq_len + 1]))
+    windows = []
+    for d, doc in enumerate(docs):
+        seq = np.concatenate([[eos_id], doc]).astype(np.int64)
+        windows.extend((d, seq[s: s + seq_len], seq[s + 1: s + seq_len + 1]) for s in range(0, len(doc), seq_len))
+    return windows
+
+
+def packed_rows(docs: list[np.ndarray], eos_id: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pack the documents' windows (`document_windows`) into (rows, seq_len) inputs and targets.
+
+    A continuation window starts a row because it has no EOS to open it. Windows are packed
+    greedily and never straddle rows, so a document's loss does not depend on its neighbours.
+    Targets not to be scored (padding) are -100.
+    """
     rows: list[list[tuple[np.ndarray, np.ndarray]]] = [[]]
     used = 0
-    for window in windows:
-        if rows[-1] and (used + len(window[0]) > seq_len or window[0][0] != eos_id):
+    for _, x, y in document_windows(docs, eos_id, seq_len):
+        if rows[-1] and (used + len(x) > seq_len or x[0] != eos_id):
             rows.append([])
             used = 0
-        rows[-1].append(window)
-        used += len(window[0])
+        rows[-1].append((x, y))
+        used += len(x)
     inputs = np.full((len(rows), seq_len), eos_id, dtype=np.int64)
     targets = np.full((len(rows), seq_len), -100, dtype=np.int64)
     for r, row in enumerate(rows):

@@ -784,12 +784,12 @@ def _compare_section(cfg: ReportConfig, run: RunDir, compare: tuple[Path, dict[s
     if not verdicts:
         verdicts = [f"no verdict: {path} has no difference against 'random' for {metric} "
                     f"(was 'random' among the compared schedules?)"]
-    from framelm.compare import documents_note, heldout_notes  # compare imports the trainer (torch): only with a compare result
+    from framelm.compare import documents_note, heldout_notes, non_finite_note  # compare imports torch: only with a result
 
-    note = documents_note(data)
-    if note:
-        section.blocks.append(f"<p class=\"caution\">{html.escape(note[0].upper() + note[1:])}.</p>")
-        verdicts.append(note)
+    for note in (non_finite_note(data), documents_note(data)):
+        if note:
+            section.blocks.append(f"<p class=\"caution\">{html.escape(note[0].upper() + note[1:])}.</p>")
+            verdicts.append(note)
     sizes = data.get("heldout_sets")
     if isinstance(sizes, dict) and sizes:
         rows = [[html.escape(str(name)), _count(size.get("docs")), _count(size.get("tokens"))]
