@@ -18,9 +18,10 @@ and trained on fewer tokens:
 Measured on the built-in demo corpus (20 k ref tokens, vocabulary 8192): held-out loss 8.30
 (weak) vs 7.70 (strong) nats/token. Longer budgets over-fit that small split (micro at 80 k
 tokens, four epochs, ended at 7.83, worse than nano at 40 k with 7.67), so on a real corpus
-raise the ref split, the budgets and the presets together. The stage warns when the strong
-model does not beat the weak one on held-out data, because PD then measures noise. Both are evaluated once on the held-out sets (the counts record their losses, and the
-strong model should be the better one). A killed run resumes from the models' checkpoints.
+raise the ref split, the budgets and the presets together. Both models are evaluated once on
+the held-out sets (the counts record their losses), and the stage warns when the strong model
+does not beat the weak one, because PD then measures noise. A killed run resumes from the
+models' checkpoints.
 """
 
 from __future__ import annotations

@@ -41,3 +41,17 @@ def test_text_rows_follow_the_schedule(tiny_run, fmt, monkeypatch):
         assert got["text"] == tiny_run.doc_text[want["id"]]
     if fmt == "parquet":
         assert pq.ParquetFile(out / files[0]["file"]).metadata.num_row_groups > 1
+
+
+def test_a_document_listed_twice_in_ingest_is_refused(tiny_run):
+    import pyarrow as pa
+
+    from framelm.errors import FramelmError
+
+    part = tiny_run.run.path("ingest", "documents", "part-00001.parquet")
+    docs = pq.read_table(part)
+    pq.write_table(pa.concat_tables([docs, docs.slice(0, 1)]), part)  # a copy of its first document
+    copied = docs.column("id")[0].as_py()
+    position = tiny_run.order.column("id").to_pylist().index(copied)
+    with pytest.raises(FramelmError, match=f"position {position}: id '{copied}' is listed more than once"):
+        export_schedules(ExportConfig(formats=["text"]), tiny_run.run)

@@ -3,7 +3,7 @@
 Writes RUN/export/<schedule>/llmc/train_000000.bin ... : each shard a header of 256 little-endian
 int32 (magic 20240520, version 1, number of tokens, zeros) followed by that many uint16 tokens;
 the stream is cut in order into ceil(n_tokens / `llmc_shard_tokens`) shards of near-equal size,
-each between half of llmc_shard_tokens and llmc_shard_tokens (llm.c's dataloader asserts that
+each (when there are several) between half of llmc_shard_tokens and llmc_shard_tokens (llm.c's dataloader asserts that
 every shard holds more than num_processes * B * T tokens, which a short remainder shard would
 break). Beside them, stages.json lists each shard's first token (`shard_starts`) and says where
 each stage and each transition window starts and ends as (shard, offset in shard).

@@ -24,7 +24,7 @@ import numpy as np
 from framelm import fsutil
 from framelm.errors import FramelmError
 from framelm.export.config import ExportConfig
-from framelm.export.plan import ExportPlan, Segment, write_binary
+from framelm.export.plan import INDEX_CHUNK_DOCS, ExportPlan, Segment, write_binary
 from framelm.rundir import RunDir
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
@@ -32,7 +32,6 @@ INDEX_VERSION = 1
 # Megatron-Core's DType codes; it has no uint32, so larger vocabularies are stored as int32
 # (what Megatron's own preprocessing picks for vocabularies of 65500 and more).
 DTYPE_CODES = {"uint16": (np.dtype("<u2"), 8), "uint32": (np.dtype("<i4"), 4)}
-INDEX_CHUNK_DOCS = 1 << 20
 # Every token of a segment is scheduled for training: Megatron's default split (969,30,1) would
 # hold 3.1 % of each out for validation and test.
 SPLIT = "100,0,0"
@@ -63,7 +62,7 @@ def write_megatron(plan: ExportPlan, cfg: ExportConfig, run: RunDir, out_dir: Pa
     lines = [f"# Megatron-LM data for schedule '{plan.name}': one training phase per segment, in order.",
              f"# iterations use tokens_per_iteration = global_batch * seq_len = {tokens_per_step}",
              f"# Train each phase for its iterations with its --data-path and --split {SPLIT}: the default split",
-             "# (969,30,1) holds 3.1 % of every segment out of training. A phase of 0 iterations is skipped."]
+             "# (969,30,1) holds 3.1 % of every segment out of training."]
     for ph in phases:
         mix = ", ".join(f"{k} {v:.4f}" for k, v in ph["mix"].items())
         lines.append(f"# {ph['folder']}: {ph['kind']}, tokens [{ph['start_token']}, {ph['end_token']}), "

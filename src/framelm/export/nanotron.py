@@ -24,12 +24,11 @@ import numpy as np
 
 from framelm import fsutil
 from framelm.export.config import ExportConfig
-from framelm.export.plan import ExportPlan, write_binary
+from framelm.export.plan import INDEX_CHUNK_DOCS, ExportPlan, write_binary
 from framelm.rundir import RunDir
 
 log = logging.getLogger("framelm")
 TOKEN_BYTES = {"uint16": 2, "uint32": 4}
-INDEX_CHUNK_DOCS = 1 << 20
 
 
 def write_nanotron(plan: ExportPlan, cfg: ExportConfig, run: RunDir, out_dir: Path) -> dict[str, Any]:

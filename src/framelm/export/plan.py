@@ -45,6 +45,8 @@ TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 # Mean document length (tokens) from which a read copies document slices one by one instead of
 # gathering through a per-token index (measured crossover on a 2-core x86 machine: ~30-60).
 LOOP_MIN_MEAN_TOKENS = 48
+# Documents per piece when a format writer streams per-document columns (bounds its memory).
+INDEX_CHUNK_DOCS = 1 << 20
 
 
 @dataclass(frozen=True)

@@ -65,13 +65,22 @@ def _write_segments(plan: ExportPlan, cfg: ExportConfig, docs_dir: Path, out_dir
                FROM read_parquet(?) o LEFT JOIN read_parquet(?) d ON o.id = d.id
                WHERE o.position >= ? ORDER BY o.position""",
             params=[str(order_path), str(docs_dir / "*.parquet"), todo[0].first_doc]).to_arrow_reader(FETCH_ROWS)
+        next_position = todo[0].first_doc
         for batch in reader:
             position = batch.column("position").to_numpy()
             missing = batch.column("text").is_null().to_numpy(zero_copy_only=False)
             if missing.any():
                 k = int(np.flatnonzero(missing)[0])
                 raise FramelmError(f"{order_path}: position {int(position[k])}: id {batch.column('id')[k].as_py()!r} "
-                                   f"has no text in {docs_dir} (or ingest lists it twice)")
+                                   f"has no text in {docs_dir}")
+            # The plan checked that positions run 0..n-1, so a repeat here is an id the join
+            # matched twice: without this check its document would be written twice.
+            repeated = np.flatnonzero(position != np.arange(next_position, next_position + len(position)))
+            if len(repeated):
+                k = int(repeated[0])
+                raise FramelmError(f"{order_path}: position {int(position[k])}: id {batch.column('id')[k].as_py()!r} "
+                                   f"is listed more than once in {docs_dir}")
+            next_position += len(position)
             seg_index = np.searchsorted(seg_of_doc_bounds, position, side="right")
             stage = names[batch.column("stage").to_numpy()]
             table = pa.Table.from_batches([batch]).set_column(4, "stage", pa.array(stage, pa.string())).cast(SCHEMA)

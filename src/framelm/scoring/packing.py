@@ -63,10 +63,6 @@ class PackedBatch:
     target_doc: np.ndarray
     packed: bool  # some row holds several windows: attention needs a mask by window
 
-    @property
-    def n_targets(self) -> int:
-        return int(self.target_ids.size)
-
 
 def plan_windows(doc: int, seq_len: int, window: int, stride: int) -> list[Window]:
     """The windows covering a sequence of `seq_len` tokens (BOS included); none if seq_len < 2."""
