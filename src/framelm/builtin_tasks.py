@@ -14,7 +14,7 @@ schemas as any other task file (see framelm.evaltasks):
 Generation is deterministic for a given seed and document set: documents are visited in id
 order and every random choice comes from one seeded generator.
 
-Reads: RUN/ingest/documents/*.parquet. Writes: RUN/eval/tasks/rows<rows>-seed<seed>/<task>.jsonl.
+Reads: RUN/ingest/documents/part-*.parquet. Writes: RUN/eval/tasks/rows<rows>-seed<seed>/<task>.jsonl.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pathlib import Path
 
 from framelm import fsutil
 from framelm.errors import FramelmError
+from framelm.ingest import DOCUMENT_GLOB
 from framelm.rundir import RunDir
 
 NEXT_LINE, LAST_WORD = "heldout_next_line", "heldout_last_word"
@@ -46,7 +47,7 @@ def heldout_documents(run: RunDir) -> list[tuple[str, str]]:
     import pyarrow.dataset as ds
 
     docs_dir = run.path("ingest", "documents")
-    parts = sorted(docs_dir.glob("*.parquet"))  # the hidden .NAME.done markers do not match
+    parts = sorted(docs_dir.glob(DOCUMENT_GLOB))
     if not parts:
         raise FramelmError(
             f"built-in tasks are cut from held-out documents, but {docs_dir} has no Parquet files; "

@@ -429,6 +429,10 @@ class RecordChecker:
 
 # -- the stage ---------------------------------------------------------------------------
 
+# What the later stages read of RUN/ingest/documents/ (a stray file beside the shards is not a shard)
+DOCUMENT_GLOB = "part-*.parquet"
+
+
 def shard_path(out_dir: Path, index: int) -> Path:
     return out_dir / f"part-{index:05d}.parquet"
 

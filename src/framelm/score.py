@@ -1,6 +1,6 @@
 """The `score` stage: per-document perplexity under a weak and a strong reference model, and PD.
 
-Reads  RUN/ingest/documents/*.parquet   (id, source, split, text, n_bytes; every split)
+Reads  RUN/ingest/documents/part-*.parquet   (id, source, split, text, n_bytes; every split)
        RUN/tokenize/index.parquet       (id, n_tokens: the document's length in the corpus tokenizer)
        RUN/refmodels/{weak,strong}/     (unless weak_model / strong_model name other local HF dirs)
 Writes RUN/score/shards/part-NNNNN.parquet (+ hidden .done marker) one shard per `docs_per_shard` documents
@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 
 from framelm import fsutil
 from framelm.config import StageConfig, field
+from framelm.ingest import DOCUMENT_GLOB
 from framelm.errors import ConfigError, FramelmError
 from framelm.rundir import RunDir
 
@@ -121,13 +122,15 @@ class ScoreConfig(StageConfig):
     def input_fingerprint(self, run: RunDir) -> dict[str, Any]:
         """Model folders given by path enter the stage hash by content, so a checkpoint replaced in
         place is scored again. (RUN/refmodels is an upstream stage.)"""
-        given = {"weak": self.weak_model, "strong": self.strong_model}
         with run.content_hashes() as hashes:
-            return {name: fsutil.model_dir_fingerprint(Path(p).expanduser(), hashes) for name, p in given.items() if p}
+            return {name: fsutil.model_dir_fingerprint(Path(p).expanduser(), hashes) for name, p in self._given().items() if p}
 
     def model_dirs(self, run: RunDir) -> dict[str, Path]:
-        given = {"weak": self.weak_model, "strong": self.strong_model}
-        return {name: Path(p).expanduser() if p else run.path("refmodels", name) for name, p in given.items()}
+        return {name: Path(p).expanduser() if p else run.path("refmodels", name) for name, p in self._given().items()}
+
+    def _given(self) -> dict[str, str | None]:
+        """The model folders given by path (None: the one framelm refmodels trains)."""
+        return {"weak": self.weak_model, "strong": self.strong_model}
 
 
 class DocumentTable:
@@ -135,7 +138,7 @@ class DocumentTable:
 
     def __init__(self, run: RunDir):
         folder = run.path("ingest", "documents")
-        self.files = sorted(folder.glob("*.parquet"))
+        self.files = sorted(folder.glob(DOCUMENT_GLOB))
         if not self.files:
             raise FramelmError(f"no document files in {folder}; run framelm ingest --run-dir {run.root} first")
         self.row_groups: list[tuple[Path, int, int, int]] = []  # (file, row group, first doc, n rows)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from framelm import fsutil
 from framelm.config import StageConfig, field
 from framelm.errors import ConfigError, FramelmError
+from framelm.ingest import DOCUMENT_GLOB
 from framelm.rundir import RunDir
 
 log = logging.getLogger("framelm")
@@ -56,7 +57,7 @@ class TokenizerTrainConfig(StageConfig):
 def document_parts(run: RunDir) -> list[Path]:
     """The ingested Parquet shards in order; an error if ingest has not run."""
     run.require("ingest")
-    parts = sorted(run.path("ingest", "documents").glob("part-*.parquet"))
+    parts = sorted(run.path("ingest", "documents").glob(DOCUMENT_GLOB))
     if not parts:
         raise FramelmError(f"no documents in {run.path('ingest', 'documents')}; re-run: framelm ingest --run-dir {run.root}")
     return parts
@@ -219,7 +220,7 @@ def copy_tokenizer(path: str | Path, out_dir: Path) -> None:
     tok, eos_id = load_tokenizer(path)
     src = tokenizer_json_path(path)
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = [n for n in TOKENIZER_FILES + EXTRA_TOKENIZER_FILES if (src.parent / n).is_file()] if Path(path).is_dir() else []
+    names = [n for n in TOKENIZER_FILES + EXTRA_TOKENIZER_FILES if (src.parent / n).is_file()] if Path(path).expanduser().is_dir() else []
     for name in names or ["tokenizer.json"]:
         fsutil.write_bytes(out_dir / name, (src.parent / name if names else src).read_bytes())
     eos = tok.id_to_token(eos_id)

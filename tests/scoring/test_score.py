@@ -362,3 +362,21 @@ def test_shards_are_never_scored_in_two_precisions(ref_models, tmp_path, monkeyp
     with pytest.raises(FramelmError, match=r"scored in bfloat16, but this process would score in float32 "
                                            r"\(dtype: auto on cpu\); set dtype: bfloat16 to resume"):
         ShardScorer(cfg, run)
+
+
+def test_a_stray_parquet_file_beside_the_ingest_shards_is_not_read(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from framelm.ingest import IngestConfig
+    from framelm.pipeline import run_stage
+    from framelm.rundir import RunDir
+    from framelm.score import DocumentTable
+
+    data = tmp_path / "a.jsonl"
+    data.write_text("".join(f'{{"id": "d{i}", "text": "document {i}"}}\n' for i in range(5)))
+    run = RunDir(tmp_path / "run")
+    run_stage("ingest", IngestConfig(inputs=[str(data)]), run)
+    pq.write_table(pa.table({"note": ["mine"]}), run.path("ingest", "documents", "notes.parquet"))
+    table = DocumentTable(run)
+    assert table.n_docs == 5 and [f.name for f in table.files] == ["part-00000.parquet"]

@@ -1,6 +1,6 @@
 """Raw text of each fixed-mix segment, for Hugging Face datasets and litgpt users.
 
-Reads RUN/ingest/documents/*.parquet and the schedule's order.parquet; writes
+Reads RUN/ingest/documents/part-*.parquet and the schedule's order.parquet; writes
 RUN/export/<schedule>/text/<NNN_segment>.parquet (zstd) or .jsonl, one row per scheduled
 document in stream order: position, id, source, quadrant, stage (name), epoch, text. Segments
 are the plan's (pure stages and transition slices); files.json lists them with their mix.
@@ -25,6 +25,7 @@ from framelm import fsutil
 from framelm.errors import FramelmError
 from framelm.export.config import ExportConfig
 from framelm.export.plan import ExportPlan, Segment
+from framelm.ingest import DOCUMENT_GLOB
 from framelm.rundir import RunDir
 
 SCHEMA = pa.schema([("position", pa.int64()), ("id", pa.string()), ("source", pa.string()),
@@ -35,7 +36,7 @@ FETCH_ROWS = 8192
 
 def write_text(plan: ExportPlan, cfg: ExportConfig, run: RunDir, out_dir: Path) -> dict[str, Any]:
     docs_dir = run.path("ingest", "documents")
-    if not any(docs_dir.glob("*.parquet")):
+    if not any(docs_dir.glob(DOCUMENT_GLOB)):
         raise FramelmError(f"no Parquet files in {docs_dir}; run framelm ingest --run-dir {run.root} first")
     suffix = ".parquet" if cfg.text_format == "parquet" else ".jsonl"
     todo = [seg for seg in plan.segments if not fsutil.is_done(out_dir / (seg.folder + suffix))]
@@ -64,7 +65,7 @@ def _write_segments(plan: ExportPlan, cfg: ExportConfig, docs_dir: Path, out_dir
             """SELECT o.position, o.id, o.source, o.quadrant, o.stage, o.epoch, d.text
                FROM read_parquet(?) o LEFT JOIN read_parquet(?) d ON o.id = d.id
                WHERE o.position >= ? ORDER BY o.position""",
-            params=[str(order_path), str(docs_dir / "*.parquet"), todo[0].first_doc]).to_arrow_reader(FETCH_ROWS)
+            params=[str(order_path), str(docs_dir / DOCUMENT_GLOB), todo[0].first_doc]).to_arrow_reader(FETCH_ROWS)
         next_position = todo[0].first_doc
         for batch in reader:
             position = batch.column("position").to_numpy()
