@@ -57,6 +57,11 @@ def test_a_transformers_llama_converts_to_framelm_with_equal_logits(tie):
     tokens = torch.randint(0, 80, (1, 2048))  # every position: the RoPE tables must agree to the end
     with torch.no_grad():
         assert (ours(tokens) - hf(tokens).logits).abs().max() < 1e-4
+    # the weights are shared, not copied (only the fused projections are new tensors)
+    assert ours.embed.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    assert ours.blocks[1].ffn.w_down.weight.data_ptr() == hf.model.layers[1].mlp.down_proj.weight.data_ptr()
+    assert (ours.lm_head.weight is ours.embed.weight) == tie
+    assert not any(p.is_meta for p in [*ours.parameters(), *ours.buffers()])
 
 
 @pytest.mark.parametrize("change, named", [

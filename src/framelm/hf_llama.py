@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from framelm import fsutil
 from framelm.errors import FramelmError
-from framelm.model import FrameLM, ModelArgs
+from framelm.model import FrameLM, ModelArgs, rope_tables
 
 
 def hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
@@ -137,7 +137,12 @@ def framelm_from_hf(hf_model, attention: str = "sdpa") -> FrameLM:
             dst + "ffn_norm.weight": state[src + "post_attention_layernorm.weight"],
         })
     weight = state["model.embed_tokens.weight"]
-    with torch.device(weight.device):
+    # Built on the meta device and given the Hugging Face tensors as its own: no random
+    # initialisation and no second copy of the weights (an fp32 model would need twice the memory
+    # of the bf16 one being converted). Only the RoPE tables, which are no weights, are computed.
+    with torch.device("meta"):
         model = FrameLM(args, attention)
-    model.load_weights(ours)
+    model.load_weights(ours, assign=True)
+    with torch.device(weight.device):
+        model.rope_cos, model.rope_sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
     return model.to(dtype=weight.dtype).eval()

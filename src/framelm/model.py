@@ -348,9 +348,13 @@ class FrameLM(nn.Module):
             del state["lm_head.weight"]
         return state
 
-    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
-        """Load a `weights()` dict; every tensor must be present (lm_head.weight only if untied)."""
-        result = self.load_state_dict(state, strict=False)
+    def load_weights(self, state: dict[str, torch.Tensor], assign: bool = False) -> None:
+        """Load a `weights()` dict; every tensor must be present (lm_head.weight only if untied).
+        With `assign`, the tensors become the parameters (no copy: for a model built on the meta
+        device), and tied weights are tied again."""
+        result = self.load_state_dict(state, strict=False, assign=assign)
+        if assign and self.args.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
         missing = [k for k in result.missing_keys if not (self.args.tie_embeddings and k == "lm_head.weight")]
         if missing or result.unexpected_keys:
             raise ValueError(f"weights do not fit this model: missing {missing}, unexpected {result.unexpected_keys}")
