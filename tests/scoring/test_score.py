@@ -380,3 +380,19 @@ def test_a_stray_parquet_file_beside_the_ingest_shards_is_not_read(tmp_path):
     pq.write_table(pa.table({"note": ["mine"]}), run.path("ingest", "documents", "notes.parquet"))
     table = DocumentTable(run)
     assert table.n_docs == 5 and [f.name for f in table.files] == ["part-00000.parquet"]
+
+
+def test_models_with_one_tokenizer_encode_each_shard_once(ref_models, monkeypatch):
+    from framelm.scoring.scorer import DocumentScorer, ReferenceModel
+
+    calls = []
+    encode = ReferenceModel.encode
+    monkeypatch.setattr(ReferenceModel, "encode", lambda self, texts: (calls.append(self.name), encode(self, texts))[1])
+    load = dict(device=torch.device("cpu"), dtype=torch.float32, max_window_tokens=CONTEXT, stride_tokens=STRIDE)
+    same = [ReferenceModel(n, ref_models["strong"], **load) for n in ("weak", "strong")]
+    prepared = DocumentScorer(same, tokens_per_batch=96, logit_chunk_tokens=7).prepare(TEXTS)
+    assert calls == ["weak"] and prepared.per_model["weak"][0].tolist() == prepared.per_model["strong"][0].tolist()
+    calls.clear()
+    other = [ReferenceModel("weak", ref_models["weak"], **load), same[1]]  # the fixture's two tokenizers differ
+    DocumentScorer(other, tokens_per_batch=96, logit_chunk_tokens=7).prepare(TEXTS)
+    assert calls == ["weak", "strong"]

@@ -71,6 +71,10 @@ class ReferenceModel:
             raise FramelmError(f"{name} model: cannot load the tokenizer in {self.path}: {exc}") from None
         bos = self.tokenizer.bos_token_id
         self.bos_id = bos if bos is not None else self.tokenizer.eos_token_id
+        # Models whose tokenizers agree (framelm refmodels' weak and strong share the run's) encode
+        # each shard once: what identifies a fast tokenizer is its serialised pipeline and vocabulary.
+        fast = getattr(self.tokenizer, "backend_tokenizer", None)
+        self.encoding_key = (fast.to_str(), self.bos_id) if fast is not None else (id(self), self.bos_id)
         if self.bos_id is None:
             raise FramelmError(
                 f"{name} model: the tokenizer in {self.path} defines neither a BOS nor an EOS token; every document "
@@ -209,9 +213,11 @@ class DocumentScorer:
         self.logit_chunk_tokens = logit_chunk_tokens
 
     def prepare(self, texts: list[str]) -> PreparedDocuments:
-        per_model = {}
+        per_model, encoded = {}, {}
         for m in self.models:
-            seqs = m.encode(texts)
+            if m.encoding_key not in encoded:
+                encoded[m.encoding_key] = m.encode(texts)
+            seqs = encoded[m.encoding_key]
             n_tokens = np.array([len(s) - 1 for s in seqs], dtype=np.int64)
             per_model[m.name] = (n_tokens, pack_documents(seqs, m.window, m.stride, self.tokens_per_batch, m.bos_id,
                                                            m.row_tokens, m.full_rows))
