@@ -194,3 +194,22 @@ def test_a_stale_stage_hint_repeats_the_command_that_ran_it(tmp_path, monkeypatc
     with pytest.raises(FramelmError, match=rf"re-run it first: \(cd {work} && framelm run p\.yaml --quiet\)$"):
         pipeline.run_stage("tail", ToyConfig(), RunDir(work / "out"))
     assert RunDir(work / "out").record("source")["command"] == {"argv": ["framelm", "run", "q.yaml", "--quiet"], "cwd": str(work)}
+
+
+@dataclass
+class RankedToyConfig(ToyConfig):
+    world_size: int = field(2, help="ranks sharing the stage's folder, as score's", hash=False)
+
+
+def test_a_failing_distributed_rerun_keeps_the_previous_result_set_aside(tmp_path):
+    run = RunDir(tmp_path)
+    pipeline.run_stage("source", RankedToyConfig(value=1), run)
+    done = run.record("source")
+    with pytest.raises(FramelmError, match=r"value -1 is negative\n\(the previous result of source is kept in .*"
+                                           r"\.previous/source; running its command again puts it back\)"):
+        pipeline.run_stage("source", RankedToyConfig(value=-1), run)
+    assert (tmp_path / pipeline.PREVIOUS / "source" / "out.txt").read_text() == "1"
+    assert run.record("source")["status"] == "failed"
+    assert pipeline.run_stage("source", RankedToyConfig(value=1), run) == {"value": 1}
+    assert CALLS == ["source", "source"]  # taken back, not recomputed
+    assert run.record("source") == done and not (tmp_path / pipeline.PREVIOUS).exists()

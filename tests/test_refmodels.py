@@ -47,6 +47,8 @@ def test_refmodels_end_to_end(tmp_path):
         assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
         model = AutoModelForCausalLM.from_pretrained(folder)
         assert model.config.vocab_size == 64
+        # scored by default over the length it was trained on, not its preset's longest
+        assert model.config.max_position_embeddings == SMALL["seq_len"]
         log = [json.loads(l) for l in (run.path("refmodels", "train", name) / "log.jsonl").read_text().splitlines()]
         assert log[-1]["type"] == "heldout"
     # both learned the synthetic sources; the strong one (4x the tokens) better

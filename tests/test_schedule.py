@@ -623,7 +623,11 @@ def test_schedules_too_short_for_their_steps_or_repeating_data_are_warned_about(
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="framelm"):
         build(run, [{"kind": "frame", "name": "capped"}], seq_len=16, global_batch=4, total_tokens=200_000, max_epochs=20)
-    assert "repeated" not in caplog.text
+    assert "repeated" not in caplog.text and "total_tokens = " not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="framelm"):
+        build(run, [{"kind": "frame", "name": "tiny"}], seq_len=4, global_batch=2, total_tokens=60)
+    held = load_stages(run.path("schedule/tiny/stages.yaml"))["total_tokens"]
+    assert abs(held - 60) > 3 and f"it holds {held:,} tokens for total_tokens = 60 (" in caplog.text
 
 
 def test_two_phase_weight_on_a_source_without_training_documents_is_named():

@@ -4,8 +4,9 @@ A stage run is identified by its key (`train/frame/seed0`) and its hash: the has
 result-relevant config plus the hashes of the upstream records it reads. The same hash and a
 finished record means nothing to do. A different hash means the stage's folder holds outputs
 of another config: a finished result is set aside in RUN/.previous/<key> (removed once the new
-run finishes), so a re-run that fails on bad input puts it back and loses nothing, and a later
-run with the old config takes it back instead of recomputing it. The same hash without a
+run finishes), so a re-run that fails on bad input puts it back and loses nothing (the ranks of
+a distributed run leave it set aside, since others may still be writing), and a later run with
+the old config takes it back instead of recomputing it. The same hash without a
 finished record means an interrupted run; the folder is kept so the stage can skip its finished
 shards. Every upstream record must itself be current (made from the records now in the
 manifest), or the stage refuses to run on stale inputs.
@@ -110,15 +111,14 @@ def run_stage(name: str, cfg: StageConfig, run: RunDir | str | Path, *, force: b
             marker = out_dir / HASH_FILE
             if out_dir.exists() and (force or not marker.exists() or marker.read_text().strip() != h):
                 rec = run.record(key)
-                if distributed or not (rec and rec.get("status") == "done" and marker.exists()
-                                       and marker.read_text().strip() == rec.get("hash")):
-                    run.reset_dir(out_dir)  # not a finished result (or shared by ranks): nothing to keep
+                if not (rec and rec.get("status") == "done" and marker.exists() and marker.read_text().strip() == rec.get("hash")):
+                    run.reset_dir(out_dir)  # not a finished result: nothing to keep
                 else:
                     _set_aside(out_dir, previous, rec)
                     set_aside = True
                     log.info("%s: the result of the previous config is kept in %s until this run finishes",
                              key, previous)
-            restored = _take_back(out_dir, previous) if not force and not out_dir.exists() and _hash_of(previous) == h else None
+            restored = _take_back(run, out_dir, previous) if not force and not out_dir.exists() and _hash_of(previous) == h else None
             if restored is None:
                 out_dir.mkdir(parents=True, exist_ok=True)
                 fsutil.clean_temporaries(out_dir)
@@ -137,14 +137,19 @@ def run_stage(name: str, cfg: StageConfig, run: RunDir | str | Path, *, force: b
         try:
             counts = STAGES[name].entry()(cfg, run) or {}
         except FramelmError as exc:
-            if set_aside:  # this invocation's partial work is all that is lost
+            if set_aside and not distributed:  # this invocation's partial work is all that is lost
                 with run._manifest_lock():
                     run.reset_dir(out_dir)
-                    restored = _take_back(out_dir, previous)
+                    restored = _take_back(run, out_dir, previous)
                 run.update_record(key, restored)
                 exc.args = (f"{exc.args[0] if exc.args else exc}\n(the previous result of {key} is unchanged)",)
             else:
                 run.update_record(key, {**running, "status": "failed", "error": str(exc)})
+                if distributed and _hash_of(previous):
+                    # Other ranks may still be writing into out_dir, so the previous result stays
+                    # set aside; a run of its config takes it back.
+                    exc.args = (f"{exc.args[0] if exc.args else exc}\n(the previous result of {key} is kept in "
+                                f"{previous}; running its command again puts it back)",)
             raise
         if counts.get("_pending"):
             # A distributed rank finished its share; another rank completes the stage.
@@ -175,6 +180,10 @@ def _set_aside(out_dir: Path, previous: Path, record: dict[str, Any]) -> None:
 def _drop_set_aside(run: RunDir, previous: Path) -> None:
     """Delete a set-aside result and the folders it leaves empty, RUN/.previous included."""
     run.reset_dir(previous)
+    _remove_empty_parents(run, previous)
+
+
+def _remove_empty_parents(run: RunDir, previous: Path) -> None:
     top = run.path(PREVIOUS)
     folder = previous.parent
     while folder != top.parent and folder.is_dir() and not any(folder.iterdir()):
@@ -182,12 +191,13 @@ def _drop_set_aside(run: RunDir, previous: Path) -> None:
         folder = folder.parent
 
 
-def _take_back(out_dir: Path, previous: Path) -> dict[str, Any]:
+def _take_back(run: RunDir, out_dir: Path, previous: Path) -> dict[str, Any]:
     """Move a set-aside result back under its key; return the manifest record it had."""
     record = json.loads((previous / RECORD_FILE).read_text())
     (previous / RECORD_FILE).unlink()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     previous.rename(out_dir)
+    _remove_empty_parents(run, previous)
     return record
 
 

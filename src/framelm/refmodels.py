@@ -53,14 +53,16 @@ class RefModelsConfig(StageConfig):
 
     weak_preset: str = field("nano", help=f"model shape of the weak reference model: {', '.join(PRESETS)}")
     strong_preset: str = field("micro", help="model shape of the strong reference model")
-    weak_tokens: int = field(10_000, help="training tokens of the weak model (the ref split repeats if smaller)")
-    strong_tokens: int = field(20_000, help="training tokens of the strong model (the ref split repeats if smaller)")
+    weak_tokens: int = field(10_000, help="training tokens of the weak model (the ref split repeats if smaller), "
+                                           "rounded down to whole steps of seq_len x global_batch_seqs")
+    strong_tokens: int = field(20_000, help="training tokens of the strong model (the ref split repeats if smaller), "
+                                             "rounded down to whole steps")
     seq_len: int = field(128, help="tokens per training sequence")
     global_batch_seqs: int = field(8, help="sequences per optimizer step")
     lr: float = field(3e-3, help="peak learning rate (cosine schedule, 5 % warmup)")
     seed: int = field(0, help="seed of the document order and the weight initialisation")
     heldout_max_tokens_per_set: int = field(20_000, help="tokens per held-out set for the final evaluation")
-    device: str = field("auto", hash=False, help="auto, cpu or cuda")
+    device: str = field("auto", hash=False, help="auto, cpu, cuda or cuda:N")
 
     def validate(self) -> None:
         for name in ("weak_preset", "strong_preset"):
@@ -82,7 +84,9 @@ class RefModelsConfig(StageConfig):
         """The trainer's config for model `name` ("weak" or "strong")."""
         step_tokens = self.seq_len * self.global_batch_seqs
         return TrainConfig(
-            schedule="ref", seed=self.seed, model=ModelConfig(preset=getattr(self, f"{name}_preset")),
+            # max_seq_len = seq_len: the exported config's max_position_embeddings then says how far
+            # the model was trained, which is the window `framelm score` reads by default.
+            schedule="ref", seed=self.seed, model=ModelConfig(preset=getattr(self, f"{name}_preset"), max_seq_len=self.seq_len),
             seq_len=self.seq_len, global_batch_seqs=self.global_batch_seqs,
             max_tokens=getattr(self, f"{name}_tokens") // step_tokens * step_tokens, lr=self.lr,
             lr_schedule="cosine", eval_every_steps=0, checkpoint_every_steps=50,

@@ -54,6 +54,7 @@ log = logging.getLogger("framelm")
 
 SUMMARY = "partition/summary.json"
 WRITE_CHUNK_ROWS = 1 << 21
+BUDGET_MISS = 0.05  # a schedule further than this from total_tokens is warned about
 
 
 @dataclass
@@ -1075,6 +1076,11 @@ def warn_about_scale(info: dict[str, Any], cfg: ScheduleConfig) -> None:
     steps, n_stages = total // per_step, len(info["stages"])
     fix = ("lower schedule.global_batch or schedule.seq_len (--global-batch, --seq-len), or raise schedule.total_tokens "
            "or ingest more data")
+    if cfg.total_tokens and abs(total - cfg.total_tokens) > BUDGET_MISS * cfg.total_tokens:
+        log.warning("schedule %s: it holds %s tokens for total_tokens = %s (%+.0f%%): budgets are met in whole "
+                    "documents, and this corpus's documents are long for so small a budget; raise total_tokens, or "
+                    "give each quadrant more documents", name, f"{total:,}", f"{cfg.total_tokens:,}",
+                    100 * (total / cfg.total_tokens - 1))
     if steps < 1:
         log.warning("schedule %s: its %s tokens are less than one optimizer step of global_batch * seq_len = %d * %d "
                     "= %s tokens, so a trainer would take no step on it; %s", name, f"{total:,}", cfg.global_batch,

@@ -19,7 +19,7 @@ import torch
 from framelm import fsutil
 from framelm.config import ConfigError
 from framelm.errors import FramelmError
-from framelm.pipeline import run_stage
+from framelm.pipeline import run_stage, stage_hash
 from framelm.score import SCORES_SCHEMA, ScoreConfig, shard_path
 
 from .conftest import CONTEXT, TEXTS, make_model, make_run
@@ -338,6 +338,9 @@ def test_a_model_folder_replaced_in_place_is_scored_again(ref_models, tmp_path):
     run_stage("score", cfg, run)
     after = pq.read_table(run.path("score", "scores.parquet")).column("strong_nll").to_pylist()
     assert after != before
+    # the same folders spelt another way are the same input: nothing to re-score
+    other_spelling = ScoreConfig(weak_model=str(models["weak"]) + "/", strong_model=f"{models['strong'].parent}/./strong", **SETTINGS)
+    assert stage_hash("score", other_spelling, run)[0] == stage_hash("score", cfg, run)[0]
 
 
 def test_force_is_refused_for_the_ranks_of_a_distributed_run(ref_models, tmp_path):

@@ -66,7 +66,7 @@ def score_shards_ray(cfg: Any, run: Any, shards: list[int]) -> int:
         _ShardActor,
         fn_constructor_kwargs={"config": config, "run_root": str(run.root), "cpu_threads": threads},
         batch_size=1,
-        concurrency=actors,
+        compute=ray.data.ActorPoolStrategy(size=actors),  # a fixed pool: `concurrency` is deprecated
         num_gpus=gpus,
         num_cpus=cpus,
     )

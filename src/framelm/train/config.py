@@ -39,7 +39,8 @@ class TrainConfig(StageConfig):
     grad_clip: float = field(1.0, help="clip the global gradient norm to this (0: no clipping)")
     eval_every_steps: int = field(50, help="held-out loss every this many steps and at the end (0: only at the end)")
     heldout_max_tokens_per_set: int = field(50_000, help="tokens per held-out set (all, per source, per quadrant); 0 turns held-out evaluation off (no heldout records in log.jsonl)")
-    checkpoint_every_steps: int = field(100, help="write a checkpoint every this many steps (and at the end)")
+    checkpoint_every_steps: int = field(100, help="write a checkpoint every this many steps (and at the end); only the "
+                                        "newest is kept, or the last average_last with average set")
     average: Literal["none", "ema", "sma", "wma"] = field("none", help="average the last checkpoints into hf-avg/: exponential, simple or linearly weighted moving average")
     average_last: int = field(5, help="how many of the last checkpoints to average")
     ema_decay: float = field(0.5, help="ema: weight of the running average when folding in the next checkpoint")
