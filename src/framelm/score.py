@@ -11,8 +11,9 @@ Every model reads the raw text with its own tokenizer and predicts every token a
 BOS (see `framelm.scoring.packing` for the windows used on documents longer than its context).
 Per model: summed NLL in nats and predicted tokens; derived ppl_M = exp(nll / tokens),
 bpb_M = nll / (ln 2 * n_bytes), pd = (ppl_weak - ppl_strong) / ppl_weak and ppl = the
-`ppl_axis` model's PPL. A document with no token under some model gets status "empty" and
-null numbers.
+`ppl_axis` model's PPL. A document with no token under any model gets status "empty" and null
+numbers; one with no token under one model only (a tokenizer that drops its characters) gets
+"empty_weak" or "empty_strong", that model's numbers and pd null, the other model's kept.
 
 Work is split into shards by document position; shard k belongs to rank k % world_size, so
 ranks started by torchrun (or by hand with RANK/WORLD_SIZE) share the work without talking to
@@ -220,18 +221,21 @@ class ShardScorer:
 def shard_table(docs: pa.Table, results: dict[str, tuple[np.ndarray, np.ndarray]], ppl_axis: str) -> pa.Table:
     """One row per document: the per-model sums and everything derived from them."""
     n_bytes = docs.column("n_bytes").to_numpy()
-    empty = np.logical_or.reduce([tokens == 0 for _, tokens in results.values()])
-    numbers: dict[str, np.ndarray] = {}
+    empty = {name: results[name][1] == 0 for name in MODEL_NAMES}
+    columns = {c: docs.column(c) for c in ("id", "source", "split", "n_bytes")}
     with np.errstate(divide="ignore", invalid="ignore"):  # empty documents divide by zero; they are nulled
+        ppl = {}
         for name in MODEL_NAMES:
             nll, tokens = results[name]
-            numbers.update({f"{name}_nll": nll, f"{name}_tokens": tokens, f"ppl_{name}": np.exp(nll / tokens),
-                            f"bpb_{name}": nll / (math.log(2) * n_bytes)})
-        numbers["pd"] = (numbers["ppl_weak"] - numbers["ppl_strong"]) / numbers["ppl_weak"]
-    numbers["ppl"] = numbers[f"ppl_{ppl_axis}"]
-    columns = {c: docs.column(c) for c in ("id", "source", "split", "n_bytes")}
-    columns.update({k: pa.array(v, mask=empty) for k, v in numbers.items()})
-    columns["status"] = pa.array(np.where(empty, "empty", "ok").tolist(), pa.string())
+            ppl[name] = np.exp(nll / tokens)
+            for column, values in ((f"{name}_nll", nll), (f"{name}_tokens", tokens), (f"ppl_{name}", ppl[name]),
+                                   (f"bpb_{name}", nll / (math.log(2) * n_bytes))):
+                columns[column] = pa.array(values, mask=empty[name])
+        columns["pd"] = pa.array((ppl["weak"] - ppl["strong"]) / ppl["weak"], mask=empty["weak"] | empty["strong"])
+    columns["ppl"] = columns[f"ppl_{ppl_axis}"]
+    status = np.where(empty["weak"], np.where(empty["strong"], "empty", "empty_weak"),
+                      np.where(empty["strong"], "empty_strong", "ok"))
+    columns["status"] = pa.array(status.tolist(), pa.string())
     return pa.table(columns).select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
 
 

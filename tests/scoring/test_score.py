@@ -399,3 +399,20 @@ def test_models_with_one_tokenizer_encode_each_shard_once(ref_models, monkeypatc
     other = [ReferenceModel("weak", ref_models["weak"], **load), same[1]]  # the fixture's two tokenizers differ
     DocumentScorer(other, tokens_per_batch=96, logit_chunk_tokens=7).prepare(TEXTS)
     assert calls == ["weak", "strong"]
+
+
+def test_a_document_empty_under_one_model_keeps_the_other_models_numbers():
+    import pyarrow as pa
+
+    from framelm.score import shard_table
+
+    docs = pa.table({"id": ["a", "b", "c"], "source": ["web"] * 3, "split": ["train"] * 3, "n_bytes": [10, 22, 5]})
+    results = {"weak": (np.array([6.0, 0.0, 0.0]), np.array([3, 0, 0])),
+               "strong": (np.array([3.0, 11.0, 0.0]), np.array([3, 4, 0]))}
+    rows = shard_table(docs, results, "strong").to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "empty_weak", "empty"]
+    assert rows[1]["strong_tokens"] == 4 and rows[1]["ppl_strong"] == pytest.approx(np.exp(11 / 4))
+    assert rows[1]["ppl"] == rows[1]["ppl_strong"]  # the PPL axis is the strong model's, which scored it
+    assert rows[1]["weak_nll"] is None and rows[1]["pd"] is None
+    assert rows[0]["pd"] == pytest.approx((np.exp(2) - np.exp(1)) / np.exp(2))
+    assert all(v is None for k, v in rows[2].items() if k not in ("id", "source", "split", "n_bytes", "status"))
