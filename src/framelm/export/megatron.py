@@ -62,7 +62,8 @@ def write_megatron(plan: ExportPlan, cfg: ExportConfig, run: RunDir, out_dir: Pa
     lines = [f"# Megatron-LM data for schedule '{plan.name}': one training phase per segment, in order.",
              f"# iterations use tokens_per_iteration = global_batch * seq_len = {tokens_per_step}",
              f"# Train each phase for its iterations with its --data-path and --split {SPLIT}: the default split",
-             "# (969,30,1) holds 3.1 % of every segment out of training."]
+             "# (969,30,1) holds 3.1 % of every segment out of training.",
+             f"# Paths are absolute, as of the export: after moving {run.root}, re-run framelm export --force."]
     for ph in phases:
         mix = ", ".join(f"{k} {v:.4f}" for k, v in ph["mix"].items())
         lines.append(f"# {ph['folder']}: {ph['kind']}, tokens [{ph['start_token']}, {ph['end_token']}), "
