@@ -73,3 +73,15 @@ def test_done_markers_and_temporaries(tmp_path):
     (tmp_path / "part-00001.parquet.tmp-123").write_bytes(b"half")
     assert clean_temporaries(tmp_path) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [".part-00000.parquet.done", "part-00000.parquet"]
+
+
+def test_a_recorded_command_drops_one_ranks_share_and_keeps_torchrun(monkeypatch):
+    from framelm.rundir import invocation
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert invocation(["score", "--run-dir", "r", "--rank", "3", "--world-size=8", "--quiet"])["argv"] == \
+        ["framelm", "score", "--run-dir", "r", "--quiet"]
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert invocation(["train", "--run-dir", "r"])["argv"] == \
+        ["torchrun", "--nproc-per-node", "2", "-m", "framelm", "train", "--run-dir", "r"]

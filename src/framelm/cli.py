@@ -157,7 +157,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> list[str]:
         names.append(f.name)
     nested = nested_examples(cls)
     if nested:
-        group.description = ("Settings without a flag of their own are set with --set: " + "; ".join(nested)).replace("%", "%%")
+        # descriptions, unlike help strings, are %-formatted only when they hold "%(prog)"
+        group.description = "Settings without a flag of their own are set with --set: " + "; ".join(nested)
     return names
 
 
@@ -209,7 +210,7 @@ def _add_stage_parser(subparsers: Any, stage: Stage, words: tuple[str, ...], sel
     if not selected:
         return  # flags come from the config class, imported only for the command being run
     cls = stage.config_class()
-    p.epilog = item_keys(cls).replace("%", "%%") or None
+    p.epilog = item_keys(cls) or None
     p.add_argument("--run-dir", help="run directory (default: run_dir from --config)"
                    + ("; created if missing" if stage.name == "ingest" else "; must already exist (started by framelm ingest)"))
     _common_flags(p, example=set_example(cls))
@@ -325,9 +326,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     _setup_logging(getattr(args, "quiet", False))
-    from framelm.rundir import INVOCATION
+    from framelm.rundir import INVOCATION, invocation
 
-    invocation = INVOCATION.set({"argv": ["framelm", *(sys.argv[1:] if argv is None else argv)], "cwd": os.getcwd()})
+    command = INVOCATION.set(invocation(sys.argv[1:] if argv is None else argv))
     try:
         args.handler(args)
     except FramelmError as exc:
@@ -337,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         print("framelm: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
     finally:
-        INVOCATION.reset(invocation)
+        INVOCATION.reset(command)
     return 0
 
 

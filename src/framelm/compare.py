@@ -265,7 +265,7 @@ def build_table(runs: list[dict[str, Any]], schedules: list[str]) -> list[dict[s
                 # is not comparable, its statistics are null and compare's summary names the run.
                 comparable = all(math.isfinite(value) for value, _ in seeds.values())
                 mean, stderr = mean_stderr([value for value, _ in seeds.values()]) if comparable else (None, None)
-                item = [se for _, se in seeds.values() if se is not None] if comparable else []
+                item = [se for _, se in seeds.values() if se is not None and math.isfinite(se)] if comparable else []
                 diff = (difference({k: v for k, (v, _) in seeds.items()}, baseline)
                         if schedule != BASELINE and comparable and all(map(math.isfinite, baseline.values()))
                         else Difference(None, None, None, None))

@@ -88,8 +88,8 @@ class IngestConfig(StageConfig):
     heldout_fraction: float = field(0.02, help="share of documents in the 'heldout' split (never trained on)")
     ref_fraction: float = field(0.05, help="share of documents in the 'ref' split (trains the reference models)")
     builtin_max_chars: int = field(DEFAULT_MAX_CHARS, help="size cap of the 'builtin' corpus in characters")
-    max_docs_per_input: int = field(0, help="keep at most this many documents of each input file (a .txt folder and "
-                                            "'builtin' count as one), the first in reading order, and stop reading it "
+    max_docs_per_input: int = field(0, help="keep at most this many documents of each input file (a .txt folder, a "
+                                            "saved datasets folder and 'builtin' count as one), the first in reading order, and stop reading it "
                                             "there: a quick subset of a large corpus, not a random sample; 0 keeps all")
     docs_per_shard: int = field(4096, hash=False, help="documents per output Parquet file")
 

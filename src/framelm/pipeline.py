@@ -108,9 +108,13 @@ def run_stage(name: str, cfg: StageConfig, run: RunDir | str | Path, *, force: b
         out_dir, previous = run.path(key), run.path(PREVIOUS, key)
         set_aside = False
         with run._manifest_lock():
+            rec = run.record(key)
+            if not force and rec and rec.get("status") == "done" and rec.get("hash") == h:
+                # another rank of a distributed run finished it, or took back its set-aside result
+                log.info("%s: up to date (hash %s), skipping", key, h)
+                return rec.get("counts", {})
             marker = out_dir / HASH_FILE
             if out_dir.exists() and (force or not marker.exists() or marker.read_text().strip() != h):
-                rec = run.record(key)
                 if not (rec and rec.get("status") == "done" and marker.exists() and marker.read_text().strip() == rec.get("hash")):
                     run.reset_dir(out_dir)  # not a finished result: nothing to keep
                 else:

@@ -34,6 +34,23 @@ MANIFEST = "manifest.json"
 # The command line a CLI invocation runs under ({"argv": [...], "cwd": ...}); stage records keep
 # it, so a hint to re-run a stage repeats the user's own command, config file and options included.
 INVOCATION: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("framelm_invocation", default=None)
+RANK_FLAGS = ("--rank", "--world-size")  # one rank's share: the command that re-runs a stage has them not
+
+
+def invocation(args: list[str]) -> dict[str, Any]:
+    """How to repeat this command: its arguments without one rank's --rank/--world-size, under
+    torchrun when torchrun started it (every rank then records the same command)."""
+    words: list[str] = []
+    rest = iter(args)
+    for a in rest:
+        if a.split("=", 1)[0] in RANK_FLAGS:
+            if "=" not in a:
+                next(rest, None)  # its value
+            continue
+        words.append(a)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    launcher = ["torchrun", "--nproc-per-node", os.environ.get("LOCAL_WORLD_SIZE", str(world)), "-m"] if world > 1 else []
+    return {"argv": [*launcher, "framelm", *words], "cwd": os.getcwd()}
 
 
 class RunDir:

@@ -75,10 +75,8 @@ def _env_int(name: str, default: int) -> int:
 
 @dataclasses.dataclass
 class ScoreConfig(StageConfig):
-    # hash=False: a folder given by path enters the hash by its content (input_fingerprint), so
-    # models/weak, ./models/weak and /abs/models/weak are one input.
-    weak_model: str | None = field(None, hash=False, help="local Hugging Face causal-LM dir of the weak reference model (default RUN/refmodels/weak)")
-    strong_model: str | None = field(None, hash=False, help="local Hugging Face causal-LM dir of the strong reference model (default RUN/refmodels/strong)")
+    weak_model: str | None = field(None, help="local Hugging Face causal-LM dir of the weak reference model (default RUN/refmodels/weak)")
+    strong_model: str | None = field(None, help="local Hugging Face causal-LM dir of the strong reference model (default RUN/refmodels/strong)")
     ppl_axis: Literal["strong", "weak"] = field("strong", help="whose PPL forms the `ppl` column (the PPL axis of the quadrants)")
     context_tokens: int | None = field(None, help="window length in tokens, BOS included (default: each model's max_position_embeddings)")
     stride_tokens: int | None = field(None, help="new tokens predicted per window after the first; each has >= window - stride tokens of context (default: 3/4 of the window)")
@@ -121,6 +119,12 @@ class ScoreConfig(StageConfig):
 
     def lock_name(self, key: str) -> str:
         return f"{key}.rank{self.rank}"
+
+    def hashed_dict(self) -> dict[str, Any]:
+        # A folder given by path enters the hash by its content (input_fingerprint), so
+        # models/weak, ./models/weak and /abs/models/weak are one input.
+        data = super().hashed_dict()
+        return {**data, **{name: "given" for name in ("weak_model", "strong_model") if data[name] is not None}}
 
     def input_fingerprint(self, run: RunDir) -> dict[str, Any]:
         """Model folders given by path enter the stage hash by content, so a checkpoint replaced in

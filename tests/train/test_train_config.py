@@ -18,3 +18,14 @@ def test_bad_values_are_named_with_their_key(bad, match):
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1"])
 def test_device_names_are_accepted(device):
     TrainConfig.from_dict({"device": device})
+
+
+def test_torchrun_ranks_are_a_distributed_run_to_the_stage_runner(monkeypatch, tmp_path):
+    from framelm import pipeline
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    cfg = TrainConfig()
+    assert cfg.world_size == 2 and cfg.lock_name("train/frame/seed0") == "train/frame/seed0/rank1"
+    with pytest.raises(Exception, match="--force cannot be given to the 2 ranks"):
+        pipeline.run_stage("train", cfg, tmp_path, force=True)

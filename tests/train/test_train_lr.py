@@ -45,7 +45,7 @@ def test_constant_and_no_warmup():
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "wsd"])
-@pytest.mark.parametrize("steps, warmup_fraction", [(10, 0.9), (3, 0.5), (2, 0.5)])
+@pytest.mark.parametrize("steps, warmup_fraction", [(10, 0.9), (3, 0.5), (2, 0.5), (3, 0.9), (10, 1.0)])
 def test_a_warmup_up_to_the_last_step_still_ends_at_the_final_ratio(schedule, steps, warmup_fraction):
     lrs = curve(schedule, steps=steps, warmup_fraction=warmup_fraction, wsd_decay_fraction=0.1)
     assert lrs[-2] == pytest.approx(PEAK)  # the warmup's last step

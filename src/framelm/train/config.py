@@ -54,10 +54,14 @@ class TrainConfig(StageConfig):
     def instance(self) -> str:
         return f"{self.schedule}/seed{self.seed}"
 
+    @property
+    def world_size(self) -> int:
+        """The processes torchrun started; the stage runner treats a folder they share with care."""
+        return int(os.environ.get("WORLD_SIZE", "1"))
+
     def lock_name(self, key: str) -> str:
         """Under torchrun every rank runs the stage, so each takes its own lock."""
-        world_size = os.environ.get("WORLD_SIZE", "1")
-        return f"{key}/rank{os.environ.get('RANK', '0')}" if world_size != "1" else key
+        return f"{key}/rank{os.environ.get('RANK', '0')}" if self.world_size > 1 else key
 
     def validate(self) -> None:
         if not self.schedule or "/" in self.schedule or self.schedule.startswith("."):

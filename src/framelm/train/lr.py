@@ -14,7 +14,8 @@ def lr_at(step: int, total_steps: int, peak: float, schedule: str, warmup_fracti
     the last `wsd_decay_fraction` of the steps, linearly or with the "1-sqrt" cooldown of
     Hägele et al. (2024), lr = peak - (peak - final) * sqrt(progress); constant stays at the peak.
     """
-    warmup = round(warmup_fraction * total_steps)
+    # The last step is never a warmup step, so a decaying schedule always ends at the final ratio.
+    warmup = min(round(warmup_fraction * total_steps), max(total_steps - 1, 0))
     if step < warmup:
         return peak * (step + 1) / warmup
     final = peak * final_ratio
@@ -24,7 +25,7 @@ def lr_at(step: int, total_steps: int, peak: float, schedule: str, warmup_fracti
         last = max(total_steps - 1, 1)
         # A warmup that ends at the last step leaves that step to be the whole decay.
         progress = (step - warmup) / (last - warmup) if last > warmup else 1.0
-        return final + (peak - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return final + (peak - final) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
     if schedule == "wsd":
         # At least one decay step, so that a short run still ends at the final ratio.
         decay_steps = max(round(wsd_decay_fraction * total_steps), 1) if wsd_decay_fraction else 0
