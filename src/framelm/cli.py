@@ -177,7 +177,7 @@ def item_keys(cls: type) -> str:
         lines = [f"Keys of {'each item of ' if listed else ''}'{f.name}' ({item.__name__}):"]
         for sub in dataclasses.fields(item):
             default = _default(sub)
-            shown = "" if default is dataclasses.MISSING or default in ("", [], {}) else f" (default: {_flow_yaml(_minimal(default))})"
+            shown = "" if default is dataclasses.MISSING or default in ("", [], {}, None) else f" (default: {_flow_yaml(_minimal(default))})"
             lines.append(f"  {sub.name}: {sub.metadata.get('help', '')}{shown}")
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
