@@ -310,30 +310,12 @@ def table_csv(table: list[dict[str, Any]]) -> str:
 # -- same budget, same documents ------------------------------------------------------------------
 
 def trained_tokens(run: RunDir, train_key: str, counts: dict[str, Any]) -> int:
-    """Tokens a training run consumed: its record's count, else the last step of its log.
-
-    An unfinished last line (a run killed mid-write) is skipped, as framelm.report reads logs;
-    a bad line elsewhere is an error naming the file and line."""
+    """Tokens a training run consumed: its record's count, else the last step of its log."""
     if "tokens" in counts:
         return int(counts["tokens"])
     log_path = run.path(train_key, "log.jsonl")
-    last = None
-    if log_path.is_file():
-        text = log_path.read_text()
-        lines = text.split("\n")
-        for line_no, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                if line_no == len(lines) and not text.endswith("\n"):
-                    break
-                raise FramelmError(f"{log_path}: line {line_no}: invalid JSON ({exc})") from None
-            if not isinstance(record, dict):
-                raise FramelmError(f"{log_path}: line {line_no}: expected a JSON object, got {type(record).__name__}")
-            if record.get("type") == "train":
-                last = line_no, record
+    records = fsutil.read_log(log_path) if log_path.is_file() else []
+    last = next((r for r in reversed(records) if r[1].get("type") == "train"), None)
     if last is None:
         raise FramelmError(f"{train_key}: neither its manifest record nor {log_path} says how many tokens it trained on")
     line_no, record = last

@@ -246,3 +246,25 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def read_log(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, record) pairs of a JSON-lines log (a training run's log.jsonl); an unfinished
+    last line (a run still writing, or killed mid-write) is skipped, a bad line elsewhere named."""
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            if i == len(lines) and not raw.endswith(b"\n"):
+                log.warning("%s: line %d is incomplete (still being written?); skipped", path, i)
+                continue
+            raise FramelmError(f"{path}: line {i}: invalid JSON ({exc})") from None
+        if not isinstance(rec, dict):
+            raise FramelmError(f"{path}: line {i}: expected a JSON object, got {type(rec).__name__}")
+        out.append((i, rec))
+    return out

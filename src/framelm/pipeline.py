@@ -94,7 +94,7 @@ def run_stage(name: str, cfg: StageConfig, run: RunDir | str | Path, *, force: b
                            f"to start over, delete {run.path(key)} and launch the ranks without --force")
     h, upstream = stage_hash(name, cfg, run, dry_run)
     rec = run.record(key)
-    up_to_date = bool(rec and rec.get("status") == "done" and rec.get("hash") == h and not force)
+    up_to_date = not force and _finished(rec, h)
     if dry_run:
         print(f"# {key}: {'up to date (would skip)' if up_to_date else 'would run'}; hash {h}")
         print(yaml.safe_dump({name: cfg.to_dict()}, sort_keys=False))
@@ -109,13 +109,13 @@ def run_stage(name: str, cfg: StageConfig, run: RunDir | str | Path, *, force: b
         set_aside = False
         with run._manifest_lock():
             rec = run.record(key)
-            if not force and rec and rec.get("status") == "done" and rec.get("hash") == h:
+            if not force and _finished(rec, h):
                 # another rank of a distributed run finished it, or took back its set-aside result
                 log.info("%s: up to date (hash %s), skipping", key, h)
                 return rec.get("counts", {})
             marker = out_dir / HASH_FILE
             if out_dir.exists() and (force or not marker.exists() or marker.read_text().strip() != h):
-                if not (rec and rec.get("status") == "done" and marker.exists() and marker.read_text().strip() == rec.get("hash")):
+                if not (marker.exists() and _finished(rec, marker.read_text().strip())):
                     run.reset_dir(out_dir)  # not a finished result: nothing to keep
                 else:
                     _set_aside(out_dir, previous, rec)
@@ -165,6 +165,11 @@ def run_stage(name: str, cfg: StageConfig, run: RunDir | str | Path, *, force: b
             _drop_set_aside(run, previous)
     log.info("%s: done in %.1fs", key, time.time() - started)
     return counts
+
+
+def _finished(rec: dict[str, Any] | None, h: str) -> bool:
+    """Whether a manifest record is a finished run of the config with hash `h`."""
+    return bool(rec and rec.get("status") == "done" and rec.get("hash") == h)
 
 
 def _hash_of(folder: Path) -> str | None:

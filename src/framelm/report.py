@@ -129,27 +129,6 @@ def _read_json(path: Path) -> Any:
         raise FramelmError(f"{path}: not UTF-8 text ({exc})") from None
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, record) pairs; an unfinished last line (a run still writing) is skipped."""
-    raw = path.read_bytes()
-    lines = raw.split(b"\n")
-    out = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            if i == len(lines) and not raw.endswith(b"\n"):
-                log.warning("%s: line %d is incomplete (still being written?); skipped", path, i)
-                continue
-            raise FramelmError(f"{path}: line {i}: invalid JSON ({exc})") from None
-        if not isinstance(rec, dict):
-            raise FramelmError(f"{path}: line {i}: expected a JSON object, got {type(rec).__name__}")
-        out.append((i, rec))
-    return out
-
-
 def _number(rec: dict[str, Any], key: str, where: str) -> float:
     value = rec.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -498,7 +477,7 @@ def _read_log(path: Path) -> tuple[dict[float, float], dict[str, dict[float, flo
     """Training loss and held-out losses by token count; a repeated step (resumed run) keeps the last value."""
     train: dict[float, float] = {}
     heldout: dict[str, dict[float, float]] = {}
-    for line, rec in _read_jsonl(path):
+    for line, rec in fsutil.read_log(path):
         where = f"{path}: line {line}"
         if rec.get("type") == "train":
             train[_number(rec, "tokens", where)] = _number(rec, "loss", where)
@@ -687,12 +666,17 @@ def _accuracy_section(cfg: ReportConfig, run: RunDir, out: Path, compare: tuple[
                            + "." if questions else "")))
     few = [t for t in tasks if questions.get(t, FEW_QUESTIONS) < FEW_QUESTIONS]
     if few:
-        section.blocks.append(
-            "<p class=\"caution\">Caution: " + ", ".join(f"{html.escape(t)} ({questions[t]:,} questions)" for t in few)
+        section.blocks.append(_caution(
+            "caution: " + ", ".join(f"{t} ({questions[t]:,} questions)" for t in few)
             + f" {'was' if len(few) == 1 else 'were'} scored on fewer than {FEW_QUESTIONS:,} questions; an accuracy near "
               f"50 % then has a sampling error of about ±{50 / math.sqrt(min(questions[t] for t in few)):.0f} points, "
-              f"more than schedules usually differ by, so these bars cannot rank schedules.</p>")
+              f"more than schedules usually differ by, so these bars cannot rank schedules"))
     return section
+
+
+def _caution(note: str) -> str:
+    """A caution line of compare's or the report's own ("caution: ...") as an HTML paragraph."""
+    return f"<p class=\"caution\">{html.escape(note[0].upper() + note[1:])}.</p>"
 
 
 def _count(x: Any) -> str:
@@ -788,7 +772,7 @@ def _compare_section(cfg: ReportConfig, run: RunDir, compare: tuple[Path, dict[s
 
     for note in (non_finite_note(data), documents_note(data)):
         if note:
-            section.blocks.append(f"<p class=\"caution\">{html.escape(note[0].upper() + note[1:])}.</p>")
+            section.blocks.append(_caution(note))
             verdicts.append(note)
     sizes = data.get("heldout_sets")
     if isinstance(sizes, dict) and sizes:
@@ -797,7 +781,7 @@ def _compare_section(cfg: ReportConfig, run: RunDir, compare: tuple[Path, dict[s
         section.blocks.append(_table(["held-out set", "documents", "tokens"], rows,
                                      "The held-out sets the held-out rows (and a held-out verdict) are measured on"))
     for line in heldout_notes(data, None):
-        section.blocks.append(f"<p class=\"caution\">{html.escape(line[0].upper() + line[1:])}.</p>")
+        section.blocks.append(_caution(line))
     if metric:
         verdicts.extend(heldout_notes({**data, "quadrants_without_heldout": None}, metric))
     level = cfg.significance_level

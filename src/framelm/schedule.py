@@ -1073,7 +1073,7 @@ def warn_about_scale(info: dict[str, Any], cfg: ScheduleConfig) -> None:
     trains nothing, and one with fewer steps than stages cannot give each stage a step (the
     trainer exports then merge stages into one segment)."""
     name, per_step, total = info["strategy"], info["tokens_per_step"], info["total_tokens"]
-    steps, n_stages = total // per_step, len(info["stages"])
+    steps, n_stages = info["total_steps"], len(info["stages"])
     fix = ("lower schedule.global_batch or schedule.seq_len (--global-batch, --seq-len), or raise schedule.total_tokens "
            "or ingest more data")
     if cfg.total_tokens and abs(total - cfg.total_tokens) > BUDGET_MISS * cfg.total_tokens:

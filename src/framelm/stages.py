@@ -47,7 +47,7 @@ STAGES: dict[str, Stage] = {
     for s in [
         Stage("ingest", "framelm.ingest:IngestConfig", "framelm.ingest:ingest_corpus", (),
               "read JSON lines / Parquet / text files / HF datasets into a Parquet document table",
-              io="reads the --inputs files (JSON lines, Parquet, text, HF datasets, builtin); writes RUN/ingest/documents/*.parquet, RUN/ingest/rejects.jsonl"),
+              io="reads the --inputs files (JSON lines, Parquet, text, HF datasets, builtin); writes RUN/ingest/documents/part-*.parquet, RUN/ingest/rejects.jsonl"),
         Stage("tokenizer", "framelm.tokenizer:TokenizerTrainConfig", "framelm.tokenizer:train_tokenizer", ("ingest",),
               "train a byte-level BPE tokenizer on a sample of the ingested corpus", cli=("tokenizer", "train"),
               io="reads RUN/ingest/documents/; writes RUN/tokenizer/"),

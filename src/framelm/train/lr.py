@@ -23,7 +23,7 @@ def lr_at(step: int, total_steps: int, peak: float, schedule: str, warmup_fracti
         return peak
     if schedule == "cosine":
         last = max(total_steps - 1, 1)
-        # A warmup that ends at the last step leaves that step to be the whole decay.
+        # A warmup that ends just before the last step leaves that step to be the whole decay.
         progress = (step - warmup) / (last - warmup) if last > warmup else 1.0
         return final + (peak - final) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
     if schedule == "wsd":
