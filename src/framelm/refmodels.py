@@ -39,12 +39,11 @@ from framelm.errors import FramelmError
 from framelm.heldout import heldout_sets, read_token_store
 from framelm.model import PRESETS, ModelConfig
 from framelm.rundir import RunDir
+from framelm.score import MODEL_NAMES
 from framelm.train import TrainConfig, fit
 from framelm.train.data import StageRange
 
 log = logging.getLogger("framelm")
-
-MODEL_NAMES = ("weak", "strong")
 
 
 @dataclasses.dataclass

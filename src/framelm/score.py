@@ -196,8 +196,8 @@ class ShardScorer:
                            stride_tokens=cfg.stride_tokens, backend=cfg.backend)
             for name, path in cfg.model_dirs(run).items()
         ]
-        weak, strong = (m.tokenizer.get_vocab() for m in models)
-        if weak != strong:
+        weak, strong = models
+        if weak.encoding_key[0] != strong.encoding_key[0]:
             log.warning("score: the weak and strong models have different tokenizers, so PD compares perplexities per "
                         "token of different token sizes; part of each document's PD then reflects tokenization, not "
                         "capability (bpb_weak and bpb_strong are comparable across tokenizers)")

@@ -416,3 +416,16 @@ def test_a_document_empty_under_one_model_keeps_the_other_models_numbers():
     assert rows[1]["weak_nll"] is None and rows[1]["pd"] is None
     assert rows[0]["pd"] == pytest.approx((np.exp(2) - np.exp(1)) / np.exp(2))
     assert all(v is None for k, v in rows[2].items() if k not in ("id", "source", "split", "n_bytes", "status"))
+
+
+def test_the_tokenizer_warning_names_models_whose_tokens_differ(ref_models, tmp_path, caplog):
+    from framelm.score import ShardScorer
+
+    def warnings_for(weak: Path, strong: Path, name: str) -> list[str]:
+        caplog.clear()
+        run = make_run(tmp_path / name, {"weak": weak, "strong": strong})
+        ShardScorer(ScoreConfig(weak_model=str(weak), strong_model=str(strong), context_tokens=CONTEXT, device="cpu"), run)
+        return [r.getMessage() for r in caplog.records if "different tokenizers" in r.getMessage()]
+
+    assert warnings_for(ref_models["strong"], ref_models["strong"], "same") == []
+    assert len(warnings_for(ref_models["weak"], ref_models["strong"], "other")) == 1
