@@ -121,3 +121,57 @@ def test_pipeline_unknown_key_names_the_yaml_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{cfg}: unknown key 'compare.model'; allowed keys of compare:" in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("section", ["foo", "[builtin]"])
+def test_a_config_section_that_is_no_mapping_is_a_user_error_naming_the_file(tmp_path, capsys, section):
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"run_dir: {tmp_path / 'run'}\ningest: {section}\n")
+    assert main(["ingest", "--config", str(cfg), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"framelm: error: {cfg}: 'ingest' must be a mapping of keys to values"), err
+
+
+def test_a_stage_command_names_the_config_file_only_for_the_file_own_mistakes(tmp_path, capsys):
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"run_dir: {tmp_path / 'run'}\ningest: {{inputs: [builtin], dedupe: true}}\n")
+    assert main(["ingest", "--config", str(cfg), "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith(f"framelm: error: {cfg}: unknown key 'ingest.dedupe'; did you mean 'dedup'")
+    cfg.write_text(f"run_dir: {tmp_path / 'run'}\ningest: {{inputs: [builtin]}}\n")
+    assert main(["ingest", "--config", str(cfg), "--quiet", "--docs-per-shard", "-3"]) == 2
+    err = capsys.readouterr().err
+    assert "docs_per_shard" in err and str(cfg) not in err  # the flag is wrong, not the file
+
+
+def test_run_dir_flag_serves_a_config_file_without_one(tmp_path, capsys):
+    cfg = tmp_path / "shared.yaml"
+    cfg.write_text("ingest: {inputs: [builtin], builtin_max_chars: 1000}\n")
+    assert main(["ingest", "--config", str(cfg), "--run-dir", str(tmp_path / "run"), "--dry-run"]) == 0
+    assert "builtin_max_chars: 1000" in capsys.readouterr().out
+    assert main(["ingest", "--config", str(cfg), "--quiet"]) == 2
+    assert f"{cfg}: missing required key 'run_dir'" in capsys.readouterr().err
+
+
+def test_an_override_for_a_stage_the_pipeline_does_not_run_is_refused(capsys):
+    from pathlib import Path
+
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    assert main(["run", str(demo), "--set", "train.lr=1e-3", "--dry-run"]) == 2  # compare trains; no train stage
+    err = capsys.readouterr().err
+    assert f"override 'train.lr=1e-3': {demo} does not run stage 'train'" in err
+    assert "did you mean compare.train.lr=1e-3?" in err
+
+
+def test_a_reader_that_goes_away_gets_no_traceback(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # as `framelm ... --dry-run | head -1` once head has its line
+    try:
+        proc = subprocess.run([sys.executable, "-m", "framelm", "ingest", "--run-dir", str(tmp_path / "run"), "--inputs",
+                               "builtin", "--dry-run", "--quiet"], stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert proc.stderr == "" and proc.returncode == 141

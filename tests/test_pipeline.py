@@ -213,3 +213,88 @@ def test_a_failing_distributed_rerun_keeps_the_previous_result_set_aside(tmp_pat
     assert pipeline.run_stage("source", RankedToyConfig(value=1), run) == {"value": 1}
     assert CALLS == ["source", "source"]  # taken back, not recomputed
     assert run.record("source") == done and not (tmp_path / pipeline.PREVIOUS).exists()
+
+
+@dataclass
+class RankToyConfig(RankedToyConfig):
+    rank: int = field(0, help="this process's rank; each rank takes its own stage lock, as score's", hash=False)
+
+    def lock_name(self, key: str) -> str:
+        return f"{key}.rank{self.rank}"
+
+
+def test_another_rank_never_sees_a_taken_back_result_without_its_record(tmp_path, monkeypatch):
+    import contextlib
+
+    run = RunDir(tmp_path)
+    pipeline.run_stage("source", RankToyConfig(value=1), run)
+    done = run.record("source")
+    with pytest.raises(FramelmError):
+        pipeline.run_stage("source", RankToyConfig(value=-1), run)  # value 1 stays set aside
+    take_back, manifest_lock = pipeline._take_back, RunDir._manifest_lock
+    rank1: dict[str, object] = {"state": "waiting"}
+
+    def taking_back(*args):
+        rank1["state"] = "due"
+        return take_back(*args)
+
+    @contextlib.contextmanager
+    def rank_1_starts_when_rank_0_lets_go(self):
+        with manifest_lock(self):
+            yield
+        if rank1["state"] == "due":  # rank 0 has just moved the result back: rank 1 comes in now
+            rank1["state"] = "running"
+            rank1["counts"] = pipeline.run_stage("source", RankToyConfig(value=1, rank=1), RunDir(tmp_path))
+
+    monkeypatch.setattr(pipeline, "_take_back", taking_back)
+    monkeypatch.setattr(RunDir, "_manifest_lock", rank_1_starts_when_rank_0_lets_go)
+    assert pipeline.run_stage("source", RankToyConfig(value=1), run) == {"value": 1}
+    assert rank1["counts"] == {"value": 1}
+    assert CALLS == ["source", "source"]  # rank 1 found it finished too, not an interrupted run to redo
+    assert run.record("source") == done
+
+
+def test_a_pipeline_dry_run_says_what_a_changed_upstream_makes_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.yaml").write_text("run_dir: out\nsource: {value: 1}\nsink: {}\ntail: {}\n")
+    assert main(["run", "p.yaml", "--quiet"]) == 0
+    (tmp_path / "p.yaml").write_text("run_dir: out\nsource: {value: 2}\nsink: {}\ntail: {}\n")
+    capsys.readouterr()
+    assert main(["run", "p.yaml", "--quiet", "--dry-run"]) == 0
+    planned = [line for line in capsys.readouterr().out.splitlines() if line.startswith("# ")]
+    assert main(["run", "p.yaml", "--quiet"]) == 0
+    assert CALLS == ["source", "sink", "tail"] * 2  # all three ran again ...
+    run = RunDir(tmp_path / "out")
+    assert planned == [f"# {k}: would run; hash {run.record(k)['hash']}" for k in ("source", "sink", "tail")]  # ... as said
+    capsys.readouterr()
+    assert main(["run", "p.yaml", "--quiet", "--dry-run"]) == 0
+    assert capsys.readouterr().out.count("up to date (would skip)") == 3
+
+
+@pytest.mark.parametrize("run_dir, message", [
+    ("", "missing required key 'run_dir'"),
+    ("'  '", "'run_dir' must be the path of the run directory"),
+    ("[out]", "'run_dir' must be the path of the run directory"),
+])
+def test_a_run_dir_that_is_no_path_is_refused(tmp_path, capsys, monkeypatch, run_dir, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.yaml").write_text(f"run_dir: {run_dir}\nsource: {{value: 1}}\n")
+    assert main(["run", "p.yaml", "--quiet"]) == 2
+    assert f"p.yaml: {message}" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [tmp_path / "p.yaml"]  # no folder named 'None' or "['out']"
+
+
+def test_stages_and_only_must_name_stages_the_pipeline_runs(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.yaml").write_text("run_dir: out\nstages: source\n")
+    assert main(["run", "p.yaml", "--quiet"]) == 2
+    assert "'stages' must be a list of stage names from source, sink, tail; got 'source'" in capsys.readouterr().err
+    (tmp_path / "p.yaml").write_text("run_dir: out\nsource: {value: 1}\nsink: {}\n")
+    assert main(["run", "p.yaml", "--quiet", "--only", "snk"]) == 2
+    assert "--only snk: p.yaml does not run 'snk'; its stages are source, sink" in capsys.readouterr().err
+    assert main(["run", "p.yaml", "--quiet", "--set", "tail.value=3"]) == 2
+    assert "override 'tail.value=3': p.yaml does not run stage 'tail' (it runs source, sink)" in capsys.readouterr().err
+    (tmp_path / "p.yaml").write_text("run_dir: out\nstages: [source]\nsource: {value: 1}\nsink: {}\n")
+    assert main(["run", "p.yaml", "--quiet", "--set", "sink.value=3"]) == 2  # listed stages only: not ignored
+    assert "does not run stage 'sink' (it runs source)" in capsys.readouterr().err
+    assert CALLS == []

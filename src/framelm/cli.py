@@ -257,15 +257,19 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def _run_stage_command(args: argparse.Namespace) -> None:
-    from framelm.config import apply_override, load_yaml
+    from framelm.config import ConfigError, apply_override
     from framelm.pipeline import build_config, load_pipeline, run_stage
     from framelm.rundir import RunDir
 
     section: dict[str, Any] = {}
+    from_file: Any = {}
     run_dir = args.run_dir
     if args.config:
-        cfg_run_dir, _, data = load_pipeline(args.config)
-        section = dict(data.get(args.stage) or {})
+        cfg_run_dir, _, data = load_pipeline(args.config, need_run_dir=not run_dir)
+        from_file = data.get(args.stage) or {}
+        if not isinstance(from_file, dict):
+            _blame_config_file(args.config, args.stage, from_file)
+        section = dict(from_file)
         run_dir = run_dir or str(cfg_run_dir)
     for name in args.fields:
         value = getattr(args, f"cfg_{name}")
@@ -275,11 +279,29 @@ def _run_stage_command(args: argparse.Namespace) -> None:
         apply_override(section, o[len(args.stage) + 1:] if o.startswith(args.stage + ".") else o)
     if not run_dir:
         raise FramelmError(f"give a run directory: framelm {args.stage} --run-dir runs/NAME ... (or --config with run_dir)")
-    cfg = build_config(args.stage, section)
+    try:
+        cfg = build_config(args.stage, section)
+    except ConfigError as exc:
+        if args.config:
+            _blame_config_file(args.config, args.stage, from_file, exc)
+        raise
     run = RunDir(run_dir) if args.stage == "ingest" else existing_run_dir(run_dir)
     counts = run_stage(args.stage, cfg, run, force=args.force, dry_run=args.dry_run)
     if not args.dry_run:
         _print_counts(args.stage, counts)
+
+
+def _blame_config_file(path: str, stage: str, from_file: Any, error: Exception | None = None) -> None:
+    """Raise the config error of the file's own section for `stage`, naming the file, if that
+    section alone gives `error` (any error, when None): a bad flag or --set is not the file's."""
+    from framelm.config import ConfigError
+    from framelm.pipeline import build_config
+
+    try:
+        build_config(stage, from_file)
+    except ConfigError as alone:
+        if error is None or str(alone) == str(error):
+            raise ConfigError(f"{path}: {alone}") from None
 
 
 def existing_run_dir(run_dir: str | Path) -> Any:
@@ -331,6 +353,12 @@ def main(argv: list[str] | None = None) -> int:
     command = INVOCATION.set(invocation(sys.argv[1:] if argv is None else argv))
     try:
         args.handler(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+    except BrokenPipeError:
+        # the reader went away (`--dry-run | head`): nothing left to say to it; stdout goes to
+        # /dev/null so that Python's flush at exit does not fail on the same pipe
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as for a command the signal stopped
     except FramelmError as exc:
         print(f"framelm: error: {exc}", file=sys.stderr)
         return 2

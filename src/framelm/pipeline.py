@@ -14,6 +14,7 @@ manifest), or the stage refuses to run on stale inputs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -52,9 +53,12 @@ def upstream_keys(name: str, cfg: StageConfig) -> tuple[str, ...]:
     return tuple(keys) if keys is not None else STAGES[name].after
 
 
-def stage_hash(name: str, cfg: StageConfig, run: RunDir, dry_run: bool = False) -> tuple[str, dict[str, str]]:
+def stage_hash(name: str, cfg: StageConfig, run: RunDir, dry_run: bool = False,
+               planned: dict[str, str] | None = None) -> tuple[str, dict[str, str]]:
     if dry_run:
-        upstream = {k: (run.record(k) or {}).get("hash", "not-run-yet") for k in upstream_keys(name, cfg)}
+        # an upstream stage that would run first gives its new record the hash it was planned with
+        upstream = {k: (planned or {}).get(k) or (run.record(k) or {}).get("hash", "not-run-yet")
+                    for k in upstream_keys(name, cfg)}
     else:
         upstream = {k: run.require(k)["hash"] for k in upstream_keys(name, cfg)}
         _require_current(run, list(upstream))
@@ -83,8 +87,11 @@ def _require_current(run: RunDir, keys: list[str]) -> None:
             keys.append(up)
 
 
-def run_stage(name: str, cfg: StageConfig, run: RunDir | str | Path, *, force: bool = False, dry_run: bool = False) -> dict[str, Any]:
-    """Run one stage unless it is up to date; return its counts."""
+def run_stage(name: str, cfg: StageConfig, run: RunDir | str | Path, *, force: bool = False, dry_run: bool = False,
+              planned: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run one stage unless it is up to date; return its counts. A dry run of several stages
+    shares `planned` (key -> hash of each that would run), so that it sees what a re-run
+    upstream makes re-run downstream."""
     run = run if isinstance(run, RunDir) else RunDir(run)
     key = stage_key(name, cfg)
     distributed = getattr(cfg, "world_size", 1) > 1
@@ -92,10 +99,12 @@ def run_stage(name: str, cfg: StageConfig, run: RunDir | str | Path, *, force: b
         # Every rank would clear the stage's folder, deleting shards the other ranks finished.
         raise FramelmError(f"{key}: --force cannot be given to the {cfg.world_size} ranks of a distributed run; "
                            f"to start over, delete {run.path(key)} and launch the ranks without --force")
-    h, upstream = stage_hash(name, cfg, run, dry_run)
+    h, upstream = stage_hash(name, cfg, run, dry_run, planned)
     rec = run.record(key)
     up_to_date = not force and _finished(rec, h)
     if dry_run:
+        if not up_to_date and planned is not None:
+            planned[key] = h
         print(f"# {key}: {'up to date (would skip)' if up_to_date else 'would run'}; hash {h}")
         print(yaml.safe_dump({name: cfg.to_dict()}, sort_keys=False))
         return rec.get("counts", {}) if up_to_date and rec else {}
@@ -122,13 +131,12 @@ def run_stage(name: str, cfg: StageConfig, run: RunDir | str | Path, *, force: b
                     set_aside = True
                     log.info("%s: the result of the previous config is kept in %s until this run finishes",
                              key, previous)
-            restored = _take_back(run, out_dir, previous) if not force and not out_dir.exists() and _hash_of(previous) == h else None
+            restored = _take_back(run, key, out_dir, previous) if not force and not out_dir.exists() and _hash_of(previous) == h else None
             if restored is None:
                 out_dir.mkdir(parents=True, exist_ok=True)
                 fsutil.clean_temporaries(out_dir)
                 fsutil.write_text(marker, h + "\n")
         if restored is not None:
-            run.update_record(key, restored)  # takes the manifest lock itself (flock does not nest)
             log.info("%s: the result set aside for this config (hash %s) is back in place, skipping", key, h)
             return restored.get("counts", {})
         started = time.time()
@@ -144,8 +152,7 @@ def run_stage(name: str, cfg: StageConfig, run: RunDir | str | Path, *, force: b
             if set_aside and not distributed:  # this invocation's partial work is all that is lost
                 with run._manifest_lock():
                     run.reset_dir(out_dir)
-                    restored = _take_back(run, out_dir, previous)
-                run.update_record(key, restored)
+                    _take_back(run, key, out_dir, previous)
                 exc.args = (f"{exc.args[0] if exc.args else exc}\n(the previous result of {key} is unchanged)",)
             else:
                 run.update_record(key, {**running, "status": "failed", "error": str(exc)})
@@ -200,13 +207,16 @@ def _remove_empty_parents(run: RunDir, previous: Path) -> None:
         folder = folder.parent
 
 
-def _take_back(run: RunDir, out_dir: Path, previous: Path) -> dict[str, Any]:
-    """Move a set-aside result back under its key; return the manifest record it had."""
+def _take_back(run: RunDir, key: str, out_dir: Path, previous: Path) -> dict[str, Any]:
+    """Move a set-aside result back under its key with the manifest record it had, and return
+    that record. The caller holds the manifest lock, so that no other process (a rank with its
+    own stage lock) sees the folder back without its record and takes it for an interrupted run."""
     record = json.loads((previous / RECORD_FILE).read_text())
     (previous / RECORD_FILE).unlink()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     previous.rename(out_dir)
     _remove_empty_parents(run, previous)
+    run._write_record(key, record)
     return record
 
 
@@ -214,9 +224,11 @@ def build_config(name: str, data: dict[str, Any] | None) -> StageConfig:
     return STAGES[name].config_class().from_dict(data or {}, where=name)
 
 
-def load_pipeline(path: str | Path, overrides: list[str] = ()) -> tuple[Path, list[str], dict[str, Any]]:
+def load_pipeline(path: str | Path, overrides: list[str] = (), *,
+                  need_run_dir: bool = True) -> tuple[Path | None, list[str], dict[str, Any]]:
     """Read a pipeline YAML: `run_dir`, optional `stages` list, and one section per stage."""
     data = load_yaml(path)
+    in_file = [s for s in ORDER if s in data]
     for o in overrides:
         apply_override(data, o)
     unknown = [k for k in data if k not in PIPELINE_KEYS and k not in STAGES]
@@ -225,24 +237,42 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> tuple[Path, li
             f"{path}: unknown top-level key '{unknown[0]}'; allowed: {', '.join(sorted(PIPELINE_KEYS))} "
             f"and the stage names {', '.join(ORDER)}"
         )
-    if "run_dir" not in data:
+    run_dir = data.get("run_dir")
+    if run_dir is None and need_run_dir:
         raise ConfigError(f"{path}: missing required key 'run_dir' (the run directory, e.g. run_dir: runs/my-corpus)")
-    stages = data.get("stages") or [s for s in ORDER if s in data]
+    if run_dir is not None and (not isinstance(run_dir, str) or not run_dir.strip()):
+        raise ConfigError(f"{path}: 'run_dir' must be the path of the run directory, e.g. run_dir: runs/my-corpus; "
+                          f"got {run_dir!r}")
+    stages = data.get("stages") or in_file
     if not isinstance(stages, list) or any(s not in STAGES for s in stages):
-        bad = [s for s in (stages if isinstance(stages, list) else [stages]) if s not in STAGES]
-        raise ConfigError(f"{path}: 'stages' must list stage names from {', '.join(ORDER)}; got {bad}")
+        bad = [s for s in stages if s not in STAGES] if isinstance(stages, list) else stages
+        raise ConfigError(f"{path}: 'stages' must be a list of stage names from {', '.join(ORDER)}; got {bad!r}")
+    for o in overrides:
+        head = o.split("=", 1)[0].strip().split(".")[0]
+        if head in STAGES and head not in stages:
+            # Adding the stage would run it with defaults for every other key; ignoring the
+            # override would run the pipeline without the setting the user asked for.
+            owners = [f"{s}.{o.strip()}" for s in stages
+                      if head in {f.name for f in dataclasses.fields(STAGES[s].config_class())}]
+            raise ConfigError(f"override '{o}': {path} does not run stage '{head}' (it runs {', '.join(stages)})"
+                              + (f"; did you mean {owners[0]}?" if owners else ""))
     # Relative paths, run_dir included, are relative to the working directory, as on the command line.
-    return Path(str(data["run_dir"])).expanduser(), stages, data
+    return (Path(run_dir).expanduser() if run_dir is not None else None), stages, data
 
 
 def run_pipeline(path: str | Path, overrides: list[str] = (), *, only: list[str] | None = None,
                  force: bool = False, dry_run: bool = False) -> dict[str, dict[str, Any]]:
     run_dir, stages, data = load_pipeline(path, overrides)
+    missing = [s for s in only or () if s not in stages]
+    if missing:
+        raise ConfigError(f"--only {' '.join(missing)}: {path} does not run {', '.join(map(repr, missing))}; "
+                          f"its stages are {', '.join(stages)}")
     configs = {s: build_config(s, data.get(s)) for s in stages}  # validate everything before running anything
     run = RunDir(run_dir)
-    results = {}
+    results: dict[str, dict[str, Any]] = {}
+    planned: dict[str, str] = {}
     for s in stages:
         if only and s not in only:
             continue
-        results[s] = run_stage(s, configs[s], run, force=force, dry_run=dry_run)
+        results[s] = run_stage(s, configs[s], run, force=force, dry_run=dry_run, planned=planned)
     return results

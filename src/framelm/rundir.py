@@ -135,12 +135,16 @@ class RunDir:
 
     def update_record(self, key: str, record: dict[str, Any]) -> None:
         with self._manifest_lock():
-            for stale in self.root.glob(f"{MANIFEST}{fsutil.TMP_TAG}*"):
-                stale.unlink(missing_ok=True)  # left by a writer killed mid-write; writers hold this lock
-            data = self.manifest()
-            data.setdefault("stages", {})[key] = record
-            data["framelm_version"] = package_versions()["framelm"]
-            fsutil.write_json(self.manifest_path, data)
+            self._write_record(key, record)
+
+    def _write_record(self, key: str, record: dict[str, Any]) -> None:
+        """update_record for a caller that already holds the manifest lock (flock does not nest)."""
+        for stale in self.root.glob(f"{MANIFEST}{fsutil.TMP_TAG}*"):
+            stale.unlink(missing_ok=True)  # left by a writer killed mid-write; writers hold this lock
+        data = self.manifest()
+        data.setdefault("stages", {})[key] = record
+        data["framelm_version"] = package_versions()["framelm"]
+        fsutil.write_json(self.manifest_path, data)
 
     @contextlib.contextmanager
     def _manifest_lock(self) -> Iterator[None]:
