@@ -2,6 +2,7 @@ import gzip
 import hashlib
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -183,6 +184,48 @@ def test_truncated_gzip_is_a_clear_error(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(FramelmError, match=r"t\.jsonl\.gz: truncated, corrupt or unreadable"):
         ingest(tmp_path, [path])
+
+
+def test_truncated_zstd_is_an_error_not_a_shorter_corpus(tmp_path):
+    import zstandard
+
+    rows = b"".join(json.dumps({"text": f"line {i} " * 20}).encode() + b"\n" for i in range(2000))
+    whole = zstandard.ZstdCompressor().compress(rows)
+    # two frames (as `cat a.zst b.zst` or a parallel compressor writes) are one file
+    (tmp_path / "two.jsonl.zst").write_bytes(whole + zstandard.ZstdCompressor().compress(b'{"text": "second frame"}\n'))
+    counts, _ = ingest(tmp_path, [tmp_path / "two.jsonl.zst"])
+    assert counts["docs"] == 2001
+    path = tmp_path / "t.jsonl.zst"
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(FramelmError, match=r"t\.jsonl\.zst: truncated, corrupt or unreadable after line \d+ \(the file ends inside a zstd frame\)"):
+        ingest(tmp_path, [path], run_name="truncated")
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    jsonl = tmp_path / "windows.jsonl"
+    jsonl.write_bytes(bom + b'{"id": "a", "text": "first"}\r\n{"id": "b", "text": "second"}\r\n')
+    texts = tmp_path / "notes"
+    texts.mkdir()
+    (texts / "note.txt").write_bytes(bom + b"written by Notepad\r\n")
+    counts, run = ingest(tmp_path, [jsonl, texts])
+    assert counts["rejected"] == 0
+    assert [(d["id"], d["text"]) for d in documents(run)] == [
+        ("a", "first"), ("b", "second"), (hashlib.sha1(b"written by Notepad\r\n").hexdigest(), "written by Notepad\r\n")]
+
+
+def test_input_names_with_glob_characters_or_not_utf8(tmp_path):
+    folder = tmp_path / "corpus [v2]"
+    folder.mkdir()
+    write_jsonl(folder / "web.jsonl", [{"text": "in a bracketed folder"}])
+    counts, _ = ingest(tmp_path, [folder], run_name="brackets")
+    assert counts["sources"] == {"web": 1}
+    # a Latin-1 file name, as old archives have: its stem is the source, so it must be writable
+    latin1 = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9.jsonl"))
+    write_jsonl(latin1, [{"text": "named in latin-1"}, {"body": "no text"}])
+    counts, run = ingest(tmp_path, [latin1], run_name="latin1")
+    assert counts["sources"] == {"caf\\udce9": 1} and [d["source"] for d in documents(run)] == ["caf\\udce9"]
+    assert json.loads(run.path("ingest", "rejects.jsonl").read_text())["file"].endswith("caf\\udce9.jsonl")
 
 
 def test_missing_and_unknown_inputs(tmp_path):

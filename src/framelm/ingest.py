@@ -132,7 +132,7 @@ class RawRecord:
 
 def file_stem(path: Path) -> str:
     """`web` for web.jsonl.gz, web.parquet, web.jsonl."""
-    name = path.name
+    name = _printable(path.name)  # a file name that is not UTF-8 still makes a writable source
     for comp in COMPRESSIONS[1:]:
         if name.endswith(comp):
             name = name[: -len(comp)]
@@ -159,7 +159,9 @@ def resolve_inputs(inputs: list[str]) -> list[tuple[str, Path | None]]:
         if spec == BUILTIN:
             units.append((BUILTIN, None))
             continue
-        matches = sorted(glob.glob(os.path.expanduser(spec))) if glob.has_magic(spec) else [os.path.expanduser(spec)]
+        expanded = os.path.expanduser(spec)
+        # a name that exists is itself, even with glob characters in it (`corpus [v2]/`)
+        matches = sorted(glob.glob(expanded)) if glob.has_magic(spec) and not os.path.exists(expanded) else [expanded]
         if not matches or not Path(matches[0]).exists():
             raise FramelmError(f"ingest input '{spec}' matches no file or directory")
         for m in matches:
@@ -193,14 +195,63 @@ def _directory_units(directory: Path) -> list[tuple[str, Path | None]]:
     return units
 
 
+class _CheckedZstdReader(io.RawIOBase):
+    """Decompressed bytes of a .zst file, frame after frame. zstandard's own stream reader ends
+    quietly where a truncated file stops mid-frame, which would drop the rest of the file
+    unnoticed; this one raises ZstdError there, as gzip raises EOFError."""
+
+    # small, because one call decompresses all it is given: a run of one character compresses
+    # some 10,000-fold, so 4 KiB can still decompress to tens of MB
+    READ_BYTES = 1 << 12
+
+    def __init__(self, raw: io.BufferedIOBase):
+        import zstandard
+
+        self._zstd = zstandard
+        self._raw = raw
+        self._dctx = zstandard.ZstdDecompressor()
+        self._frame: Any = None  # the decompressor of the frame being read; None between frames
+        self._input = b""  # compressed bytes read past the end of the last frame
+        self._output = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def _decompress_more(self) -> bool:
+        data = self._input or self._raw.read(self.READ_BYTES)
+        self._input = b""
+        if not data:
+            if self._frame is not None:
+                raise self._zstd.ZstdError("the file ends inside a zstd frame")
+            return False
+        if self._frame is None:
+            self._frame = self._dctx.decompressobj()
+        self._output = memoryview(self._frame.decompress(data))
+        if self._frame.eof:
+            self._input = self._frame.unused_data
+            self._frame = None
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._output:
+            if not self._decompress_more():
+                return 0
+        n = min(len(buffer), len(self._output))
+        buffer[:n] = self._output[:n]
+        self._output = self._output[n:]
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
 def _open_binary(path: Path) -> io.BufferedIOBase:
     name = path.name.lower()
     if name.endswith(".gz"):
         return gzip.open(path, "rb")
     if name.endswith(".zst"):
-        import zstandard
-
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+        return io.BufferedReader(_CheckedZstdReader(open(path, "rb")))
     return open(path, "rb")
 
 
@@ -210,6 +261,8 @@ def _read_jsonl(path: Path) -> Iterator[RawRecord]:
     try:
         with _open_binary(path) as fh:
             for line_no, raw in enumerate(fh, start=1):
+                if line_no == 1:
+                    raw = _strip_utf8_bom(path, raw)
                 raw = raw.rstrip(b"\r\n")
                 if not raw.strip():
                     continue  # blank lines separate nothing; they are not records
@@ -220,7 +273,9 @@ def _read_jsonl(path: Path) -> Iterator[RawRecord]:
                     continue
                 try:
                     value = json.loads(text)
-                except json.JSONDecodeError as exc:
+                except (ValueError, RecursionError) as exc:
+                    # ValueError beyond JSONDecodeError: an integer of more than 4300 digits;
+                    # RecursionError: arrays or objects nested thousands deep
                     yield RawRecord(str(path), line_no, None, stem, ("invalid_json", str(exc)))
                     continue
                 if not isinstance(value, dict):
@@ -230,6 +285,18 @@ def _read_jsonl(path: Path) -> Iterator[RawRecord]:
     except _corrupt_data_errors(path) as exc:
         raise FramelmError(f"{path}: truncated, corrupt or unreadable after line {line_no} ({exc}); "
                            "re-download or re-compress it, or leave it out of the inputs") from None
+
+
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def _strip_utf8_bom(path: Path, first_line: bytes) -> bytes:
+    """The first line without the UTF-8 byte-order mark that Windows tools write. A UTF-16 (or
+    UTF-32) file cannot be read line by line as bytes at all, so it stops the run, named."""
+    if first_line.startswith(UTF16_BOMS):
+        raise FramelmError(f"{path}: is UTF-16 or UTF-32 encoded (it starts with that byte-order mark); framelm reads "
+                           "UTF-8 JSON lines; convert it to UTF-8 first (e.g. with iconv -f UTF-16 -t UTF-8)")
+    return first_line.removeprefix(b"\xef\xbb\xbf")
 
 
 def _corrupt_data_errors(path: Path) -> tuple[type[BaseException], ...]:
@@ -242,20 +309,31 @@ def _corrupt_data_errors(path: Path) -> tuple[type[BaseException], ...]:
     return errors
 
 
-def _read_parquet(path: Path, columns: list[str]) -> Iterator[RawRecord]:
+def _read_parquet(path: Path, cfg: IngestConfig) -> Iterator[RawRecord]:
     import pyarrow.parquet as pq
 
     try:
         pf = pq.ParquetFile(path)
     except (OSError, pa.ArrowException) as exc:
         raise FramelmError(f"{path}: not a readable Parquet file ({exc})") from None
-    present = [c for c in columns if c in pf.schema_arrow.names]
+    names = pf.schema_arrow.names
     stem = file_stem(path)
+    if cfg.text_field not in names:
+        # only the configured columns are read, so the file's own are named here
+        problem = ("missing_text", f"no '{cfg.text_field}' column (columns: {', '.join(names[:SHOWN_KEYS]) or 'none'})")
+        for row in range(1, pf.metadata.num_rows + 1):
+            yield RawRecord(str(path), row, None, stem, problem)
+        return
+    present = [c for c in (cfg.id_field, cfg.text_field, cfg.source_field) if c in names]
     row = 0
-    for batch in pf.iter_batches(columns=present, batch_size=4096):
-        for value in batch.to_pylist():
-            row += 1
-            yield RawRecord(str(path), row, value, stem)
+    try:
+        for batch in pf.iter_batches(columns=present, batch_size=4096):
+            for value in batch.to_pylist():
+                row += 1
+                yield RawRecord(str(path), row, value, stem)
+    except (OSError, pa.ArrowException) as exc:
+        raise FramelmError(f"{path}: corrupt or unreadable after row {row} ({exc}); "
+                           "re-download or re-write it, or leave it out of the inputs") from None
 
 
 def _read_datasets(path: Path) -> Iterator[RawRecord]:
@@ -271,18 +349,18 @@ def _read_datasets(path: Path) -> Iterator[RawRecord]:
         named = [(str(path), loaded)]
     for where, dataset in named:
         for row, value in enumerate(dataset, start=1):
-            yield RawRecord(where, row, value, path.name)
+            yield RawRecord(where, row, value, _printable(path.name))
 
 
 def _read_textdir(directory: Path, text_field: str) -> Iterator[RawRecord]:
     for path in sorted(p for p in directory.rglob("*.txt") if p.is_file()):
         data = path.read_bytes()
         try:
-            text = data.decode("utf-8")
+            text = data.decode("utf-8-sig")  # a byte-order mark (Notepad writes one) is no part of the text
         except UnicodeDecodeError as exc:
-            yield RawRecord(str(path), None, None, directory.name, ("undecodable_bytes", f"not UTF-8: {exc}"))
+            yield RawRecord(str(path), None, None, _printable(directory.name), ("undecodable_bytes", f"not UTF-8: {exc}"))
             continue
-        yield RawRecord(str(path), None, {text_field: text}, directory.name)
+        yield RawRecord(str(path), None, {text_field: text}, _printable(directory.name))
 
 
 def _read_builtin(cfg: IngestConfig) -> Iterator[RawRecord]:
@@ -297,7 +375,7 @@ def read_records(kind: str, path: Path | None, cfg: IngestConfig) -> Iterator[Ra
     if kind == "jsonl":
         return _read_jsonl(path)
     if kind == "parquet":
-        return _read_parquet(path, [c for c in (cfg.id_field, cfg.text_field, cfg.source_field) if c])
+        return _read_parquet(path, cfg)
     if kind == "datasets":
         return _read_datasets(path)
     return _read_textdir(path, cfg.text_field)
@@ -323,6 +401,19 @@ def input_fingerprints(cfg: IngestConfig, run: RunDir) -> list[dict[str, Any]]:
 
 
 # -- checking records --------------------------------------------------------------------
+
+def _printable(text: str) -> str:
+    """`text` with lone surrogates (from a JSON key or a file name) escaped, so it can be written as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
 
 def split_of(doc_id: str, seed: int, heldout_fraction: float, ref_fraction: float) -> str:
     """The split of a document: a pure function of its id and the seed, stable across runs."""
@@ -358,7 +449,7 @@ class RecordChecker:
             raise FramelmError(f"{where}: bad record ({reason}): {detail}. "
                                "Fix the record, or run without --strict to skip and count bad records")
         self.reject_counts[reason] += 1
-        self.rejects.append({"reason": reason, "file": rec.file, "line": rec.line, "detail": detail[:500]})
+        self.rejects.append({"reason": reason, "file": _printable(rec.file), "line": rec.line, "detail": _printable(detail[:500])})
 
     def check(self, rec: RawRecord) -> dict[str, Any] | None:
         """The document of a record, or None when it is rejected or a dropped duplicate."""
@@ -389,6 +480,9 @@ class RecordChecker:
             if given is not None and not isinstance(given, str):
                 self._reject(rec, "non_string_source", f"'{cfg.source_field}' is {type(given).__name__}, not a string")
                 return None
+            if given and not _is_unicode(given):
+                self._reject(rec, "undecodable_bytes", f"'{cfg.source_field}' has a lone surrogate, not valid Unicode")
+                return None
             if given:
                 source = given
             else:
@@ -401,8 +495,13 @@ class RecordChecker:
         derived_id = raw_id is None or raw_id == ""
         if derived_id:
             doc_id = text_hash.hex()
-        elif isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool):
+        elif isinstance(raw_id, int) and not isinstance(raw_id, bool):
             doc_id = str(raw_id)
+        elif isinstance(raw_id, str):
+            if not _is_unicode(raw_id):
+                self._reject(rec, "undecodable_bytes", f"'{cfg.id_field}' has a lone surrogate, not valid Unicode")
+                return None
+            doc_id = raw_id
         else:
             self._reject(rec, "invalid_id", f"'{cfg.id_field}' is {type(raw_id).__name__}; ids must be strings or integers")
             return None
@@ -552,8 +651,12 @@ def ingest_corpus(cfg: IngestConfig, run: RunDir) -> dict[str, Any]:
     if shard:
         flush()
     if n_docs == 0:
+        # rejects.jsonl is not written on failure, so the message carries the first reject's detail
+        first = checker.rejects[0] if checker.rejects else None
+        example = (f"; the first: {first['file']}" + (f", line {first['line']}" if first["line"] is not None else "")
+                   + f": {first['detail']}") if first else ""
         raise FramelmError(f"ingest found no usable documents in {', '.join(cfg.inputs)} "
-                           f"(rejected: {dict(checker.reject_counts) or 'none'}); check text_field='{cfg.text_field}'")
+                           f"(rejected: {dict(checker.reject_counts) or 'none'}{example}); check text_field='{cfg.text_field}'")
     _warn_missing_sources(cfg, checker)
     _warn_small_splits(cfg, splits)
     fsutil.write_text(run.path("ingest", "rejects.jsonl"), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in checker.rejects))

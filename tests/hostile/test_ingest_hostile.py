@@ -94,6 +94,52 @@ def test_parquet_with_the_wrong_schema(framelm_cli, tmp_path):
         ("non_string_text", str(wrong_type), 1), ("non_string_text", str(wrong_type), 2), ("missing_text", str(no_text), 1)]
 
 
+def test_parquet_without_the_text_column_names_its_columns(framelm_cli, tmp_path):
+    src = tmp_path / "web.parquet"
+    pq.write_table(pa.table({"url": ["u1", "u2"], "content": ["one", "two"]}), src)
+    result = ingest(framelm_cli, tmp_path / "run", src)
+    assert_user_error(result, "no usable documents", "'missing_text': 2", f"{src}, line 1: no 'text' column (columns: url, content)",
+                      "text_field='text'")
+
+
+def test_corrupt_parquet_data_names_the_file(framelm_cli, tmp_path):
+    src = tmp_path / "web.parquet"
+    pq.write_table(pa.table({"text": [f"document {i} " * 50 for i in range(4000)]}), src, row_group_size=500, compression="snappy")
+    data = bytearray(src.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4000] = bytes(4000)  # a data page zeroed: the footer still reads
+    src.write_bytes(bytes(data))
+    result = ingest(framelm_cli, tmp_path / "run", src, flags=("--docs-per-shard", "100"))
+    assert_user_error(result, str(src), "corrupt or unreadable after row")
+    assert_nothing_half_written(tmp_path / "run", "ingest")
+
+
+def test_utf16_json_lines_are_refused_naming_the_encoding(framelm_cli, tmp_path):
+    src = tmp_path / "web.jsonl"
+    src.write_bytes('{"id": "a", "text": "saved by PowerShell"}\r\n'.encode("utf-16"))
+    result = ingest(framelm_cli, tmp_path / "run", src)
+    assert_user_error(result, str(src), "UTF-16", "UTF-8")
+    assert_nothing_half_written(tmp_path / "run", "ingest")
+
+
+def test_records_that_break_the_json_parser_or_unicode_are_counted(framelm_cli, tmp_path):
+    src = write_jsonl(tmp_path / "web.jsonl", [
+        {"id": "a", "text": "a good document"},
+        '{"id": "b", "text": ' + "[" * 100_000 + "]" * 100_000 + "}",  # line 2: nested too deep
+        '{"id": ' + "9" * 5000 + ', "text": "an id of 5000 digits"}',  # line 3: beyond int parsing limit
+        '{"id": "c\\ud800", "text": "a lone surrogate in the id"}',   # line 4
+        '{"id": "d", "text": "one in the source", "src": "w\\udc00"}',  # line 5
+        '{"id": "e", "t\\ud800xt": "one in a key"}',                  # line 6: missing text
+    ])
+    result = ingest(framelm_cli, tmp_path / "run", src, flags=("--source-field", "src"))
+    assert result.code == 0, result.err
+    assert [d["id"] for d in read_docs(tmp_path / "run")] == ["a"]
+    rejects = read_rejects(tmp_path / "run")
+    assert [(r["reason"], r["line"]) for r in rejects] == [
+        ("invalid_json", 2), ("invalid_json", 3), ("undecodable_bytes", 4), ("undecodable_bytes", 5), ("missing_text", 6)]
+    assert "t\\ud800xt" in rejects[-1]["detail"]
+
+
 def test_a_file_that_only_claims_to_be_parquet(framelm_cli, tmp_path):
     fake = tmp_path / "fake.parquet"
     fake.write_bytes(b"PAR1 this is not parquet at all")
