@@ -74,3 +74,11 @@ def test_in_background_hands_back_results_and_errors():
 
     with pytest.raises(ValueError, match="bad file"):
         in_background(fail).result(timeout=10)
+
+
+def test_null_in_a_dictionary_is_a_null_row_not_a_category():
+    cats = Categories(["web"])
+    assert cats.codes(pa.array([None, None])).tolist() == [-1, -1]  # type null: its dictionary is [null]
+    with_null = pa.DictionaryArray.from_arrays(pa.array([0, 1, 2, None], pa.int8()), pa.array(["math", None, "web"]))
+    assert cats.codes(with_null).tolist() == [1, -1, 0, -1]
+    assert cats.values == ["web", "math"]

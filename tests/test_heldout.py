@@ -69,3 +69,21 @@ def test_loss_and_bpb_do_not_depend_on_neighbours():
     assert alone["bpb"] == pytest.approx(alone["loss"] * 30 / math.log(2) / 90)
     # an untrained model is near uniform over the 64-token vocabulary
     assert abs(alone["loss"] - math.log(64)) < 0.5
+
+
+def test_a_damaged_token_store_is_named(tmp_path):
+    from framelm.errors import FramelmError
+    from framelm.heldout import read_token_store
+
+    root = make_tiny_run(tmp_path / "run")
+    tokens_bin, meta_json = root / "tokenize" / "tokens.bin", root / "tokenize" / "meta.json"
+    with open(tokens_bin, "ab") as fh:
+        fh.write(b"\0")  # no longer a whole number of tokens
+    with pytest.raises(FramelmError, match=f"{tokens_bin}: expected .* tokens"):
+        read_token_store(RunDir(root))
+    tokens_bin.unlink()
+    with pytest.raises(FramelmError, match=f"{tokens_bin}: .*found no file"):
+        read_token_store(RunDir(root))
+    meta_json.write_text('{"dtype": "uint16",')
+    with pytest.raises(FramelmError, match=f"{meta_json}: not a framelm token store meta file"):
+        read_token_store(RunDir(root))

@@ -70,7 +70,8 @@ class Categories:
             return np.concatenate(parts) if parts else np.empty(0, np.int32)
         if not pa.types.is_dictionary(column.type):
             column = pc.dictionary_encode(column)
-        lut = np.array([self._code(v) for v in column.dictionary.to_pylist()] + [-1], np.int32)
+        # A dictionary may hold null itself (an all-null column's has nothing else): null rows all the same.
+        lut = np.array([-1 if v is None else self._code(v) for v in column.dictionary.to_pylist()] + [-1], np.int32)
         indices = column.indices
         if indices.null_count:  # -1 picks the lut's last entry, the null code
             indices = pc.fill_null(indices, -1)

@@ -208,6 +208,12 @@ class ContentHashes:
     def fingerprint(self, path: str | Path) -> dict[str, Any]:
         """{"path", "bytes", "sha256"} of one file."""
         path = Path(path)
+        try:
+            return self._fingerprint(path)
+        except OSError as exc:
+            raise FramelmError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+    def _fingerprint(self, path: Path) -> dict[str, Any]:
         st = path.stat()
         key = str(path.resolve())
         # ctime too: `cp -p` onto an existing file keeps its inode, size and mtime, never its ctime.

@@ -17,7 +17,6 @@ bits per byte = summed NLL / ln 2 / the documents' UTF-8 bytes.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 
 import numpy as np
@@ -28,6 +27,7 @@ import torch
 from framelm.errors import FramelmError
 from framelm.partition import LABELS, SCORES, read_labels
 from framelm.rundir import RunDir
+from framelm.tokenstore import read_tokens
 
 SHUFFLE_SEED = 0
 
@@ -50,13 +50,10 @@ def read_token_store(run: RunDir) -> tuple[np.ndarray, dict]:
     meta_path = run.path("tokenize", "meta.json")
     if not meta_path.is_file():
         raise FramelmError(f"{meta_path} not found; run the tokenize stage first: framelm tokenize --run-dir {run.root}")
-    meta = json.loads(meta_path.read_text())
-    for key in ("dtype", "eos_id", "vocab_size", "n_tokens"):
+    meta, tokens = read_tokens(meta_path.parent)
+    for key in ("eos_id", "vocab_size"):
         if key not in meta:
             raise FramelmError(f"{meta_path}: missing key '{key}'")
-    tokens = np.memmap(run.path("tokenize", "tokens.bin"), dtype=np.dtype(meta["dtype"]), mode="r")
-    if len(tokens) != meta["n_tokens"]:
-        raise FramelmError(f"{run.path('tokenize', 'tokens.bin')} holds {len(tokens)} tokens but {meta_path} says n_tokens = {meta['n_tokens']}")
     return tokens, meta
 
 

@@ -37,22 +37,14 @@ class TokenStore:
     @classmethod
     def open(cls, run_or_dir: RunDir | str | Path) -> "TokenStore":
         directory = _store_dir(run_or_dir)
-        meta_path = directory / "meta.json"
+        meta, tokens = read_tokens(directory)
+        index_path = directory / "index.parquet"
         try:
-            meta = json.loads(meta_path.read_text())
-            dtype = np.dtype(meta["dtype"])
-            n_tokens = int(meta["n_tokens"])
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise FramelmError(f"{meta_path}: not a framelm token store meta file ({exc!r}); re-run framelm tokenize") from None
-        tokens_path = directory / "tokens.bin"
-        size = tokens_path.stat().st_size if tokens_path.exists() else -1
-        if size != n_tokens * dtype.itemsize:
-            raise FramelmError(f"{tokens_path}: expected {n_tokens} {dtype.name} tokens ({n_tokens * dtype.itemsize} bytes), "
-                               f"found {'no file' if size < 0 else f'{size} bytes'}; re-run framelm tokenize --force")
-        tokens = np.memmap(tokens_path, dtype=dtype, mode="r", shape=(n_tokens,)) if n_tokens else np.empty(0, dtype)
-        index = pq.read_table(directory / "index.parquet")
+            index = pq.read_table(index_path)
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise FramelmError(f"{index_path}: cannot read the token store's index ({exc!r}); re-run framelm tokenize --force") from None
         if index.num_rows != meta.get("n_docs"):
-            raise FramelmError(f"{directory / 'index.parquet'}: {index.num_rows} rows but meta.json says {meta.get('n_docs')} documents")
+            raise FramelmError(f"{index_path}: {index.num_rows} rows but meta.json says {meta.get('n_docs')} documents")
         return cls(directory, meta, tokens, index)
 
     def __len__(self) -> int:
@@ -81,6 +73,25 @@ class TokenStore:
         if row is None:
             raise FramelmError(f"document id {doc_id!r} is not in the token store {self.directory}")
         return self.doc(row)
+
+
+def read_tokens(directory: Path) -> tuple[dict[str, Any], np.ndarray]:
+    """meta.json of a token store folder and its tokens.bin as a read-only memmap, checked to agree."""
+    meta_path = directory / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+        dtype = np.dtype(meta["dtype"])
+        n_tokens = int(meta["n_tokens"])
+    except (OSError, KeyError, TypeError, ValueError) as exc:  # JSON and UTF-8 errors are ValueErrors
+        raise FramelmError(f"{meta_path}: not a framelm token store meta file ({exc!r}); re-run framelm tokenize") from None
+    tokens_path = directory / "tokens.bin"
+    size = tokens_path.stat().st_size if tokens_path.exists() else -1
+    if size != n_tokens * dtype.itemsize:
+        raise FramelmError(f"{tokens_path}: expected {n_tokens} {dtype.name} tokens ({n_tokens * dtype.itemsize} bytes), "
+                           f"found {'no file' if size < 0 else f'{size} bytes'}; re-run framelm tokenize --force")
+    # numpy cannot map an empty file
+    tokens = np.memmap(tokens_path, dtype=dtype, mode="r", shape=(n_tokens,)) if n_tokens else np.empty(0, dtype)
+    return meta, tokens
 
 
 def _store_dir(run_or_dir: RunDir | str | Path) -> Path:

@@ -77,3 +77,18 @@ def test_really_read_only_run_dir(framelm_cli, tmp_path):
         result = framelm_cli(*ingest_argv(read_only, src), "--force")
         assert_user_error(result, str(read_only), "Read-only file system")
     assert tree_digests(writable) == before
+
+
+def test_unreadable_input(framelm_cli, tmp_path, monkeypatch):
+    src = write_jsonl(tmp_path / "web.jsonl", DOCS)
+    real_open = open
+
+    def deny(file, *args, **kwargs):  # what open() does on a mode-000 file for anyone but root
+        if Path(file) == src:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(fsutil, "open", deny, raising=False)
+    result = framelm_cli(*ingest_argv(tmp_path / "run", src))
+    assert_user_error(result, f"cannot read {src}: Permission denied")
+    assert_nothing_half_written(tmp_path / "run", "ingest")
