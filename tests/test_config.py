@@ -18,6 +18,7 @@ class Demo(StageConfig):
     mode: Literal["a", "b"] = field("a", help="a mode")
     tags: list[str] = field(default_factory=list, help="tags")
     limit: Optional[int] = field(None, help="optional limit")
+    quota: dict[str, float] = field(default_factory=dict, help="per-name quota")
     workers: int = field(1, help="workers", hash=False)
     inner: Inner = field(default_factory=Inner, help="nested")
 
@@ -27,9 +28,10 @@ class Demo(StageConfig):
 
 
 def test_from_dict_converts_and_nests():
-    cfg = Demo.from_dict({"ratio": 1, "tags": ["p"], "inner": {"n_layers": 4}, "limit": None})
+    cfg = Demo.from_dict({"ratio": 1, "tags": ["p"], "inner": {"n_layers": 4}, "limit": None, "quota": {"web": 2}})
     assert cfg.ratio == 1.0 and isinstance(cfg.ratio, float)
     assert cfg.inner.n_layers == 4 and cfg.tags == ["p"] and cfg.limit is None
+    assert cfg.quota == {"web": 2.0} and isinstance(cfg.quota["web"], float)  # a mapping's values are converted too
 
 
 @pytest.mark.parametrize(
@@ -41,13 +43,27 @@ def test_from_dict_converts_and_nests():
         ({"tags": "p"}, "'demo.tags' must be a list"),
         ({"inner": {"n_layer": 3}}, "unknown key 'demo.inner.n_layer'"),
         ({"inner": {"n_layers": 2.5}}, "'demo.inner.n_layers' must be an integer"),
-        ({"ratio": 2}, "ratio must be in [0, 1], got 2.0"),
+        ({"quota": ["web"]}, "'demo.quota' must be a mapping, got list"),
+        ({"quota": {"web": "lots"}}, "'demo.quota.web' must be a number"),
     ],
 )
 def test_errors_name_the_key(data, message):
     with pytest.raises(ConfigError) as exc:
         Demo.from_dict(data, where="demo")
     assert message in str(exc.value)
+
+
+def test_a_validate_error_is_prefixed_with_where_once():
+    # validate() knows only its own fields; from_dict says which section of the config it was
+    with pytest.raises(ConfigError) as exc:
+        Demo.from_dict({"ratio": 2}, where="demo")
+    assert str(exc.value) == "demo: ratio must be in [0, 1], got 2.0"
+    with pytest.raises(ConfigError) as exc:
+        Demo.from_dict({"ratio": 2})
+    assert str(exc.value) == "ratio must be in [0, 1], got 2.0"
+    with pytest.raises(ConfigError) as exc:  # a message that already starts with where is not prefixed again
+        Demo.from_dict({"ratio": 2}, where="ratio")
+    assert str(exc.value) == "ratio must be in [0, 1], got 2.0"
 
 
 def test_hash_ignores_execution_details():

@@ -146,6 +146,9 @@ def test_hints_name_the_command_that_makes_a_stage(tmp_path):
     assert run.command_for("tokenizer") == f"framelm tokenizer train --run-dir {run.root}"
     assert run.command_for("train/frame/seed3") == f"framelm train --run-dir {run.root} --schedule frame --seed 3"
     assert run.command_for("eval/random/seed1") == f"framelm eval --run-dir {run.root} --model train/random/seed1"
+    # an evaluation named otherwise, or a seed-like instance of another stage, names no training to evaluate
+    assert run.command_for("eval/mine") == f"framelm eval --run-dir {run.root}"
+    assert run.command_for("export/frame/seed3") == f"framelm export --run-dir {run.root}"
 
 
 def test_run_pipeline_from_yaml_and_errors(tmp_path, capsys, monkeypatch):

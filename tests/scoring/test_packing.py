@@ -15,9 +15,15 @@ def test_windows_predict_every_token_once_with_left_context(seq_len, window, dat
     predicted = [t for w in windows for t in range(w.first_target, w.end)]
     assert predicted == list(range(1, seq_len)), "each token after BOS predicted exactly once, in order"
     for i, w in enumerate(windows):
-        assert 0 <= w.start < w.first_target <= w.end <= seq_len and w.length <= window
+        assert 0 <= w.start < w.first_target < w.end <= seq_len and w.length <= window  # each predicts a token
         if i > 0:  # later windows give every prediction at least window - stride tokens of context
             assert w.first_target - w.start >= window - stride
+
+
+def test_a_sequence_of_bos_alone_has_no_window():
+    # an empty document (BOS only) has nothing to predict: no window, so no row of the batch is spent on it
+    assert plan_windows(0, 1, 8, 4) == [] and plan_windows(0, 0, 8, 4) == []
+    assert [(w.start, w.first_target, w.end) for w in plan_windows(0, 2, 8, 4)] == [(0, 1, 2)]
 
 
 def test_a_long_sequence_is_never_truncated():
