@@ -43,6 +43,19 @@ def toy_tail(cfg, run):
     return {}
 
 
+@dataclass
+class ReaderConfig(ToyConfig):
+    def input_fingerprint(self, run):
+        seen = run.root / "seen.txt"
+        return {"seen": seen.read_text() if seen.exists() else None}
+
+
+def toy_reader(cfg, run):
+    CALLS.append("reader")
+    (run.root / "seen.txt").write_text("mine")  # remakes what it reads, as compare re-trains replaced runs
+    return {}
+
+
 @pytest.fixture(autouse=True)
 def toy_stages(monkeypatch):
     stages = {
@@ -301,3 +314,41 @@ def test_stages_and_only_must_name_stages_the_pipeline_runs(tmp_path, capsys, mo
     assert main(["run", "p.yaml", "--quiet", "--set", "sink.value=3"]) == 2  # listed stages only: not ignored
     assert "does not run stage 'sink' (it runs source)" in capsys.readouterr().err
     assert CALLS == []
+
+
+def add_stage(stage: Stage) -> None:
+    pipeline.STAGES[stage.name] = stage  # the fixture's own dict and list: undone after the test
+    pipeline.ORDER.append(stage.name)
+
+
+def test_a_stage_that_remakes_its_inputs_is_recorded_as_it_leaves_them(tmp_path):
+    add_stage(Stage("reader", f"{__name__}:ReaderConfig", f"{__name__}:toy_reader", (), "toy reader"))
+    run = RunDir(tmp_path)
+    pipeline.run_stage("reader", ReaderConfig(), run)
+    pipeline.run_stage("reader", ReaderConfig(), run)
+    assert CALLS == ["reader"]  # not once more for the inputs it remade itself
+    assert run.record("reader")["hash"] == pipeline.stage_hash("reader", ReaderConfig(), run)[0]
+    for _ in range(2):  # another writer replaces its input, the same way each time
+        (tmp_path / "seen.txt").write_text("other")
+        pipeline.run_stage("reader", ReaderConfig(), run)
+    assert CALLS == ["reader"] * 3
+
+
+@dataclass
+class OwnerConfig(ToyConfig):
+    source_value: int = field(1, help="value of the source run this stage makes itself, as compare makes train runs")
+
+    def owned_stages(self):
+        return [("source", ToyConfig(value=self.source_value))]
+
+
+def test_two_sections_that_make_one_key_differently_are_refused(tmp_path):
+    add_stage(Stage("owner", f"{__name__}:OwnerConfig", f"{__name__}:toy_tail", (), "toy owner"))
+    config = tmp_path / "p.yaml"
+    config.write_text(f"run_dir: {tmp_path / 'run'}\nsource: {{value: 1}}\nowner: {{source_value: 2}}\n")
+    with pytest.raises(pipeline.ConfigError, match=r"p\.yaml: sections 'source' and 'owner' both make source, "
+                                                    r"with different settings.*leave out the 'source' section"):
+        pipeline.run_pipeline(config)
+    assert CALLS == []
+    pipeline.run_pipeline(config, ["owner.source_value=1"])  # the same settings make one result
+    assert CALLS == ["source", "tail"]

@@ -789,3 +789,28 @@ def test_schedule_plot_counts_stream_tokens_as_stages_yaml_does(tmp_path, monkey
                    run.path("schedule", "frame", "order.parquet"))
     build_report(ReportConfig(), run)
     assert [name for name, _ in drawn["schedule-frame.png"][4]] == ["Q3", "empty", "Q4", "Q1", "Q2"]
+
+
+def test_a_schedule_made_from_an_earlier_partition_is_flagged(tmp_path):
+    from framelm.partition import PartitionConfig
+    from framelm.schedule import ScheduleConfig
+
+    run = RunDir(tmp_path / "run")
+    rng = np.random.default_rng(0)
+    n = 300
+    run.path("score").mkdir(parents=True)
+    pq.write_table(pa.table({
+        "id": [f"d{i}" for i in range(n)], "source": rng.choice(SOURCES, n), "split": ["train"] * n,
+        "n_tokens": rng.integers(20, 400, n), "ppl": np.exp(rng.normal(3, 0.6, n)), "pd": rng.normal(0.3, 0.1, n),
+        "status": ["ok"] * n,
+    }), run.path("score", "scores.parquet"))
+    run.update_record("score", {"stage": "score", "status": "done", "hash": "fixture"})
+    run_stage("partition", PartitionConfig(ppl_quantiles=[0.33, 0.66]), run)
+    run_stage("schedule", ScheduleConfig(), run)
+    build_report(ReportConfig(), run)
+    assert "Out of date" not in run.path("report", "index.html").read_text()
+    run_stage("partition", PartitionConfig(), run)  # back to 2 x 2; the schedule is still of the 3 x 2 grid
+    counts = build_report(ReportConfig(), run)
+    text = run.path("report", "index.html").read_text()
+    assert "Out of date: schedule was made from an earlier result of partition" in text
+    assert counts["out_of_date"] == 1 and "re-run it: framelm schedule --run-dir" in counts["summary"]

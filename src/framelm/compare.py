@@ -114,18 +114,22 @@ class CompareConfig(StageConfig):
 
         compared = run.record(stage_key("compare", self))
         out: dict[str, Any] = {}
-        for train_cfg, evaluations in self.runs():
-            for name, cfg in (("train", train_cfg), *(("eval", e) for e in evaluations)):
-                key = stage_key(name, cfg)
-                rec = run.record(key)
-                if rec is None:
-                    if compared is not None:
-                        out[key] = "missing"
-                    continue
-                expected, _ = stage_hash(name, cfg, run, dry_run=True)
-                if rec.get("status") != "done" or rec.get("hash") != expected:
-                    out[key] = f"{rec.get('status')}:{rec.get('hash')}"
+        for name, cfg in self.owned_stages():
+            key = stage_key(name, cfg)
+            rec = run.record(key)
+            if rec is None:
+                if compared is not None:
+                    out[key] = "missing"
+                continue
+            expected, _ = stage_hash(name, cfg, run, dry_run=True)
+            if rec.get("status") != "done" or rec.get("hash") != expected:
+                out[key] = f"{rec.get('status')}:{rec.get('hash')}"
         return out
+
+    def owned_stages(self) -> list[tuple[str, StageConfig]]:
+        """(stage name, config) of every train and eval run that compare makes through run_stage."""
+        return [(name, cfg) for train_cfg, evaluations in self.runs()
+                for name, cfg in (("train", train_cfg), *(("eval", e) for e in evaluations))]
 
     def validate(self) -> None:
         if not self.schedules or len(set(self.schedules)) != len(self.schedules):

@@ -69,11 +69,13 @@ def stage_hash(name: str, cfg: StageConfig, run: RunDir, dry_run: bool = False,
     return stable_hash(payload), upstream
 
 
-def _require_current(run: RunDir, keys: list[str]) -> None:
-    """Refuse upstream records made from inputs that have since been re-run with another result:
-    after `framelm ingest` on new files, an old `score` would otherwise feed `partition` silently."""
+def stale_records(run: RunDir, keys: list[str] | None = None) -> list[tuple[str, str]]:
+    """(key, upstream) for each record among `keys` (default: every record) and the records they
+    were made from, whose `upstream` has since been re-run with another result."""
     stages = run.manifest()["stages"]
+    keys = list(stages) if keys is None else list(keys)
     seen: set[str] = set()
+    stale = []
     while keys:
         key = keys.pop()
         if key in seen or key not in stages:
@@ -82,9 +84,20 @@ def _require_current(run: RunDir, keys: list[str]) -> None:
         for up, used in (stages[key].get("upstream") or {}).items():
             now = stages.get(up, {})
             if now.get("hash") != used or now.get("status") != "done":
-                raise FramelmError(f"stage '{key}' in {run.root} is out of date: it was made from another result of "
-                                   f"'{up}' than the one there now; re-run it first: {run.command_for(key)}")
-            keys.append(up)
+                stale.append((key, up))
+            else:
+                keys.append(up)
+    return stale
+
+
+def _require_current(run: RunDir, keys: list[str]) -> None:
+    """Refuse upstream records made from inputs that have since been re-run with another result:
+    after `framelm ingest` on new files, an old `score` would otherwise feed `partition` silently."""
+    stale = stale_records(run, keys)
+    if stale:
+        key, up = stale[0]
+        raise FramelmError(f"stage '{key}' in {run.root} is out of date: it was made from another result of "
+                           f"'{up}' than the one there now; re-run it first: {run.command_for(key)}")
 
 
 def run_stage(name: str, cfg: StageConfig, run: RunDir | str | Path, *, force: bool = False, dry_run: bool = False,
@@ -166,7 +179,13 @@ def run_stage(name: str, cfg: StageConfig, run: RunDir | str | Path, *, force: b
             # A distributed rank finished its share; another rank completes the stage.
             log.info("%s: this process's share is done; the stage completes when all ranks finish", key)
             return counts
-        run.update_record(key, {**running, "status": "done", "seconds": round(time.time() - started, 3),
+        if callable(getattr(cfg, "input_fingerprint", None)):
+            # What it read may have changed under it (compare re-trains the runs a standalone
+            # `framelm train` replaced): it is recorded as what it leaves, or the same replacement
+            # made again would give back the hash recorded here and pass for up to date.
+            h = stage_hash(name, cfg, run)[0]
+            fsutil.write_text(marker, h + "\n")
+        run.update_record(key, {**running, "status": "done", "hash": h, "seconds": round(time.time() - started, 3),
                                 "counts": counts})
         with run._manifest_lock():  # set-asides of other keys are made under it
             _drop_set_aside(run, previous)
@@ -268,6 +287,7 @@ def run_pipeline(path: str | Path, overrides: list[str] = (), *, only: list[str]
         raise ConfigError(f"--only {' '.join(missing)}: {path} does not run {', '.join(map(repr, missing))}; "
                           f"its stages are {', '.join(stages)}")
     configs = {s: build_config(s, data.get(s)) for s in stages}  # validate everything before running anything
+    _refuse_shared_outputs(path, stages, configs)
     run = RunDir(run_dir)
     results: dict[str, dict[str, Any]] = {}
     planned: dict[str, str] = {}
@@ -276,3 +296,18 @@ def run_pipeline(path: str | Path, overrides: list[str] = (), *, only: list[str]
             continue
         results[s] = run_stage(s, configs[s], run, force=force, dry_run=dry_run, planned=planned)
     return results
+
+
+def _refuse_shared_outputs(path: str | Path, stages: list[str], configs: dict[str, StageConfig]) -> None:
+    """Two sections that make one stage key with different settings (a `train:` section and
+    compare's own run of that schedule and seed) would replace each other's result on every run."""
+    made: dict[str, tuple[str, StageConfig]] = {}
+    for s in stages:
+        owned = getattr(configs[s], "owned_stages", None)
+        for name, cfg in [(s, configs[s]), *(owned() if callable(owned) else [])]:
+            key = stage_key(name, cfg)
+            first, other = made.setdefault(key, (s, cfg))
+            if other.hashed_dict() != cfg.hashed_dict():
+                raise ConfigError(f"{path}: sections '{first}' and '{s}' both make {key}, with different settings, so "
+                                  f"each run would replace the other's result; leave out the '{first}' section or give "
+                                  f"it another schedule or seed")

@@ -836,7 +836,19 @@ def _table(header: list[str], rows: list[list[str]], caption: str) -> str:
     return f"<table><caption>{html.escape(caption)}</caption><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _render(title: str, run: RunDir, sections: list[Section], verdicts: list[str]) -> str:
+def stale_notes(run: RunDir) -> list[str]:
+    """A caution per finished result that was made from an earlier result of a stage before it:
+    the page would otherwise mix figures of different runs (a schedule of an old 3 x 2 grid
+    beside the quadrants of the current 2 x 2) without a word."""
+    from framelm.pipeline import stale_records
+
+    finished = [k for k, rec in run.manifest()["stages"].items() if k != "report" and rec.get("status") == "done"]
+    return [f"out of date: {key} was made from an earlier result of {up} than the one now in the run, so its figures "
+            f"and numbers do not belong with those of {up}; re-run it: {run.command_for(key)}"
+            for key, up in sorted(stale_records(run, finished))]
+
+
+def _render(title: str, run: RunDir, sections: list[Section], verdicts: list[str], stale: list[str]) -> str:
     from framelm import __version__
 
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>{html.escape(title)}</title>",
@@ -846,6 +858,7 @@ def _render(title: str, run: RunDir, sections: list[Section], verdicts: list[str
     if verdicts:
         items = "".join(f"<li>{html.escape(v)}</li>" for v in verdicts)
         parts.append(f"<div class=\"verdict\"><b>Verdict</b><ul>{items}</ul></div>")
+    parts.extend(_caution(note) for note in stale)
     pending = [s.title for s in sections if s.missing]
     if pending:
         parts.append(f"<p class=\"missing\">Sections not run yet: {html.escape(', '.join(pending))}.</p>")
@@ -886,11 +899,12 @@ def build_report(cfg: ReportConfig, run: RunDir) -> dict[str, Any]:
         con.close()
     title = cfg.title or f"framelm report: {run.root.name}"
     page = out / "index.html"
-    fsutil.write_text(page, _render(title, run, sections, verdicts))
+    stale = stale_notes(run)
+    fsutil.write_text(page, _render(title, run, sections, verdicts, stale))
     images = [img.file for s in sections for img in s.images]
     pending = [s.title for s in sections if s.missing]
     summary = f"report: {page} ({len(images)} figures" + (f"; not run yet: {', '.join(pending)})" if pending else ")")
-    for v in verdicts:
-        summary += "\n  " + v
-    return {"figures": len(images), "sections": len(sections) - len(pending), "not_run_yet": len(pending),
+    for line in (*verdicts, *stale):
+        summary += "\n  " + line
+    return {"figures": len(images), "sections": len(sections) - len(pending), "not_run_yet": len(pending), "out_of_date": len(stale),
             "summary": summary}
