@@ -132,7 +132,7 @@ def test_the_old_config_after_a_killed_new_run_takes_its_result_back(tmp_path):
     pipeline.run_stage("source", ToyConfig(value=1), run)
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_stage("source", ToyConfig(value=99), run)
-    assert run.record("source")["status"] == "running"
+    assert run.record("source")["status"] == "interrupted"
     assert (tmp_path / pipeline.PREVIOUS / "source" / "out.txt").read_text() == "1"
     assert pipeline.run_stage("source", ToyConfig(value=1), run) == {"value": 1}
     assert CALLS == ["source", "source"]  # taken back, not recomputed

@@ -175,6 +175,11 @@ def run_stage(name: str, cfg: StageConfig, run: RunDir | str | Path, *, force: b
                     exc.args = (f"{exc.args[0] if exc.args else exc}\n(the previous result of {key} is kept in "
                                 f"{previous}; running its command again puts it back)",)
             raise
+        except KeyboardInterrupt:
+            if not distributed:  # the ranks still running would be described as stopped
+                # what it finished stays; the same command resumes from it
+                run.update_record(key, {**running, "status": "interrupted"})
+            raise
         if counts.get("_pending"):
             # A distributed rank finished its share; another rank completes the stage.
             log.info("%s: this process's share is done; the stage completes when all ranks finish", key)
