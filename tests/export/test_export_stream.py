@@ -146,7 +146,8 @@ def test_unknown_document_id_is_named(tiny_run):
 
 
 def test_missing_schedule_is_a_clear_error(tiny_run):
-    with pytest.raises(FramelmError, match="no-such-schedule"):
+    made = ", ".join(sorted(p.parent.name for p in tiny_run.run.root.glob("schedule/*/stages.yaml")))
+    with pytest.raises(FramelmError, match=rf"there is no schedule 'no-such-schedule' in .*schedule \(it holds {made}\)"):
         _export(tiny_run, schedules=["no-such-schedule"])
 
 

@@ -255,6 +255,11 @@ def open_plan(run: RunDir, schedule: str, n_substages: int, *, memory_limit: str
     """Build (or reopen) the plan of `schedule`; a plan built from other inputs is discarded."""
     sched_dir = run.path("schedule", schedule)
     order_path, stages_path = sched_dir / "order.parquet", sched_dir / "stages.yaml"
+    if not sched_dir.is_dir():
+        made = sorted(p.parent.name for p in run.root.glob("schedule/*/stages.yaml"))
+        raise FramelmError(f"there is no schedule '{schedule}' in {run.path('schedule')} (it holds "
+                           f"{', '.join(made) or 'none'}); name one of those, or add '{schedule}' to the "
+                           f"schedule stage's strategies and run framelm schedule --run-dir {run.root}")
     for p in (order_path, stages_path):
         if not p.is_file():
             raise FramelmError(f"{p} not found; run framelm schedule --run-dir {run.root} (schedule '{schedule}')")
