@@ -655,3 +655,28 @@ def test_a_two_phase_blend_within_tolerance_of_one_fills_its_phase():
     exact = builder.build(StrategyConfig.from_dict({"kind": "two_phase", "blends": [{"web": 0.5, "math": 0.5}] * 2}))
     short = builder.build(StrategyConfig.from_dict({"kind": "two_phase", "blends": [{"web": 0.4996, "math": 0.4996}] * 2}))
     assert [len(p.idx) for p in short.stages] == [len(p.idx) for p in exact.stages]
+
+
+def test_a_window_too_small_for_its_documents_is_warned_about(caplog):
+    from framelm.schedule import warn_about_thin_blends
+
+    n = 100
+
+    def stream_of(weight_a, weight_b):
+        stages = [Stage("A", np.arange(n), np.zeros(n, np.int32), weight_a),
+                  Stage("B", np.arange(n, 2 * n), np.zeros(n, np.int32), weight_b)]
+        return assemble(stages, "logistic", window=0.1, steepness=10)
+
+    even = np.full(n, 10, np.int64)  # half a window = 50 tokens: 5 documents a side
+    assert stream_of(even, even).blends == [("A", "B", 5, 5)]
+    long_last = even.copy()
+    long_last[-1] = 400  # A's last document is longer than half the window: no blend at all
+    stream = stream_of(long_last, even)
+    assert stream.blends == [("A", "B", 0, 0)] and (stream.stage == np.repeat([0, 1], n)).all()
+    with caplog.at_level(logging.WARNING, logger="framelm"):
+        warn_about_thin_blends("frame", stream, ScheduleConfig())
+        assert "schedule frame: logistic transition window of transition_window = 0.1" in caplog.text
+        assert "fewer than 4 whole documents on a side" in caplog.text and "A -> B (0 + 0 documents)" in caplog.text
+        caplog.clear()
+        warn_about_thin_blends("frame", stream_of(even, even), ScheduleConfig())
+    assert caplog.text == ""

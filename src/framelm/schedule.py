@@ -55,6 +55,7 @@ log = logging.getLogger("framelm")
 SUMMARY = "partition/summary.json"
 WRITE_CHUNK_ROWS = 1 << 21
 BUDGET_MISS = 0.05  # a schedule further than this from total_tokens is warned about
+FEW_BLEND_DOCS = 4  # a transition window with fewer documents than this on a side is warned about
 
 
 @dataclass
@@ -883,6 +884,8 @@ class Stream:
     epoch: np.ndarray
     stage: np.ndarray  # index into names
     weight: np.ndarray
+    # (stage, next stage, documents each gives to the window between them) per smooth boundary
+    blends: list[tuple[str, str, int, int]] = dataclasses.field(default_factory=list)
 
 
 def _docs_within(weight: np.ndarray, tokens: float) -> int:
@@ -912,6 +915,7 @@ def assemble(stages: list[Stage], kind: str, window: float, steepness: float) ->
     # A stage without tokens has no window of its own: its neighbours blend with each other.
     filled = [k for k, t in enumerate(tokens) if t > 0]
     following = dict(zip(filled, filled[1:]))
+    blends = []
     if kind != "hard" and window > 0:
         for k, j in following.items():
             half = window * min(tokens[k], tokens[j]) / 2
@@ -919,6 +923,7 @@ def assemble(stages: list[Stage], kind: str, window: float, steepness: float) ->
             head[j] = _docs_within(stages[j].weight, half)
             if tail[k] == 0 or head[j] == 0:
                 tail[k] = head[j] = 0
+            blends.append((names[k], names[j], tail[k], head[j]))
     n = sum(len(st.idx) for st in stages)
     idx = np.empty(n, np.result_type(np.int32, *(st.idx.dtype for st in stages)))
     weight = np.empty(n, np.result_type(np.int32, *(st.weight.dtype for st in stages)))
@@ -948,7 +953,7 @@ def assemble(stages: list[Stage], kind: str, window: float, steepness: float) ->
             at += m
         stages[k] = None  # copied: let its arrays go
     stages.clear()
-    return Stream(names, idx, epoch, label, weight)
+    return Stream(names, idx, epoch, label, weight, blends)
 
 
 # -- writing ------------------------------------------------------------------------------
@@ -1097,6 +1102,17 @@ def warn_about_scale(info: dict[str, Any], cfg: ScheduleConfig) -> None:
                         f"{entry['pool_tokens']:,}")
 
 
+def warn_about_thin_blends(label: str, stream: Stream, cfg: ScheduleConfig) -> None:
+    """A window that holds a few whole documents per side is a hard switch, however smooth the
+    curve asked for (and the report's binned share plot still draws it as a ramp)."""
+    thin = [f"{a} -> {b} ({n_a} + {n_b} documents)" for a, b, n_a, n_b in stream.blends if min(n_a, n_b) < FEW_BLEND_DOCS]
+    if thin:
+        log.warning("schedule %s: %s transition window%s of transition_window = %g of the smaller stage hold%s fewer than "
+                    "%d whole documents on a side, so the hand-over is (nearly) hard there: %s; raise "
+                    "schedule.transition_window for a gradual one", label, cfg.transition, "s" if len(thin) > 1 else "",
+                    cfg.transition_window, "" if len(thin) > 1 else "s", FEW_BLEND_DOCS, "; ".join(thin))
+
+
 def build_schedules(cfg: ScheduleConfig, run: RunDir) -> dict[str, Any]:
     corpus = load_corpus(run)
     builder = Builder(corpus, cfg)
@@ -1112,6 +1128,7 @@ def build_schedules(cfg: ScheduleConfig, run: RunDir) -> dict[str, Any]:
             schedule = builder.build(strategy)
             transition = cfg.transition if schedule.smooth else "hard"
             stream = assemble(schedule.stages, transition, cfg.transition_window, cfg.logistic_steepness)
+            warn_about_thin_blends(strategy.label, stream, cfg)
             docs, mix = write_order(order_path, corpus, stream, cfg.threads)
             info = describe(schedule, stream, docs, mix, builder, transition)
             warn_about_scale(info, cfg)
