@@ -366,7 +366,8 @@ def test_source_field_missing_from_records_is_warned_about(tmp_path, caplog):
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="framelm"):
         ingest(tmp_path, [data], run_name="unset")
-    assert "source_field" not in caplog.text
+    # the quote: this test's tmp path, named in the warning about ids, contains "source_field"
+    assert "source_field '" not in caplog.text
 
 
 def test_tiny_heldout_and_ref_splits_are_warned_about(tmp_path, caplog):
@@ -404,3 +405,66 @@ def test_max_docs_per_input_keeps_the_first_usable_documents_of_each_file(tmp_pa
     assert counts["docs"] == 19
     with pytest.raises(Exception, match="'max_docs_per_input' = -1 must be 0"):
         IngestConfig(inputs=[str(a)], max_docs_per_input=-1).validate()
+
+
+def test_an_input_that_yields_no_documents_is_warned_about_by_name(tmp_path, caplog):
+    good = write_jsonl(tmp_path / "good.jsonl", RECORDS)
+    web = write_jsonl(tmp_path / "web_content.jsonl", [{"id": f"w{i}", "content": f"page {i}"} for i in range(5)])
+    empty = write_jsonl(tmp_path / "empty.jsonl", [])
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    table = pa.table({"doc_id": ["p1", "p2"], "body": ["x", "y"]})
+    pq.write_table(table, folder / "cols.parquet")
+    again = write_jsonl(tmp_path / "again.jsonl", [RECORDS[0]])
+    with caplog.at_level(logging.WARNING, logger="framelm"):
+        counts, _ = ingest(tmp_path, [good, web, empty, folder, again], dedup=True)
+    assert counts["docs"] == 3 and counts["rejects"] == {"missing_text": 7}
+    assert (f"input {web} yielded no documents: all 5 of its records were rejected or dropped: missing_text=5 "
+            "(the first: no 'text' field (keys: id, content)); check text_field='text'") in caplog.text
+    assert "or leave the file out of the inputs" in caplog.text
+    assert f"input {empty} yielded no documents: it holds no records" in caplog.text
+    # a folder is read as its files, so the file is named, with its columns
+    assert (f"input {folder / 'cols.parquet'} yielded no documents: all 2 of its records were rejected or dropped: "
+            "missing_text=2 (the first: no 'text' column (columns: doc_id, body))") in caplog.text
+    assert f"input {again} yielded no documents: all 1 of its records were rejected or dropped: duplicates_dropped=1" in caplog.text
+    assert f"input {good} yielded" not in caplog.text
+
+
+def test_an_id_field_missing_from_an_input_is_warned_about(tmp_path, caplog):
+    uid = write_jsonl(tmp_path / "uid.jsonl", [{"uid": f"u{i}", "text": f"doc {i}"} for i in range(4)])
+    other = write_jsonl(tmp_path / "other.jsonl", [{"uidx": "o1", "text": "other doc"}])
+    with caplog.at_level(logging.WARNING, logger="framelm"):
+        ingest(tmp_path, [uid, other], run_name="typo", id_field="uidx")
+    assert (f"id_field 'uidx' is in none of the 4 records of {uid}, so their ids are derived from text hashes (and "
+            "their heldout/ref/train splits with them); is the field name misspelt? Its first record has the keys: "
+            "uid, text") in caplog.text
+    assert f"records of {other}" not in caplog.text and "default id_field" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="framelm"):
+        ingest(tmp_path, [uid], run_name="right", id_field="uid")
+    assert "id_field" not in caplog.text
+
+    # the default 'id' absent from every record: warned once, naming the file's columns, not only those read
+    parquet = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"doc_id": ["d1", "d2"], "text": ["first", "second"]}), parquet)
+    noid = write_jsonl(tmp_path / "noid.jsonl", [{"text": "no id here"}])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="framelm"):
+        ingest(tmp_path, [parquet, noid], run_name="default")
+    assert caplog.text.count("default id_field") == 1
+    assert (f"no record has an 'id' field (the default id_field), so every document's id is derived from its text "
+            "hash and the heldout/ref/train splits depend on the text; if the records carry ids under another key, "
+            f"set id_field to it. The first record ({parquet}) has the keys: doc_id, text") in caplog.text
+    # records without ids beside records with them are normal under the default
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="framelm"):
+        ingest(tmp_path, [noid, write_jsonl(tmp_path / "ids.jsonl", RECORDS)], run_name="some")
+    assert "id_field" not in caplog.text
+    # nor are they in a folder of .txt files, whose documents have no fields to carry one
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "a.txt").write_text("a text document")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="framelm"):
+        ingest(tmp_path, [texts], run_name="from_texts")
+    assert "id_field" not in caplog.text

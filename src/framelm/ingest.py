@@ -65,8 +65,10 @@ SPLITS = ("heldout", "ref", "train")
 # by several tenths of a nat, so its standard error over 50 documents is already ~0.05 nats, the
 # size of typical schedule differences (compare's caution uses the same bound).
 MIN_SPLIT_DOCS = 50
-# Keys of a record listed when the source field is missing from every record (a likely typo).
+# Keys of a record listed when a field is missing from every record (a likely typo).
 SHOWN_KEYS = 10
+# Characters of a reject's detail quoted in the warning about an input that gave no documents.
+SHOWN_DETAIL = 200
 
 
 DOCUMENT_SCHEMA = pa.schema([
@@ -128,6 +130,9 @@ class RawRecord:
     value: dict[str, Any] | None
     default_source: str
     problem: tuple[str, str] | None = None  # (reason, detail) when the record could not be parsed
+    # the file's columns where only some are read into `value` (Parquet), so a warning about a
+    # missing field can name the columns the file really has
+    columns: list[str] | None = None
 
 
 def file_stem(path: Path) -> str:
@@ -325,12 +330,13 @@ def _read_parquet(path: Path, cfg: IngestConfig) -> Iterator[RawRecord]:
             yield RawRecord(str(path), row, None, stem, problem)
         return
     present = [c for c in (cfg.id_field, cfg.text_field, cfg.source_field) if c in names]
+    columns = names[:SHOWN_KEYS]
     row = 0
     try:
         for batch in pf.iter_batches(columns=present, batch_size=4096):
             for value in batch.to_pylist():
                 row += 1
-                yield RawRecord(str(path), row, value, stem)
+                yield RawRecord(str(path), row, value, stem, columns=columns)
     except (OSError, pa.ArrowException) as exc:
         raise FramelmError(f"{path}: corrupt or unreadable after row {row} ({exc}); "
                            "re-download or re-write it, or leave it out of the inputs") from None
@@ -426,6 +432,31 @@ def split_of(doc_id: str, seed: int, heldout_fraction: float, ref_fraction: floa
     return "train"
 
 
+class FieldEvidence:
+    """Per input, how many records were looked up for an optional field and how many lacked it
+    (absent or empty), with the keys of the first that lacked it. A field missing from every
+    record of an input is most likely a misspelt name, which ingest would otherwise paper over
+    with a fallback (the file stem as source, the text hash as id)."""
+
+    def __init__(self) -> None:
+        self.checked: Counter[str] = Counter()
+        self.missing: Counter[str] = Counter()
+        self.first_missing: dict[str, tuple[str, list[str]]] = {}  # input -> (file, keys) of its first record without it
+
+    def note(self, unit: str, rec: RawRecord, value: dict[str, Any], present: bool) -> None:
+        self.checked[unit] += 1
+        if present:
+            return
+        self.missing[unit] += 1
+        if unit not in self.first_missing:
+            keys = rec.columns if rec.columns is not None else [str(k) for k in list(value)[:SHOWN_KEYS]]
+            self.first_missing[unit] = (rec.file, keys)
+
+    def inputs_without(self) -> list[str]:
+        """The inputs (in reading order) in none of whose checked records the field was found."""
+        return [unit for unit in self.first_missing if self.missing[unit] == self.checked[unit]]
+
+
 class RecordChecker:
     """Turns raw records into documents, remembering what it saw for dedup and id checks."""
 
@@ -436,12 +467,12 @@ class RecordChecker:
         self.rejects: list[dict[str, Any]] = []
         self.reject_counts: Counter[str] = Counter()
         self.duplicates_dropped = 0
-        # records that reached the source field check, and those of them whose `source_field`
-        # is absent or empty (they get the file stem instead)
-        self.source_checked = 0
-        self.source_missing = 0
-        self.source_missing_file: str | None = None
-        self.source_missing_keys: list[str] = []
+        # the input unit being read (set by ingest_corpus): the key of the field evidence
+        self.input = ""
+        # records that reached the source / id lookup, and those without the field (they fall
+        # back to the file stem / the text hash)
+        self.source_evidence = FieldEvidence()
+        self.id_evidence = FieldEvidence()
 
     def _reject(self, rec: RawRecord, reason: str, detail: str) -> None:
         if self.cfg.strict:
@@ -476,7 +507,7 @@ class RecordChecker:
         source = rec.default_source
         if cfg.source_field:
             given = value.get(cfg.source_field)
-            self.source_checked += 1
+            self.source_evidence.note(self.input, rec, value, given is not None and given != "")
             if given is not None and not isinstance(given, str):
                 self._reject(rec, "non_string_source", f"'{cfg.source_field}' is {type(given).__name__}, not a string")
                 return None
@@ -485,14 +516,10 @@ class RecordChecker:
                 return None
             if given:
                 source = given
-            else:
-                if self.source_missing == 0:
-                    self.source_missing_file = rec.file
-                    self.source_missing_keys = [str(k) for k in list(value)[:SHOWN_KEYS]]
-                self.source_missing += 1
         text_hash = hashlib.sha1(encoded).digest()
         raw_id = value.get(cfg.id_field)
         derived_id = raw_id is None or raw_id == ""
+        self.id_evidence.note(self.input, rec, value, not derived_id)
         if derived_id:
             doc_id = text_hash.hex()
         elif isinstance(raw_id, int) and not isinstance(raw_id, bool):
@@ -580,17 +607,76 @@ def _note_builtin(cfg: IngestConfig) -> None:
 
 def _warn_missing_sources(cfg: IngestConfig, checker: RecordChecker) -> None:
     """A source field missing from records silently falls back to the file stem; say how often."""
-    if not cfg.source_field or not checker.source_missing:
+    evidence = checker.source_evidence
+    if not cfg.source_field or not evidence.first_missing:
         return
-    field_name, missing, n_seen = cfg.source_field, checker.source_missing, checker.source_checked
-    if missing >= n_seen:
+    field_name, missing, n_seen = cfg.source_field, sum(evidence.missing.values()), sum(evidence.checked.values())
+    first_file, first_keys = next(iter(evidence.first_missing.values()))
+    if len(evidence.inputs_without()) == len(evidence.checked):
         # missing everywhere: most likely a misspelt field name
         log.warning("ingest: source_field '%s' is missing or empty in all %d records, so every document's source is "
                     "its input file's stem; is the field name misspelt? The first record (%s) has the keys: %s",
-                    field_name, missing, checker.source_missing_file, ", ".join(checker.source_missing_keys) or "none")
+                    field_name, missing, first_file, ", ".join(first_keys) or "none")
     else:
         log.warning("ingest: source_field '%s' is missing or empty in %d of %d records (first in %s); those documents "
-                    "take their input file's stem as source", field_name, missing, n_seen, checker.source_missing_file)
+                    "take their input file's stem as source", field_name, missing, n_seen, first_file)
+
+
+def _warn_derived_ids(cfg: IngestConfig, checker: RecordChecker, units: list[tuple[str, Path | None]]) -> None:
+    """Ids missing from every record of an input fall back to text hashes, and split_of hashes the
+    id, so a wrong id_field also reshuffles the heldout/ref splits; say so. A .txt folder is left
+    out: its documents have no fields, so no id to find."""
+    evidence = checker.id_evidence
+    textdirs = {_unit_name(kind, path) for kind, path in units if kind == "textdir"}
+    without = [unit for unit in evidence.inputs_without() if unit not in textdirs]
+    if cfg.id_field != IngestConfig.id_field:
+        for unit in without:
+            log.warning("ingest: id_field '%s' is in none of the %d records of %s, so their ids are derived from text "
+                        "hashes (and their heldout/ref/train splits with them); is the field name misspelt? Its first "
+                        "record has the keys: %s", cfg.id_field, evidence.checked[unit], unit,
+                        ", ".join(evidence.first_missing[unit][1]) or "none")
+        return
+    # The default id_field: records without ids are normal, so only an id absent from every
+    # record is worth a word (splits then depend on the text alone).
+    if without and len(without) == len(set(evidence.checked) - textdirs):
+        first_file, first_keys = evidence.first_missing[without[0]]
+        log.warning("ingest: no record has an '%s' field (the default id_field), so every document's id is derived from "
+                    "its text hash and the heldout/ref/train splits depend on the text; if the records carry ids under "
+                    "another key, set id_field to it. The first record (%s) has the keys: %s",
+                    cfg.id_field, first_file, ", ".join(first_keys) or "none")
+
+
+def _unit_name(kind: str, path: Path | None) -> str:
+    return BUILTIN if kind == BUILTIN else str(path)
+
+
+@dataclasses.dataclass
+class EmptyInput:
+    """An input that gave no document, with what became of its records."""
+
+    unit: str
+    n_records: int
+    rejects: list[dict[str, Any]]
+    duplicates: int
+
+
+def _warn_empty_input(cfg: IngestConfig, empty: EmptyInput) -> None:
+    """Say why an input gave no documents: beside other inputs the run succeeds, and its counts
+    alone do not say which file lost its records. A warning, not an error: an input can
+    legitimately be empty."""
+    if not empty.n_records:
+        why = "it holds no records"
+    else:
+        counts = Counter(r["reason"] for r in empty.rejects)
+        first_detail: dict[str, str] = {}
+        for r in empty.rejects:
+            first_detail.setdefault(r["reason"], r["detail"][:SHOWN_DETAIL])
+        dropped = [f"{reason}={n} (the first: {first_detail[reason]})" for reason, n in sorted(counts.items())]
+        if empty.duplicates:
+            dropped.append(f"duplicates_dropped={empty.duplicates} (exact repeats of earlier texts)")
+        why = f"all {empty.n_records} of its records were rejected or dropped: {'; '.join(dropped)}"
+    log.warning("ingest: input %s yielded no documents: %s; check text_field='%s' (the key or column that holds the "
+                "text), or leave the file out of the inputs", empty.unit, why, cfg.text_field)
 
 
 def _warn_small_splits(cfg: IngestConfig, splits: Counter[str]) -> None:
@@ -628,13 +714,18 @@ def ingest_corpus(cfg: IngestConfig, run: RunDir) -> dict[str, Any]:
         n_shards += 1
         shard.clear()
 
+    # warned about after the run, not mid-progress-bar, and not when ingest fails altogether
+    empty_inputs: list[EmptyInput] = []
     with tqdm(desc="ingest", unit=" docs") as bar:
         for kind, path in units:
-            kept = 0
+            checker.input = _unit_name(kind, path)
+            kept = n_records = 0
+            first_reject, duplicates_before = len(checker.rejects), checker.duplicates_dropped
             with contextlib.closing(read_records(kind, path, cfg)) as records:
                 for rec in records:
                     doc = checker.check(rec)
                     bar.update()
+                    n_records += 1
                     if doc is None:
                         continue
                     kept += 1
@@ -648,6 +739,9 @@ def ingest_corpus(cfg: IngestConfig, run: RunDir) -> dict[str, Any]:
                         flush()
                     if kept == cfg.max_docs_per_input:
                         break
+            if not kept:
+                empty_inputs.append(EmptyInput(checker.input, n_records, checker.rejects[first_reject:],
+                                               checker.duplicates_dropped - duplicates_before))
     if shard:
         flush()
     if n_docs == 0:
@@ -657,7 +751,10 @@ def ingest_corpus(cfg: IngestConfig, run: RunDir) -> dict[str, Any]:
                    + f": {first['detail']}") if first else ""
         raise FramelmError(f"ingest found no usable documents in {', '.join(cfg.inputs)} "
                            f"(rejected: {dict(checker.reject_counts) or 'none'}{example}); check text_field='{cfg.text_field}'")
+    for empty in empty_inputs:
+        _warn_empty_input(cfg, empty)
     _warn_missing_sources(cfg, checker)
+    _warn_derived_ids(cfg, checker, units)
     _warn_small_splits(cfg, splits)
     fsutil.write_text(run.path("ingest", "rejects.jsonl"), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in checker.rejects))
     if resumed:
