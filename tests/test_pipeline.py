@@ -352,3 +352,44 @@ def test_two_sections_that_make_one_key_differently_are_refused(tmp_path):
     assert CALLS == []
     pipeline.run_pipeline(config, ["owner.source_value=1"])  # the same settings make one result
     assert CALLS == ["source", "tail"]
+
+
+@dataclass
+class PartsConfig(ToyConfig):
+    other: int = field(1, help="what the second part holds")
+
+
+def toy_parts(cfg, run):
+    CALLS.append("parts")
+    return {"parts": {"first": f"first-{cfg.value}", "second": f"second-{cfg.other}"}}
+
+
+@dataclass
+class FirstPartConfig(ToyConfig):
+    def upstream(self):
+        return ("parts#first",)
+
+
+@dataclass
+class MissingPartConfig(ToyConfig):
+    def upstream(self):
+        return ("parts#third",)
+
+
+def test_a_stage_that_reads_one_part_of_its_upstream_stays_current_when_another_part_changes(tmp_path):
+    add_stage(Stage("parts", f"{__name__}:PartsConfig", f"{__name__}:toy_parts", (), "toy parts"))
+    add_stage(Stage("first", f"{__name__}:FirstPartConfig", f"{__name__}:toy_tail", ("parts",), "toy reader of a part"))
+    run = RunDir(tmp_path)
+    pipeline.run_stage("parts", PartsConfig(), run)
+    pipeline.run_stage("first", FirstPartConfig(), run)
+    assert run.record("first")["upstream"] == {"parts#first": "first-1"}
+    pipeline.run_stage("parts", PartsConfig(other=2), run)  # a new hash, the part it reads unchanged
+    assert pipeline.stale_records(run) == []
+    pipeline.run_stage("first", FirstPartConfig(), run)
+    assert CALLS == ["parts", "tail", "parts"]  # up to date
+    pipeline.run_stage("parts", PartsConfig(value=5, other=2), run)
+    assert pipeline.stale_records(run) == [("first", "parts")]
+    pipeline.run_stage("first", FirstPartConfig(), run)
+    assert CALLS == ["parts", "tail", "parts", "parts", "tail"]
+    with pytest.raises(FramelmError, match=r"stage 'parts' in .* holds no 'third' \(it holds: first, second\)"):
+        pipeline.stage_hash("first", MissingPartConfig(), run)

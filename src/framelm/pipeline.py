@@ -38,6 +38,12 @@ PREVIOUS = ".previous"
 PIPELINE_KEYS = {"run_dir", "stages"}
 
 
+# "export#frame": the part of the export stage's result that training on schedule frame reads.
+# A stage may depend on one part of an upstream result (its record's counts["parts"] gives each
+# part's hash), so that re-running the upstream for another part does not make it stale.
+PART = "#"
+
+
 def stage_key(name: str, cfg: StageConfig) -> str:
     inst = cfg.instance()
     if inst and (inst.startswith("/") or any(part in ("", ".", "..") for part in inst.split("/"))):
@@ -56,17 +62,44 @@ def upstream_keys(name: str, cfg: StageConfig) -> tuple[str, ...]:
 def stage_hash(name: str, cfg: StageConfig, run: RunDir, dry_run: bool = False,
                planned: dict[str, str] | None = None) -> tuple[str, dict[str, str]]:
     if dry_run:
-        # an upstream stage that would run first gives its new record the hash it was planned with
-        upstream = {k: (planned or {}).get(k) or (run.record(k) or {}).get("hash", "not-run-yet")
-                    for k in upstream_keys(name, cfg)}
+        upstream = {k: _planned_hash(run, k, planned or {}) for k in upstream_keys(name, cfg)}
     else:
-        upstream = {k: run.require(k)["hash"] for k in upstream_keys(name, cfg)}
+        upstream = {k: _required_hash(run, k) for k in upstream_keys(name, cfg)}
         _require_current(run, list(upstream))
     payload = {"stage": name, "config": cfg.hashed_dict(), "upstream": upstream}
     fingerprint = getattr(cfg, "input_fingerprint", None)
     if callable(fingerprint):  # a stage that reads whatever exists (report) re-runs when that changes
         payload["inputs"] = fingerprint(run)
     return stable_hash(payload), upstream
+
+
+def _part_hash(record: dict[str, Any] | None, part: str) -> str | None:
+    """The hash a finished record gives one named part of its result (counts["parts"])."""
+    if not record or record.get("status") != "done":
+        return None
+    if not part:
+        return record.get("hash")
+    return ((record.get("counts") or {}).get("parts") or {}).get(part)
+
+
+def _required_hash(run: RunDir, key: str) -> str:
+    base, _, part = key.partition(PART)
+    rec = run.require(base)
+    h = _part_hash(rec, part)
+    if h is None:
+        parts = ", ".join((rec.get("counts") or {}).get("parts") or {}) or "none"
+        raise FramelmError(f"stage '{base}' in {run.root} holds no '{part}' (it holds: {parts}); include it and re-run: "
+                           f"{run.command_for(base)}")
+    return h
+
+
+def _planned_hash(run: RunDir, key: str, planned: dict[str, str]) -> str:
+    """The upstream hash a dry run assumes: an upstream stage that would run first gives its new
+    record the hash it was planned with (a part's hash is known only once it has run)."""
+    base, _, part = key.partition(PART)
+    if base in planned:
+        return planned[base] + (f"{PART}{part}" if part else "")
+    return _part_hash(run.record(base), part) or "not-run-yet"
 
 
 def stale_records(run: RunDir, keys: list[str] | None = None) -> list[tuple[str, str]]:
@@ -82,11 +115,11 @@ def stale_records(run: RunDir, keys: list[str] | None = None) -> list[tuple[str,
             continue
         seen.add(key)
         for up, used in (stages[key].get("upstream") or {}).items():
-            now = stages.get(up, {})
-            if now.get("hash") != used or now.get("status") != "done":
-                stale.append((key, up))
+            base, _, part = up.partition(PART)
+            if _part_hash(stages.get(base), part) != used:
+                stale.append((key, base))
             else:
-                keys.append(up)
+                keys.append(base)
     return stale
 
 

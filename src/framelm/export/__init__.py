@@ -21,6 +21,7 @@ import logging
 from typing import Any, Callable
 
 from framelm import fsutil
+from framelm.config import stable_hash
 from framelm.errors import FramelmError
 from framelm.export.config import FORMATS, ExportConfig
 from framelm.export.llmc import write_llmc
@@ -64,9 +65,21 @@ def export_schedules(cfg: ExportConfig, run: RunDir) -> dict[str, Any]:
         log.info("export/%s: %d documents, %d tokens, %d segments -> %s", name, plan.n_docs, plan.n_tokens,
                  len(plan.segments), ", ".join(cfg.formats))
         counts[name] = per_schedule
+        if "stream" in cfg.formats:
+            counts.setdefault("parts", {})[name] = stream_digest(run, name)
     if written < counts["files"]:
         log.info("export: %d of %d files were already finished", counts["files"] - written, counts["files"])
     return counts
+
+
+def stream_digest(run: RunDir, name: str) -> str:
+    """One hash of what training on schedule `name` reads: its exported stream and the token
+    store its held-out sets come from. Training depends on this part of the export (upstream
+    key export#<name>), so exporting another schedule leaves its models up to date."""
+    stream = run.path("export", name, "stream")
+    with run.content_hashes() as hashes:
+        files = {f: hashes.fingerprint(stream / f)["sha256"] for f in ("tokens.bin", "meta.json")}
+    return stable_hash({"stream": files, "tokenize": (run.record("tokenize") or {}).get("hash")})
 
 
 def _schedule_names(run: RunDir) -> list[str]:

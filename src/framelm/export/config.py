@@ -10,6 +10,7 @@ from framelm.errors import ConfigError
 
 FORMATS = ("stream", "llmc", "megatron", "nanotron", "text")
 LLMC_MAX_SHARD_TOKENS = 2**31 - 1  # the header stores the token count as int32
+RECORD_FORMAT = 2  # 2: the record's counts give each schedule's stream digest under "parts"
 
 
 @dataclass
@@ -47,6 +48,11 @@ class ExportConfig(StageConfig):
             raise ConfigError(f"'chunk_tokens' = {self.chunk_tokens} must be positive")
         if self.threads < 1:
             raise ConfigError(f"'threads' = {self.threads} must be positive")
+
+    def hashed_dict(self) -> dict[str, Any]:
+        # Records of an older framelm lack counts["parts"] (the per-schedule stream digests that
+        # training depends on): a new hash re-exports them.
+        return {**super().hashed_dict(), "record_format": RECORD_FORMAT}
 
     def upstream(self) -> tuple[str, ...]:
         """Stages whose outputs the export reads: the schedules, the token store and, for text, ingest."""

@@ -54,6 +54,10 @@ class TrainConfig(StageConfig):
     def instance(self) -> str:
         return f"{self.schedule}/seed{self.seed}"
 
+    def upstream(self) -> tuple[str, ...]:
+        # the one schedule's part of the export: exporting another schedule keeps this run up to date
+        return (f"export#{self.schedule}",)
+
     @property
     def world_size(self) -> int:
         """The processes torchrun started; the stage runner treats a folder they share with care."""
