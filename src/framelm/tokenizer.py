@@ -41,7 +41,7 @@ EXTRA_TOKENIZER_FILES = ("added_tokens.json", "vocab.json", "merges.txt", "token
 @dataclasses.dataclass
 class TokenizerTrainConfig(StageConfig):
     vocab_size: int = field(8192, help="vocabulary size in tokens, including the 256 byte tokens and <|endoftext|>")
-    sample_bytes: int = field(100_000_000, help="cap on the UTF-8 bytes of training-split text the tokenizer is trained on")
+    sample_bytes: int = field(100_000_000, help="UTF-8 bytes of training-split text the tokenizer is trained on: whole documents are taken until their bytes reach this, so the last one may pass it")
     min_frequency: int = field(2, help="minimum count of a pair for it to be merged")
     seed: int = field(0, help="seed of the hash that orders documents for the sample")
 
