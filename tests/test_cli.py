@@ -175,3 +175,14 @@ def test_a_reader_that_goes_away_gets_no_traceback(tmp_path):
     finally:
         os.close(write)
     assert proc.stderr == "" and proc.returncode == 141
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_a_failure(monkeypatch, tmp_path):
+    import framelm.cli as cli
+
+    def worker_died(args):
+        raise BrokenPipeError("a worker process went away")
+
+    monkeypatch.setattr(cli, "_run_stage_command", worker_died)
+    with pytest.raises(BrokenPipeError, match="worker process"):
+        cli.main(["ingest", "--run-dir", str(tmp_path / "run"), "--inputs", "builtin"])

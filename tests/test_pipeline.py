@@ -45,6 +45,8 @@ def toy_tail(cfg, run):
 
 @dataclass
 class ReaderConfig(ToyConfig):
+    remakes_inputs = True
+
     def input_fingerprint(self, run):
         seen = run.root / "seen.txt"
         return {"seen": seen.read_text() if seen.exists() else None}
@@ -377,9 +379,11 @@ class MissingPartConfig(ToyConfig):
 
 
 def test_a_stage_that_reads_one_part_of_its_upstream_stays_current_when_another_part_changes(tmp_path):
-    add_stage(Stage("parts", f"{__name__}:PartsConfig", f"{__name__}:toy_parts", (), "toy parts"))
+    add_stage(Stage("parts", f"{__name__}:PartsConfig", f"{__name__}:toy_parts", ("source",), "toy parts"))
     add_stage(Stage("first", f"{__name__}:FirstPartConfig", f"{__name__}:toy_tail", ("parts",), "toy reader of a part"))
     run = RunDir(tmp_path)
+    pipeline.run_stage("source", ToyConfig(), run)
+    CALLS.clear()
     pipeline.run_stage("parts", PartsConfig(), run)
     pipeline.run_stage("first", FirstPartConfig(), run)
     assert run.record("first")["upstream"] == {"parts#first": "first-1"}
@@ -393,3 +397,31 @@ def test_a_stage_that_reads_one_part_of_its_upstream_stays_current_when_another_
     assert CALLS == ["parts", "tail", "parts", "parts", "tail"]
     with pytest.raises(FramelmError, match=r"stage 'parts' in .* holds no 'third' \(it holds: first, second\)"):
         pipeline.stage_hash("first", MissingPartConfig(), run)
+    pipeline.run_stage("source", ToyConfig(value=7), run)  # what the part was made from changes
+    with pytest.raises(FramelmError, match=r"stage 'parts' .* is out of date: it was made from another result of 'source'"):
+        pipeline.run_stage("first", FirstPartConfig(), run)
+
+
+def test_a_dry_run_says_when_a_part_decides(tmp_path, capsys):
+    add_stage(Stage("parts", f"{__name__}:PartsConfig", f"{__name__}:toy_parts", (), "toy parts"))
+    add_stage(Stage("first", f"{__name__}:FirstPartConfig", f"{__name__}:toy_tail", ("parts",), "toy reader of a part"))
+    config = tmp_path / "p.yaml"
+    config.write_text(f"run_dir: {tmp_path / 'run'}\nparts: {{other: 1}}\nfirst: {{}}\n")
+    pipeline.run_pipeline(config)
+    capsys.readouterr()
+    pipeline.run_pipeline(config, ["parts.other=2"], dry_run=True)
+    out = capsys.readouterr().out
+    assert "# parts: would run;" in out and "# first: would run unless what it reads of parts comes out unchanged;" in out
+
+
+@dataclass
+class ChangingInputConfig(ReaderConfig):
+    remakes_inputs = False  # what it reads changed under it (a file still being written), not by its own doing
+
+
+def test_an_input_that_changes_during_a_run_makes_the_next_run_run_again(tmp_path):
+    add_stage(Stage("changing", f"{__name__}:ChangingInputConfig", f"{__name__}:toy_reader", (), "toy"))
+    run = RunDir(tmp_path)
+    pipeline.run_stage("changing", ChangingInputConfig(), run)
+    pipeline.run_stage("changing", ChangingInputConfig(), run)
+    assert CALLS == ["reader", "reader"]  # recorded with the hash of the input it started from

@@ -672,11 +672,11 @@ def test_a_window_too_small_for_its_documents_is_warned_about(caplog):
     long_last = even.copy()
     long_last[-1] = 400  # A's last document is longer than half the window: no blend at all
     stream = stream_of(long_last, even)
-    assert stream.blends == [("A", "B", 0, 0)] and (stream.stage == np.repeat([0, 1], n)).all()
+    assert stream.blends == [("A", "B", 0, 5)] and (stream.stage == np.repeat([0, 1], n)).all()
     with caplog.at_level(logging.WARNING, logger="framelm"):
         warn_about_thin_blends("frame", stream, ScheduleConfig())
         assert "schedule frame: logistic transition window of transition_window = 0.1" in caplog.text
-        assert "fewer than 4 whole documents on a side" in caplog.text and "A -> B (0 + 0 documents)" in caplog.text
+        assert "fewer than 4 whole documents on a side" in caplog.text and "A -> B (0 + 5 documents)" in caplog.text
         caplog.clear()
         warn_about_thin_blends("frame", stream_of(even, even), ScheduleConfig())
     assert caplog.text == ""

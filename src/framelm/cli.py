@@ -304,6 +304,18 @@ def _blame_config_file(path: str, stage: str, from_file: Any, error: Exception |
             raise ConfigError(f"{path}: {alone}") from None
 
 
+def _stdout_gone() -> bool:
+    """Whether standard output is a pipe whose reader has closed it (poll reports an error)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows) or no real stdout
+        return False
+
+
 def existing_run_dir(run_dir: str | Path) -> Any:
     """The RunDir of a run that `framelm ingest` started; refuses (creating nothing) a path
     that does not exist or has no manifest.json, which is usually a typo."""
@@ -355,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         args.handler(args)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
     except BrokenPipeError:
+        if not _stdout_gone():
+            raise  # another pipe broke (a worker process died): that is a failure to show
         # the reader went away (`--dry-run | head`): nothing left to say to it; stdout goes to
         # /dev/null so that Python's flush at exit does not fail on the same pipe
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

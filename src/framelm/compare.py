@@ -96,6 +96,9 @@ class CompareConfig(StageConfig):
     eval: EvalConfig = field(default_factory=EvalConfig, help="evaluation settings shared by every run "
                              "(its model and name are set per run; seq_len defaults to train.seq_len)")
 
+    # it re-trains and re-evaluates the runs its input_fingerprint finds replaced (see pipeline)
+    remakes_inputs = True
+
     def hashed_dict(self) -> dict[str, Any]:
         # A run directory compared by an older framelm re-tabulates (its trainings are reused).
         return {**super().hashed_dict(), "table_format": TABLE_FORMAT}

@@ -292,7 +292,7 @@ def _read_jsonl(path: Path) -> Iterator[RawRecord]:
                            "re-download or re-compress it, or leave it out of the inputs") from None
 
 
-UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")  # UTF-32 little-endian starts as UTF-16's
 
 
 def _strip_utf8_bom(path: Path, first_line: bytes) -> bytes:

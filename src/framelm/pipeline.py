@@ -9,7 +9,10 @@ a distributed run leave it set aside, since others may still be writing), and a 
 the old config takes it back instead of recomputing it. The same hash without a
 finished record means an interrupted run; the folder is kept so the stage can skip its finished
 shards. Every upstream record must itself be current (made from the records now in the
-manifest), or the stage refuses to run on stale inputs.
+manifest), or the stage refuses to run on stale inputs. A stage may read one part of an
+upstream result (`export#frame`: one schedule's stream), whose hash that record's counts give,
+so that re-running the upstream for another part leaves it up to date. A stage that remakes
+what it reads (compare re-trains replaced runs) is recorded with the hash of what it leaves.
 """
 
 from __future__ import annotations
@@ -88,7 +91,8 @@ def _required_hash(run: RunDir, key: str) -> str:
     h = _part_hash(rec, part)
     if h is None:
         parts = ", ".join((rec.get("counts") or {}).get("parts") or {}) or "none"
-        raise FramelmError(f"stage '{base}' in {run.root} holds no '{part}' (it holds: {parts}); include it and re-run: "
+        raise FramelmError(f"stage '{base}' in {run.root} holds no '{part}' (it holds: {parts}); re-run it so that it "
+                           f"makes '{part}' (for training: export that schedule in the stream format): "
                            f"{run.command_for(base)}")
     return h
 
@@ -106,7 +110,7 @@ def stale_records(run: RunDir, keys: list[str] | None = None) -> list[tuple[str,
     """(key, upstream) for each record among `keys` (default: every record) and the records they
     were made from, whose `upstream` has since been re-run with another result."""
     stages = run.manifest()["stages"]
-    keys = list(stages) if keys is None else list(keys)
+    keys = list(stages) if keys is None else [k.partition(PART)[0] for k in keys]
     seen: set[str] = set()
     stale = []
     while keys:
@@ -151,7 +155,10 @@ def run_stage(name: str, cfg: StageConfig, run: RunDir | str | Path, *, force: b
     if dry_run:
         if not up_to_date and planned is not None:
             planned[key] = h
-        print(f"# {key}: {'up to date (would skip)' if up_to_date else 'would run'}; hash {h}")
+        undecided = sorted({k.partition(PART)[0] for k in upstream if PART in k and k.partition(PART)[0] in (planned or {})})
+        status = ("up to date (would skip)" if up_to_date else
+                  f"would run unless what it reads of {', '.join(undecided)} comes out unchanged" if undecided else "would run")
+        print(f"# {key}: {status}; hash {h}")
         print(yaml.safe_dump({name: cfg.to_dict()}, sort_keys=False))
         return rec.get("counts", {}) if up_to_date and rec else {}
     if up_to_date:
@@ -194,6 +201,12 @@ def run_stage(name: str, cfg: StageConfig, run: RunDir | str | Path, *, force: b
         log.info("%s: running (hash %s)", key, h)
         try:
             counts = STAGES[name].entry()(cfg, run) or {}
+            if getattr(cfg, "remakes_inputs", False) and not counts.get("_pending"):
+                # It remade what it read (compare re-trains the runs a standalone `framelm train`
+                # replaced): it is recorded as what it leaves, or the same replacement made again
+                # would give back the hash recorded here and pass for up to date.
+                h = stage_hash(name, cfg, run)[0]
+                fsutil.write_text(marker, h + "\n")
         except FramelmError as exc:
             if set_aside and not distributed:  # this invocation's partial work is all that is lost
                 with run._manifest_lock():
@@ -217,12 +230,6 @@ def run_stage(name: str, cfg: StageConfig, run: RunDir | str | Path, *, force: b
             # A distributed rank finished its share; another rank completes the stage.
             log.info("%s: this process's share is done; the stage completes when all ranks finish", key)
             return counts
-        if callable(getattr(cfg, "input_fingerprint", None)):
-            # What it read may have changed under it (compare re-trains the runs a standalone
-            # `framelm train` replaced): it is recorded as what it leaves, or the same replacement
-            # made again would give back the hash recorded here and pass for up to date.
-            h = stage_hash(name, cfg, run)[0]
-            fsutil.write_text(marker, h + "\n")
         run.update_record(key, {**running, "status": "done", "hash": h, "seconds": round(time.time() - started, 3),
                                 "counts": counts})
         with run._manifest_lock():  # set-asides of other keys are made under it

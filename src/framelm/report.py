@@ -90,12 +90,17 @@ class ReportConfig(StageConfig):
             raise ConfigError(f"'max_source_panels' must be >= 0, got {self.max_source_panels}")
 
     def input_fingerprint(self, run: RunDir) -> dict[str, Any]:
-        """Size and mtime of every input file: the report re-runs when any of them changes."""
-        out = {}
+        """Size and mtime of every input file, and which results are out of date (its cautions):
+        the report re-runs when any of them changes."""
+        from framelm.pipeline import stale_records
+
+        out: dict[str, Any] = {}
         for pattern in INPUT_PATTERNS:
             for p in sorted(run.root.glob(pattern)):
                 st = p.stat()
                 out[str(p.relative_to(run.root))] = [st.st_size, st.st_mtime_ns]
+        if stale := stale_records(run, _finished_keys(run)):
+            out["out_of_date"] = sorted(stale)
         return out
 
 
@@ -842,10 +847,13 @@ def stale_notes(run: RunDir) -> list[str]:
     beside the quadrants of the current 2 x 2) without a word."""
     from framelm.pipeline import stale_records
 
-    finished = [k for k, rec in run.manifest()["stages"].items() if k != "report" and rec.get("status") == "done"]
     return [f"out of date: {key} was made from an earlier result of {up} than the one now in the run, so its figures "
             f"and numbers do not belong with those of {up}; re-run it: {run.command_for(key)}"
-            for key, up in sorted(stale_records(run, finished))]
+            for key, up in sorted(stale_records(run, _finished_keys(run)))]
+
+
+def _finished_keys(run: RunDir) -> list[str]:
+    return [k for k, rec in run.manifest()["stages"].items() if k != "report" and rec.get("status") == "done"]
 
 
 def _render(title: str, run: RunDir, sections: list[Section], verdicts: list[str], stale: list[str]) -> str:

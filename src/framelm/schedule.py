@@ -921,9 +921,9 @@ def assemble(stages: list[Stage], kind: str, window: float, steepness: float) ->
             half = window * min(tokens[k], tokens[j]) / 2
             tail[k] = _docs_within(stages[k].weight[::-1], half)
             head[j] = _docs_within(stages[j].weight, half)
+            blends.append((names[k], names[j], tail[k], head[j]))
             if tail[k] == 0 or head[j] == 0:
                 tail[k] = head[j] = 0
-            blends.append((names[k], names[j], tail[k], head[j]))
     n = sum(len(st.idx) for st in stages)
     idx = np.empty(n, np.result_type(np.int32, *(st.idx.dtype for st in stages)))
     weight = np.empty(n, np.result_type(np.int32, *(st.weight.dtype for st in stages)))

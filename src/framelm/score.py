@@ -197,7 +197,9 @@ class ShardScorer:
             for name, path in cfg.model_dirs(run).items()
         ]
         weak, strong = models
-        if weak.encoding_key[0] != strong.encoding_key[0]:
+        same = (weak.tokenizer_identity == strong.tokenizer_identity if weak.tokenizer_identity and strong.tokenizer_identity
+                else weak.tokenizer.get_vocab() == strong.tokenizer.get_vocab())  # slow tokenizers: by their vocabularies
+        if not same:
             log.warning("score: the weak and strong models have different tokenizers, so PD compares perplexities per "
                         "token of different token sizes; part of each document's PD then reflects tokenization, not "
                         "capability (bpb_weak and bpb_strong are comparable across tokenizers)")

@@ -187,3 +187,17 @@ def test_a_changed_order_is_exported_afresh(tiny_run):
     tokens = np.fromfile(tiny_run.run.path("export", "frame", "stream", "tokens.bin"), dtype=np.uint16)
     np.testing.assert_array_equal(tokens, tiny_run.expected_stream())
     assert tokens.tobytes() != before
+
+
+def test_each_exported_stream_has_a_digest_that_follows_its_schedule(tiny_run):
+    from framelm.export import stream_digest
+
+    first = _export(tiny_run)["parts"]
+    assert list(first) == ["frame"] and first["frame"] == stream_digest(tiny_run.run, "frame")
+    assert _export(tiny_run, formats=["stream", "llmc"])["parts"] == first  # other formats: the same stream
+    assert "parts" not in _export(tiny_run, formats=["llmc"])  # no stream, nothing to train on
+    order = tiny_run.run.path("schedule", "frame", "order.parquet")
+    table = pq.read_table(order)
+    pq.write_table(table.set_column(table.schema.get_field_index("id"), "id", table["id"].take(
+        np.roll(np.arange(table.num_rows), 1))), order)  # another order of the same documents
+    assert stream_digest(tiny_run.run, "frame") != first["frame"]

@@ -73,13 +73,17 @@ def export_schedules(cfg: ExportConfig, run: RunDir) -> dict[str, Any]:
 
 
 def stream_digest(run: RunDir, name: str) -> str:
-    """One hash of what training on schedule `name` reads: its exported stream and the token
-    store its held-out sets come from. Training depends on this part of the export (upstream
-    key export#<name>), so exporting another schedule leaves its models up to date."""
-    stream = run.path("export", name, "stream")
+    """One hash of what training on schedule `name` reads: its stream, which is the token
+    store's documents in the order of schedule/<name> (so their content and the tokenize record
+    stand for its tokens, and tokens.bin is not read again), and its held-out sets, drawn from
+    the token store and labelled by the partition. Training depends on this part of the export
+    (upstream key export#<name>), so exporting another schedule leaves its models up to date."""
+    schedule = run.path("schedule", name)
     with run.content_hashes() as hashes:
-        files = {f: hashes.fingerprint(stream / f)["sha256"] for f in ("tokens.bin", "meta.json")}
-    return stable_hash({"stream": files, "tokenize": (run.record("tokenize") or {}).get("hash")})
+        files = {str(p.relative_to(run.root)): hashes.fingerprint(p)["sha256"]
+                 for p in (schedule / "order.parquet", schedule / "stages.yaml", run.path("export", name, "stream", "meta.json"))}
+    records = {stage: (run.record(stage) or {}).get("hash") for stage in ("tokenize", "partition")}
+    return stable_hash({"files": files, "records": records})
 
 
 def _schedule_names(run: RunDir) -> list[str]:

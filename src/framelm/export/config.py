@@ -51,7 +51,8 @@ class ExportConfig(StageConfig):
 
     def hashed_dict(self) -> dict[str, Any]:
         # Records of an older framelm lack counts["parts"] (the per-schedule stream digests that
-        # training depends on): a new hash re-exports them.
+        # training depends on): a new hash re-exports them, and each model trained on an older
+        # export is trained once more (its upstream is now its schedule's part).
         return {**super().hashed_dict(), "record_format": RECORD_FORMAT}
 
     def upstream(self) -> tuple[str, ...]:

@@ -71,12 +71,12 @@ class ReferenceModel:
             raise FramelmError(f"{name} model: cannot load the tokenizer in {self.path}: {exc}") from None
         bos = self.tokenizer.bos_token_id
         self.bos_id = bos if bos is not None else self.tokenizer.eos_token_id
-        # What identifies a tokenizer: a fast one's serialised pipeline and vocabulary, a slow one's
-        # class and vocabulary. Models whose keys agree (framelm refmodels' weak and strong share
-        # the run's tokenizer) encode each shard once, and their PD compares like tokens.
+        # What identifies a fast tokenizer is its serialised pipeline and vocabulary; models whose
+        # tokenizers agree (framelm refmodels' weak and strong share the run's) encode each shard
+        # once. A slow one's options live in Python code, so it is identified by nothing but itself.
         fast = getattr(self.tokenizer, "backend_tokenizer", None)
-        identity = fast.to_str() if fast is not None else (type(self.tokenizer).__name__, tuple(sorted(self.tokenizer.get_vocab().items())))
-        self.encoding_key = (identity, self.bos_id)
+        self.tokenizer_identity = fast.to_str() if fast is not None else None
+        self.encoding_key = (self.tokenizer_identity or id(self), self.bos_id)
         if self.bos_id is None:
             raise FramelmError(
                 f"{name} model: the tokenizer in {self.path} defines neither a BOS nor an EOS token; every document "
