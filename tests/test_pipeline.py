@@ -349,7 +349,7 @@ def test_two_sections_that_make_one_key_differently_are_refused(tmp_path):
     config = tmp_path / "p.yaml"
     config.write_text(f"run_dir: {tmp_path / 'run'}\nsource: {{value: 1}}\nowner: {{source_value: 2}}\n")
     with pytest.raises(pipeline.ConfigError, match=r"p\.yaml: sections 'source' and 'owner' both make source, "
-                                                    r"with different settings.*leave out the 'source' section"):
+                                                    r"with different settings \(value\).*leave out the 'source' section"):
         pipeline.run_pipeline(config)
     assert CALLS == []
     pipeline.run_pipeline(config, ["owner.source_value=1"])  # the same settings make one result
@@ -405,13 +405,17 @@ def test_a_stage_that_reads_one_part_of_its_upstream_stays_current_when_another_
 def test_a_dry_run_says_when_a_part_decides(tmp_path, capsys):
     add_stage(Stage("parts", f"{__name__}:PartsConfig", f"{__name__}:toy_parts", (), "toy parts"))
     add_stage(Stage("first", f"{__name__}:FirstPartConfig", f"{__name__}:toy_tail", ("parts",), "toy reader of a part"))
+    add_stage(Stage("reader", f"{__name__}:ReaderConfig", f"{__name__}:toy_reader", (), "reads whatever exists"))
     config = tmp_path / "p.yaml"
-    config.write_text(f"run_dir: {tmp_path / 'run'}\nparts: {{other: 1}}\nfirst: {{}}\n")
+    config.write_text(f"run_dir: {tmp_path / 'run'}\nparts: {{other: 1}}\nfirst: {{}}\nreader: {{}}\n")
     pipeline.run_pipeline(config)
     capsys.readouterr()
+    pipeline.run_pipeline(config, dry_run=True)
+    assert capsys.readouterr().out.count("up to date (would skip)") == 3
     pipeline.run_pipeline(config, ["parts.other=2"], dry_run=True)
     out = capsys.readouterr().out
     assert "# parts: would run;" in out and "# first: would run unless what it reads of parts comes out unchanged;" in out
+    assert "# reader: would run;" in out  # what it reads is remade first
 
 
 @dataclass

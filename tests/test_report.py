@@ -813,7 +813,8 @@ def test_a_schedule_made_from_an_earlier_partition_is_flagged(tmp_path):
     counts = build_report(ReportConfig(), run)
     text = run.path("report", "index.html").read_text()
     assert "Out of date: schedule was made from an earlier result of partition" in text
-    assert counts["out_of_date"] == 1 and "re-run it: framelm schedule --run-dir" in counts["summary"]
+    assert counts["out_of_date"] == 1 and "re-run schedule on the new partition (it was last made by: framelm schedule --run-dir" in counts["summary"]
+    assert "or make partition as it was (its new result was made by: framelm partition --run-dir" in counts["summary"]
     run_stage("report", ReportConfig(), run)
     run.update_record("score", {"stage": "score", "status": "done", "hash": "rescored"})  # no file it reads changes
     assert run_stage("report", ReportConfig(), run)["out_of_date"] == 2  # re-run: partition is now out of date too

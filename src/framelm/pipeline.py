@@ -156,6 +156,9 @@ def run_stage(name: str, cfg: StageConfig, run: RunDir | str | Path, *, force: b
         if not up_to_date and planned is not None:
             planned[key] = h
         undecided = sorted({k.partition(PART)[0] for k in upstream if PART in k and k.partition(PART)[0] in (planned or {})})
+        if up_to_date and planned and not upstream_keys(name, cfg) and callable(getattr(cfg, "input_fingerprint", None)):
+            # it reads whatever the run holds (report), which the stages planned before it remake
+            up_to_date = False
         status = ("up to date (would skip)" if up_to_date else
                   f"would run unless what it reads of {', '.join(undecided)} comes out unchanged" if undecided else "would run")
         print(f"# {key}: {status}; hash {h}")
@@ -207,6 +210,7 @@ def run_stage(name: str, cfg: StageConfig, run: RunDir | str | Path, *, force: b
                 # would give back the hash recorded here and pass for up to date.
                 h = stage_hash(name, cfg, run)[0]
                 fsutil.write_text(marker, h + "\n")
+                log.info("%s: recorded with hash %s, that of the inputs it leaves", key, h)
         except FramelmError as exc:
             if set_aside and not distributed:  # this invocation's partial work is all that is lost
                 with run._manifest_lock():
@@ -352,7 +356,9 @@ def _refuse_shared_outputs(path: str | Path, stages: list[str], configs: dict[st
         for name, cfg in [(s, configs[s]), *(owned() if callable(owned) else [])]:
             key = stage_key(name, cfg)
             first, other = made.setdefault(key, (s, cfg))
-            if other.hashed_dict() != cfg.hashed_dict():
-                raise ConfigError(f"{path}: sections '{first}' and '{s}' both make {key}, with different settings, so "
-                                  f"each run would replace the other's result; leave out the '{first}' section or give "
-                                  f"it another schedule or seed")
+            mine, theirs = other.hashed_dict(), cfg.hashed_dict()
+            if mine != theirs:
+                differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+                raise ConfigError(f"{path}: sections '{first}' and '{s}' both make {key}, with different settings "
+                                  f"({', '.join(differ)}), so each run would replace the other's result; leave out the "
+                                  f"'{first}' section or give it another schedule or seed")

@@ -848,7 +848,9 @@ def stale_notes(run: RunDir) -> list[str]:
     from framelm.pipeline import stale_records
 
     return [f"out of date: {key} was made from an earlier result of {up} than the one now in the run, so its figures "
-            f"and numbers do not belong with those of {up}; re-run it: {run.command_for(key)}"
+            f"and numbers do not belong with those of {up}; to make them agree, re-run {key} on the new {up} "
+            f"(it was last made by: {run.command_for(key)}), or make {up} as it was (its new result was made by: "
+            f"{run.command_for(up)})"
             for key, up in sorted(stale_records(run, _finished_keys(run)))]
 
 
