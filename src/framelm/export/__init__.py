@@ -17,6 +17,7 @@ byte-identical to an uninterrupted one.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Callable
 
@@ -73,17 +74,13 @@ def export_schedules(cfg: ExportConfig, run: RunDir) -> dict[str, Any]:
 
 
 def stream_digest(run: RunDir, name: str) -> str:
-    """One hash of what training on schedule `name` reads: its stream, which is the token
-    store's documents in the order of schedule/<name> (so their content and the tokenize record
-    stand for its tokens, and tokens.bin is not read again), and its held-out sets, drawn from
-    the token store and labelled by the partition. Training depends on this part of the export
-    (upstream key export#<name>), so exporting another schedule leaves its models up to date."""
-    schedule = run.path("schedule", name)
-    with run.content_hashes() as hashes:
-        files = {str(p.relative_to(run.root)): hashes.fingerprint(p)["sha256"]
-                 for p in (schedule / "order.parquet", schedule / "stages.yaml", run.path("export", name, "stream", "meta.json"))}
-    records = {stage: (run.record(stage) or {}).get("hash") for stage in ("tokenize", "partition")}
-    return stable_hash({"files": files, "records": records})
+    """One hash of what training on schedule `name` reads: its stream, made from exactly the
+    inputs its export plan fingerprinted (plan/inputs.json: the schedule's order and stages, the
+    token store), and its held-out sets, drawn from the token store and labelled by the
+    partition. Training depends on this part of the export (upstream key export#<name>), so
+    exporting another schedule leaves its models up to date."""
+    inputs = json.loads(run.path("export", name, "plan", "inputs.json").read_text())
+    return stable_hash({"stream_inputs": inputs, "partition": (run.record("partition") or {}).get("hash")})
 
 
 def _schedule_names(run: RunDir) -> list[str]:
