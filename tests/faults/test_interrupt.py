@@ -4,6 +4,7 @@ uninterrupted run."""
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 
@@ -15,8 +16,10 @@ from .test_concurrent_runs import write_corpus
 def test_ctrl_c_mid_stage_then_resume(tmp_path):
     corpus = write_corpus(tmp_path / "web.jsonl")
     ref, run = tmp_path / "ref", tmp_path / "run"
-    # 200 small shards: after the third, the stage is far from done when the signal comes
-    flags = ("--inputs", str(corpus), "--docs-per-shard", "10")
+    # 2000 one-document shards (about a second of writing): after the third the stage is far from
+    # done. The process is stopped before it is signalled, so that the check that it is mid-stage
+    # holds when the signal lands (a run that finishes first exits 0 and the test would say why).
+    flags = ("--inputs", str(corpus), "--docs-per-shard", "1")
     run_uninterrupted(framelm_argv(["ingest"], ref, *flags), ref)
 
     proc = start(framelm_argv(["ingest"], run, *flags))
@@ -25,8 +28,11 @@ def test_ctrl_c_mid_stage_then_resume(tmp_path):
     while proc.poll() is None and len(list(docs.glob("*.done")) if docs.exists() else []) < 3:
         assert time.monotonic() < deadline, "ingest wrote no shard within 120 s"
         time.sleep(0.002)
-    assert proc.poll() is None, "ingest finished before it could be interrupted"
+    os.kill(proc.pid, signal.SIGSTOP)
+    done = len(list(docs.glob("*.done")))
+    assert proc.poll() is None and done < 2000, f"ingest finished its {done} shards before it could be interrupted"
     proc.send_signal(signal.SIGINT)
+    os.kill(proc.pid, signal.SIGCONT)
     code, _, err = finish(proc, timeout_s=60)
     assert code == 130, err
     assert "framelm: interrupted; re-run the same command to resume" in err and "Traceback" not in err
