@@ -367,7 +367,7 @@ def documents_read(starts: list[tuple[str, int]], tokens: int) -> set[str]:
 
 
 @pytest.mark.slow
-def test_compare_trains_both_schedules_on_the_same_tokens(tmp_path):
+def test_compare_trains_both_schedules_on_the_same_tokens(tmp_path, capsys):
     root = make_tiny_run(tmp_path / "run", tokenizer=True)
     starts = add_random_schedule(root)
     run = RunDir(root)
@@ -405,6 +405,18 @@ def test_compare_trains_both_schedules_on_the_same_tokens(tmp_path):
     assert "held-out set" in counts["summary"]
     assert run.path("compare", "results.csv").read_text().startswith(",".join(TABLE_COLUMNS) + "\n")
     assert run_stage("compare", cfg, run) == counts  # everything up to date: nothing re-runs
+
+    capsys.readouterr()
+    run_stage("compare", cfg, run, dry_run=True)
+    listed = capsys.readouterr().out
+    assert "# compare: up to date (would skip)" in listed
+    for key in ("train/frame/seed0", "eval/frame/seed0", "train/random/seed0", "eval/random/seed0"):
+        assert f"#   {key}: up to date (would skip)" in listed
+    run_stage("compare", cfg, run, force=True, dry_run=True)
+    assert capsys.readouterr().out.count(": would run") == 5  # compare and each of its runs
+    started = {key: run.record(key)["started"] for key in ("train/frame/seed0", "eval/random/seed0")}
+    assert run_stage("compare", cfg, run, force=True)["summary"] == counts["summary"]  # CPU training is exact
+    assert all(run.record(key)["started"] > t for key, t in started.items())  # retrained and re-evaluated
 
 
 @pytest.mark.slow

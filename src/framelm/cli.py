@@ -201,7 +201,8 @@ def _common_flags(p: argparse.ArgumentParser, config_flag: bool = True, example:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help=f"override a config key, dotted for nested keys (repeatable), e.g. {_set_arg(example)}".replace("%", "%%"))
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and whether the stage would run, then stop")
-    p.add_argument("--force", action="store_true", help="run even if the stage is up to date")
+    p.add_argument("--force", action="store_true", help="run even if the stage is up to date (compare: "
+                   "retrain and re-evaluate every run too)")
     p.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
 
 

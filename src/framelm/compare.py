@@ -1,7 +1,8 @@
 """`framelm compare`: train and evaluate one model per (schedule, seed), then tabulate.
 
 Every run is the `train` stage and then the `eval` stage, each through
-`framelm.pipeline.run_stage`, so a finished run is skipped and an interrupted one resumes.
+`framelm.pipeline.run_stage`, so a finished run is skipped and an interrupted one resumes
+(`--force` on compare retrains and re-evaluates every run, as a dry run lists).
 All runs share one TrainConfig template (only `schedule` and `seed` differ), so model, token
 budget and learning-rate schedule are the same; the token count each run actually trained on
 is read back from its record and must agree across runs. With train.average (ema, sma, wma)
@@ -68,7 +69,7 @@ from framelm.config import ConfigError, StageConfig, field
 from framelm.errors import FramelmError
 from framelm.evaluate import AVERAGED, EvalConfig
 from framelm.ingest import MIN_SPLIT_DOCS
-from framelm.pipeline import run_stage
+from framelm.pipeline import FORCED, run_stage
 from framelm.rundir import RunDir
 from framelm.train import TrainConfig
 
@@ -493,9 +494,10 @@ def compare_schedules(cfg: CompareConfig, run: RunDir) -> dict[str, Any]:
     trained: dict[tuple[str, int], Any] = {}  # (schedule, tokens) -> ids of the documents trained on
     digests: dict[tuple[str, int], str | None] = {}  # ... and their documents_digest
     planned = cfg.runs()
+    force = FORCED.get()  # `framelm compare --force` retrains and re-evaluates every run
     for train_cfg, evaluations in planned:
         train_key = f"train/{train_cfg.instance()}"
-        tokens = trained_tokens(run, train_key, run_stage("train", train_cfg, run))
+        tokens = trained_tokens(run, train_key, run_stage("train", train_cfg, run, force=force))
         if (train_cfg.schedule, tokens) not in trained:
             ids = trained_documents(run, train_cfg.schedule, tokens)
             trained[train_cfg.schedule, tokens] = ids
@@ -503,7 +505,7 @@ def compare_schedules(cfg: CompareConfig, run: RunDir) -> dict[str, Any]:
         ids = trained[train_cfg.schedule, tokens]
         for eval_cfg in evaluations:
             eval_key = f"eval/{eval_cfg.instance()}"
-            run_stage("eval", eval_cfg, run)
+            run_stage("eval", eval_cfg, run, force=force)
             results = json.loads(run.path(eval_key, "results.json").read_text())
             runs.append({"schedule": train_cfg.schedule, "weights": train_cfg.average if eval_cfg.averaged else FINAL,
                          "seed": train_cfg.seed, "train_key": train_key, "eval_key": eval_key, "tokens": tokens,

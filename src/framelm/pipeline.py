@@ -17,6 +17,7 @@ what it reads (compare re-trains replaced runs) is recorded with the hash of wha
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import json
 import logging
@@ -45,6 +46,10 @@ PIPELINE_KEYS = {"run_dir", "stages"}
 # A stage may depend on one part of an upstream result (its record's counts["parts"] gives each
 # part's hash), so that re-running the upstream for another part does not make it stale.
 PART = "#"
+
+# Whether the stage now running was forced: a stage that runs others through run_stage (compare's
+# trainings) forces them too, or `--force` would re-tabulate old models and retrain nothing.
+FORCED: contextvars.ContextVar[bool] = contextvars.ContextVar("framelm_forced", default=False)
 
 
 def stage_key(name: str, cfg: StageConfig) -> str:
@@ -149,22 +154,19 @@ def run_stage(name: str, cfg: StageConfig, run: RunDir | str | Path, *, force: b
         # Every rank would clear the stage's folder, deleting shards the other ranks finished.
         raise FramelmError(f"{key}: --force cannot be given to the {cfg.world_size} ranks of a distributed run; "
                            f"to start over, delete {run.path(key)} and launch the ranks without --force")
-    h, upstream = stage_hash(name, cfg, run, dry_run, planned)
-    rec = run.record(key)
-    up_to_date = not force and _finished(rec, h)
     if dry_run:
-        if not up_to_date and planned is not None:
-            planned[key] = h
-        undecided = sorted({k.partition(PART)[0] for k in upstream if PART in k and k.partition(PART)[0] in (planned or {})})
-        if up_to_date and planned and not upstream_keys(name, cfg) and callable(getattr(cfg, "input_fingerprint", None)):
-            # it reads whatever the run holds (report), which the stages planned before it remake
-            up_to_date = False
-        status = ("up to date (would skip)" if up_to_date else
-                  f"would run unless what it reads of {', '.join(undecided)} comes out unchanged" if undecided else "would run")
+        planned = {} if planned is None else planned
+        rec, h, status = _dry_run_status(name, cfg, run, force, planned)
         print(f"# {key}: {status}; hash {h}")
+        owned = getattr(cfg, "owned_stages", None)
+        for owned_name, owned_cfg in owned() if callable(owned) else ():
+            # the runs it makes through run_stage (compare's trainings), each skipped when up to date
+            print(f"#   {stage_key(owned_name, owned_cfg)}: {_dry_run_status(owned_name, owned_cfg, run, force, planned)[2]}")
         print(yaml.safe_dump({name: cfg.to_dict()}, sort_keys=False))
-        return rec.get("counts", {}) if up_to_date and rec else {}
-    if up_to_date:
+        return rec.get("counts", {}) if key not in planned and rec else {}
+    h, upstream = stage_hash(name, cfg, run)
+    rec = run.record(key)
+    if not force and _finished(rec, h):
         log.info("%s: up to date (hash %s), skipping", key, h)
         return rec.get("counts", {})
 
@@ -203,7 +205,11 @@ def run_stage(name: str, cfg: StageConfig, run: RunDir | str | Path, *, force: b
         run.update_record(key, running)
         log.info("%s: running (hash %s)", key, h)
         try:
-            counts = STAGES[name].entry()(cfg, run) or {}
+            forced = FORCED.set(force)
+            try:
+                counts = STAGES[name].entry()(cfg, run) or {}
+            finally:
+                FORCED.reset(forced)
             if getattr(cfg, "remakes_inputs", False) and not counts.get("_pending"):
                 # It remade what it read (compare re-trains the runs a standalone `framelm train`
                 # replaced): it is recorded as what it leaves, or the same replacement made again
@@ -240,6 +246,25 @@ def run_stage(name: str, cfg: StageConfig, run: RunDir | str | Path, *, force: b
             _drop_set_aside(run, previous)
     log.info("%s: done in %.1fs", key, time.time() - started)
     return counts
+
+
+def _dry_run_status(name: str, cfg: StageConfig, run: RunDir, force: bool,
+                    planned: dict[str, str]) -> tuple[dict[str, Any] | None, str, str]:
+    """What a run would do: (record, hash, what to say). A stage that would run goes into `planned`."""
+    key = stage_key(name, cfg)
+    h, upstream = stage_hash(name, cfg, run, True, planned)
+    rec = run.record(key)
+    up_to_date = not force and _finished(rec, h)
+    if up_to_date and planned and not upstream_keys(name, cfg) and callable(getattr(cfg, "input_fingerprint", None)):
+        # it reads whatever the run holds (report), which the stages planned before it remake
+        up_to_date = False
+    if up_to_date:
+        return rec, h, "up to date (would skip)"
+    planned[key] = h
+    undecided = sorted({k.partition(PART)[0] for k in upstream if PART in k and k.partition(PART)[0] in planned})
+    if undecided and not force and rec and rec.get("status") == "done":  # else it runs whatever the part holds
+        return rec, h, f"would run unless what it reads of {', '.join(undecided)} comes out unchanged"
+    return rec, h, "would run"
 
 
 def _finished(rec: dict[str, Any] | None, h: str) -> bool:
