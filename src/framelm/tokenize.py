@@ -162,20 +162,19 @@ def _tokenize_unit(unit: Unit) -> None:
 
 def _run_units(pending: list[Unit], n_total: int, worker_args: tuple[Any, ...], num_workers: int) -> None:
     """Tokenize the pending units, in this process or in a pool of `num_workers` processes."""
-    bar = tqdm(total=n_total, initial=n_total - len(pending), desc="tokenize", unit=" shards")
-    workers = min(num_workers, len(pending))
-    if workers <= 1:
-        _init_worker(*worker_args, serial_batches=False)
-        for unit in pending:
-            _tokenize_unit(unit)
-            bar.update()
-    else:
-        # spawn, not fork: the parent may hold tokenizer threads or a torch runtime
-        ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(*worker_args, True)) as pool:
-            for _ in pool.imap_unordered(_tokenize_unit, pending):
+    with tqdm(total=n_total, initial=n_total - len(pending), desc="tokenize", unit=" shards") as bar:
+        workers = min(num_workers, len(pending))
+        if workers <= 1:
+            _init_worker(*worker_args, serial_batches=False)
+            for unit in pending:
+                _tokenize_unit(unit)
                 bar.update()
-    bar.close()
+        else:
+            # spawn, not fork: the parent may hold tokenizer threads or a torch runtime
+            ctx = multiprocessing.get_context("spawn")
+            with ctx.Pool(workers, initializer=_init_worker, initargs=(*worker_args, True)) as pool:
+                for _ in pool.imap_unordered(_tokenize_unit, pending):
+                    bar.update()
 
 
 def _concatenate(paths: list[Path], out: Path) -> None:

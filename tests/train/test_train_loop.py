@@ -132,6 +132,26 @@ def test_token_ids_outside_the_vocabulary_are_refused(tmp_path):
         fit(cfg, tokens, stages, tmp_path / "out", eos_id=0, vocab_size=60)
 
 
+def test_an_interrupted_run_closes_its_progress_bar(tmp_path, monkeypatch, capsys):
+    """Ctrl-C mid-run ends the bar's line, so that the CLI's "interrupted" message starts a line of its own."""
+    from framelm.cli import main
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    real_lr_at = loop.lr_at
+
+    def interrupt_at_step_3(step, *args):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real_lr_at(step, *args)
+
+    monkeypatch.setattr(loop, "lr_at", interrupt_at_step_3)
+    root = make_tiny_run(tmp_path / "run", tokenizer=True)
+    assert main(["train", "--run-dir", str(root), "--set", "seq_len=16", "--set", "global_batch_seqs=4",
+                 "--set", "max_tokens=512", "--set", "eval_every_steps=0", "--set", "device=cpu"]) == 130
+    err = capsys.readouterr().err
+    assert "3/8" in err and "\nframelm: interrupted; re-run the same command to resume" in err
+
+
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     tokens, stages = _stream()
     losses = {}

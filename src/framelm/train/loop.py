@@ -185,53 +185,54 @@ class _Trainer:
         flops = flops_per_token(self.args, cfg.seq_len)
         # TQDM_DISABLE is read here too: tqdm reads it only when first imported, which may be
         # before the CLI's --quiet sets it.
-        progress = tqdm(total=plan.n_steps, initial=start_step, desc=f"train {self.out_dir.name}", unit="step",
-                        disable=not world.is_main or os.environ.get("TQDM_DISABLE") == "1")
-        for step in range(start_step, plan.n_steps):
-            started = time.perf_counter()
-            lr = lr_at(step, plan.n_steps, cfg.lr, cfg.lr_schedule, cfg.warmup_fraction, cfg.final_lr_ratio,
-                       cfg.wsd_decay_fraction, cfg.wsd_decay_shape)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_loss = torch.zeros((), device=world.device)
-            for micro in range(accum):
-                first = world.rank * self.local_rows + micro * self.micro_rows
-                inputs, targets = plan.rows(step, first, self.micro_rows)
-                x = torch.from_numpy(inputs).to(world.device, non_blocking=True)
-                y = torch.from_numpy(targets).to(world.device, non_blocking=True)
-                # Gradients are all-reduced only on the last micro-batch of the step.
-                sync = contextlib.nullcontext() if (micro == accum - 1 or not world.distributed) else forward_model.no_sync()
-                with sync:
-                    with self.autocast():
-                        loss = loss_fn(forward_model(x, mask_eos), y) / accum
-                    loss.backward()
-                step_loss += loss.detach()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_value = float(all_reduce_mean(step_loss, world))  # .item() also waits for the GPU
-            seconds = time.perf_counter() - started
-            done = step + 1
-            tokens_done = done * plan.tokens_per_step
-            tokens_per_s = plan.tokens_per_step / seconds
-            if not math.isfinite(loss_value):
-                raise FramelmError(f"training loss became {loss_value} at step {done}; lower lr (now {cfg.lr}) or raise warmup_fraction")
-            if done % cfg.log_every_steps == 0 or done == plan.n_steps:
-                record = {"type": "train", "step": done, "tokens": tokens_done, "loss": loss_value, "lr": lr,
-                          "stage": plan.stage_of_step(step), "tokens_per_s": round(tokens_per_s, 1),
-                          "mfu": round(flops * tokens_per_s / (peak * world.size), 5) if peak else None}
-                logfile.write(record)
-                if writer:
-                    writer.add_scalar("train/loss", loss_value, tokens_done)
-                    writer.add_scalar("train/lr", lr, tokens_done)
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss_value:.3f}", stage=plan.stage_of_step(step))
-            if (cfg.eval_every_steps and done % cfg.eval_every_steps == 0) or done == plan.n_steps:
-                self._evaluate(model, done, logfile, writer)
-            if done % cfg.checkpoint_every_steps == 0 or done == plan.n_steps:
-                self._save(model, optimizer, done, lr)
-        progress.close()
+        with tqdm(total=plan.n_steps, initial=start_step, desc=f"train {self.out_dir.name}", unit="step",
+                  disable=not world.is_main or os.environ.get("TQDM_DISABLE") == "1") as progress:
+            for step in range(start_step, plan.n_steps):
+                started = time.perf_counter()
+                lr = lr_at(step, plan.n_steps, cfg.lr, cfg.lr_schedule, cfg.warmup_fraction, cfg.final_lr_ratio,
+                           cfg.wsd_decay_fraction, cfg.wsd_decay_shape)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                step_loss = torch.zeros((), device=world.device)
+                for micro in range(accum):
+                    first = world.rank * self.local_rows + micro * self.micro_rows
+                    inputs, targets = plan.rows(step, first, self.micro_rows)
+                    x = torch.from_numpy(inputs).to(world.device, non_blocking=True)
+                    y = torch.from_numpy(targets).to(world.device, non_blocking=True)
+                    # Gradients are all-reduced only on the last micro-batch of the step.
+                    last = micro == accum - 1 or not world.distributed
+                    sync = contextlib.nullcontext() if last else forward_model.no_sync()
+                    with sync:
+                        with self.autocast():
+                            loss = loss_fn(forward_model(x, mask_eos), y) / accum
+                        loss.backward()
+                    step_loss += loss.detach()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                loss_value = float(all_reduce_mean(step_loss, world))  # .item() also waits for the GPU
+                seconds = time.perf_counter() - started
+                done = step + 1
+                tokens_done = done * plan.tokens_per_step
+                tokens_per_s = plan.tokens_per_step / seconds
+                if not math.isfinite(loss_value):
+                    raise FramelmError(f"training loss became {loss_value} at step {done}; lower lr (now {cfg.lr}) "
+                                       "or raise warmup_fraction")
+                if done % cfg.log_every_steps == 0 or done == plan.n_steps:
+                    record = {"type": "train", "step": done, "tokens": tokens_done, "loss": loss_value, "lr": lr,
+                              "stage": plan.stage_of_step(step), "tokens_per_s": round(tokens_per_s, 1),
+                              "mfu": round(flops * tokens_per_s / (peak * world.size), 5) if peak else None}
+                    logfile.write(record)
+                    if writer:
+                        writer.add_scalar("train/loss", loss_value, tokens_done)
+                        writer.add_scalar("train/lr", lr, tokens_done)
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss_value:.3f}", stage=plan.stage_of_step(step))
+                if (cfg.eval_every_steps and done % cfg.eval_every_steps == 0) or done == plan.n_steps:
+                    self._evaluate(model, done, logfile, writer)
+                if done % cfg.checkpoint_every_steps == 0 or done == plan.n_steps:
+                    self._save(model, optimizer, done, lr)
         if writer:
             writer.close()
         counts = self._finish(model, logfile)
