@@ -16,7 +16,7 @@ import torch
 from framelm import fsutil
 from framelm.builtin_tasks import LAST_WORD, NEXT_LINE, write_builtin_tasks
 from framelm.errors import FramelmError
-from framelm.evaltasks import check_task_file, run_harness, write_task_configs
+from framelm.evaltasks import check_task_file, harness_config, run_harness, write_task_configs
 from framelm.evaluate import EvalConfig, evaluate_heldout
 from framelm.partition import write_labels
 from framelm.pipeline import run_stage
@@ -88,13 +88,15 @@ MC_ROWS = [{"query": f"The quick brown {w}", "choices": ["fox jumps", "dog", "la
     # acc_norm picks "dog" here only when a log-likelihood is divided by its choice's length without the space
     {"query": "The quick brown cat", "choices": ["a", "b", "dog"], "gold": 2}]
 MMLU_ROWS = [{"query": q, "choices": ["sum", "copy", "dog", "fox"], "gold": g, "subject": "high_school_math"}
-             for q, g in (("What is a + b?", 0), ("What does a copy return?", 1), ("Which animal jumps?", 3))]
-WG_ROWS = [{"context_options": ["Return the sum", "Permission is"], "continuation": "of two numbers.", "gold": 0},
+             for q, g in (("What is a + b?", 0), ("What does a copy return?", 1), ("Which animal jumps?", 2))]
+# golds chosen so that the fixture model gets some rows right and some wrong (the tests check it)
+WG_ROWS = [{"context_options": ["Return the sum", "Permission is"], "continuation": "of two numbers.", "gold": 1},
            {"context_options": ["The lazy dog", "def add(a"], "continuation": "jumps over the fox", "gold": 1},
            {"context_options": ["free of charge", "the input is"], "continuation": "empty.", "gold": 1}]
 LAMBADA_ROWS = [{"context": "The quick brown fox jumps over the lazy", "continuation": "dog"},
                 {"context": "Raises ValueError when the input is", "continuation": "empty"},
-                {"context": "free of", "continuation": "charge"}]
+                {"context": "free of", "continuation": "charge"},
+                {"context": "Return quick", "continuation": "t"}]  # the fixture model's greedy continuation
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +129,8 @@ def test_multiple_choice_matches_hand_computed_loglikelihoods(model_dir, harness
 
 
 def mmlu_prompt(row: dict) -> str:
-    return (f"The following is a multiple choice question about high school math.\n\n{row['query']}\n"
+    # lm-eval's mmlu task: the description of tasks/mmlu/default/mmlu_<subject>.yaml, then its template
+    return (f"The following are multiple choice questions (with answers) about high school math.\n\n{row['query']}\n"
             "A. sum\nB. copy\nC. dog\nD. fox\nAnswer:")
 
 
@@ -146,6 +149,7 @@ def test_mmlu_rows_get_a_lettered_prompt(model_dir, harness_results, tmp_path):
         lls = [loglikelihood(model_dir, mmlu_prompt(row), " " + letter)[0] for letter in "ABCD"]
         acc.append(float(np.argmax(lls) == row["gold"]))
     assert harness_results["mmlu"]["acc"] == pytest.approx(np.mean(acc))
+    assert 0 < np.mean(acc) < 1, "fixture must give a non-trivial accuracy so the comparison can fail"
 
 
 def test_winogrande_partial_scoring(model_dir, harness_results):
@@ -155,6 +159,7 @@ def test_winogrande_partial_scoring(model_dir, harness_results):
         acc.append(float(np.argmax(lls) == row["gold"]))
     assert harness_results["wg"]["acc"] == pytest.approx(np.mean(acc))
     assert harness_results["wg"]["n"] == 3
+    assert 0 < np.mean(acc) < 1, "fixture must give a non-trivial accuracy so the comparison can fail"
 
 
 def test_lambada_accuracy_and_perplexity(model_dir, harness_results):
@@ -162,6 +167,7 @@ def test_lambada_accuracy_and_perplexity(model_dir, harness_results):
     got = harness_results["lam"]
     assert got["perplexity"] == pytest.approx(math.exp(-np.mean([ll for ll, _ in scored])), rel=1e-5)
     assert got["acc"] == pytest.approx(np.mean([g for _, g in scored]))
+    assert 0 < np.mean([g for _, g in scored]) < 1, "fixture must give a non-trivial accuracy so the comparison can fail"
 
 
 def test_generated_yaml_loads_offline(tmp_path):
@@ -188,6 +194,13 @@ def test_bad_task_rows_name_file_line_and_field(tmp_path, line, message):
     with pytest.raises(FramelmError, match=message) as info:
         check_task_file(path)
     assert f"{path}:2" in str(info.value)
+
+
+def test_a_task_file_that_is_not_utf8_names_its_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"query": "q", "choices": ["a", "b"], "gold": 0}\n{"query": "caf\xe9", "choices": ["a", "b"], "gold": 0}\n')
+    with pytest.raises(FramelmError, match=rf"{path}:2: not UTF-8 \(byte 0xe9 at column 15\)"):
+        check_task_file(path)
 
 
 def test_unknown_schema_and_mixed_subjects_are_refused(tmp_path):
@@ -323,7 +336,8 @@ def test_editing_a_task_file_or_the_model_changes_the_stage_hash(model_dir, tmp_
 DOCS = [  # id, source, split, text
     ("a1", "code", "heldout", "import os\nimport sys\n\ndef main(argv):\n    path = os.path.join(argv[0], 'x')\n    return path\n"),
     ("a2", "code", "heldout", "class Stack:\n    def __init__(self):\n        self.items = []\n    def push(self, item):\n        self.items.append(item)\n"),
-    ("a3", "docs", "heldout", "Return the sum of two numbers and check both of the given inputs first.\n\n"
+    # a paragraph whose last word is wrapped onto a line of its own
+    ("a3", "docs", "heldout", "Return the sum of two numbers and check both of the given inputs\nfirst.\n\n"
                               "This function raises an error when either of the given values is missing entirely."),
     ("a4", "licence", "heldout", "Permission is hereby granted, free of charge, to any person obtaining a copy of this software.\n"
                                  "The above copyright notice shall be included in all copies or substantial portions."),
@@ -403,6 +417,21 @@ def test_heldout_loss_per_source_and_quadrant(run, model_dir, seq_len):
         assert got[name]["bpb"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-5)
 
 
+def test_a_trained_model_is_read_in_windows_of_its_training_rows(run, model_dir):
+    """A training key's held-out windows default to train.seq_len, as the trainer logs them and
+    `framelm compare` evaluates them, not to the exported max_position_embeddings (the preset's)."""
+    from framelm.evaluate import resolve_model
+
+    shutil.copytree(model_dir, run.path("train", "frame", "seed0", "hf"))
+    run.update_record("train/frame/seed0", {"status": "done", "hash": "t", "config": {"seq_len": 7}})
+    cfg = EvalConfig(model="train/frame/seed0", tasks=[])
+    got = evaluate_heldout(resolve_model(cfg, run), cfg, run, "cpu")["all"]["loss"]
+    as_trained = evaluate_heldout(model_dir, EvalConfig(model=str(model_dir), seq_len=7, tasks=[]), run, "cpu")
+    whole = evaluate_heldout(model_dir, EvalConfig(model=str(model_dir), tasks=[]), run, "cpu")  # 512
+    assert got == pytest.approx(as_trained["all"]["loss"], rel=1e-6)
+    assert abs(got - whole["all"]["loss"]) > 1e-3, "fixture documents must be longer than 7 tokens"
+
+
 def test_heldout_refuses_a_model_with_another_tokenizer(run, model_dir, tmp_path):
     other = tmp_path / "tokenizer"
     other.mkdir()
@@ -429,8 +458,8 @@ def test_builtin_tasks_are_deterministic_and_heldout_only(run):
                 assert row["query"] + row["choices"][row["gold"]] in doc
                 assert sum(c in "\n" + doc for c in row["choices"]) == 1
             else:
-                assert doc.startswith(row["context"]) and row["continuation"].isalpha()
-                assert doc[len(row["context"]):].lstrip().startswith(row["continuation"])
+                # the harness joins them with one space: that must be the document's own text
+                assert doc.startswith(row["context"] + " " + row["continuation"]) and row["continuation"].isalpha()
 
 
 @pytest.mark.slow
@@ -445,7 +474,9 @@ def test_eval_stage_end_to_end(run, model_dir):
     assert results["tasks"][NEXT_LINE]["acc_norm"] is not None
     assert results["heldout"]["all"]["tokens"] == counts["heldout_tokens"]
     assert not run.path("eval", "tiny", "datasets-cache").exists()
-    assert run_stage("eval", cfg, run) == counts  # up to date: skipped
+    started = run.record("eval/tiny")["started"]
+    assert run_stage("eval", cfg, run) == counts
+    assert run.record("eval/tiny")["started"] == started  # up to date: skipped, not run again to the same counts
     assert sorted(p.name for p in run.path("eval", "tiny").iterdir()) == [".framelm-hash", "harness", "results.json"]
 
 
@@ -464,3 +495,69 @@ def test_harness_keeps_stdout_clean_and_runs_no_git(model_dir, tmp_path, capsys,
     captured = capsys.readouterr()
     assert "bootstrapping" not in captured.out and "bootstrapping for stddev: perplexity" in captured.err
     assert not [c for c in calls if "git" in c]
+
+
+def test_harness_opens_no_network_connection(model_dir, tmp_path, monkeypatch):
+    """Task files and the model are local: nothing may be fetched or reported while they run
+    (datasets counts loads of its packaged "json" loader with a request to S3 unless offline)."""
+    import socket
+
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network access during evaluation")
+
+    import datasets.config
+    import huggingface_hub.constants
+
+    # as a user's shell has them: tests/conftest.py turns the Hub off for the whole suite
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket.socket, "connect", lambda self, *args: refuse(*args))
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    task = check_task_file(write_jsonl(tmp_path / "copa.jsonl", MC_ROWS))
+    write_task_configs([task], tmp_path / "yaml", tmp_path / "cache")
+    got = run_harness(model_dir, [task], tmp_path / "yaml", device="cpu", dtype="float32", batch_size=4, limit=None)
+    assert got["copa"]["n"] == len(MC_ROWS)
+    assert attempts == []
+    assert datasets.config.HF_UPDATE_DOWNLOAD_COUNTS and not huggingface_hub.constants.HF_HUB_OFFLINE, \
+        "the offline switch must be undone after the harness"
+
+
+def test_length_check_trusts_remote_code_as_the_harness_does(model_dir, tmp_path, monkeypatch):
+    """A model shipping its own code needs trust_remote_code for its config and tokenizer too;
+    the length check loads them before HFLM does, so it must pass the same switch."""
+    import transformers
+
+    from framelm.evaltasks import check_lengths
+
+    seen = []
+    for cls in (transformers.AutoConfig, transformers.AutoTokenizer):
+        real = cls.from_pretrained
+        monkeypatch.setattr(cls, "from_pretrained",
+                            lambda *a, _real=real, **kw: seen.append(kw.get("trust_remote_code")) or _real(*a, **kw))
+    task = check_task_file(write_jsonl(tmp_path / "copa.jsonl", MC_ROWS))
+    check_lengths(model_dir, [task], None, trust_remote_code=True)
+    assert len(seen) >= 2 and all(seen), seen
+
+
+def test_mmlu_letters_join_with_a_space_whatever_the_choices_begin_with(tmp_path):
+    rows = [{**r, "choices": [" " + c for c in r["choices"]]} for r in MMLU_ROWS]
+    task = check_task_file(write_jsonl(tmp_path / "mmlu.jsonl", rows))
+    assert task.subject and not task.verbatim
+    assert harness_config(task, tmp_path / "cache")["target_delimiter"] == " "  # "Answer: A", not "Answer:A"
+
+
+def test_a_new_partition_makes_the_quadrant_losses_of_an_outside_model_stale(run, model_dir):
+    """The held-out quadrant sets are read from RUN/partition, which is no upstream of evaluating
+    a model given by path: the stage hash must follow it, or the old quadrants' losses are kept."""
+    from framelm.pipeline import stage_hash
+
+    cfg = EvalConfig(model=str(model_dir), tasks=[])
+    before = stage_hash("eval", cfg, run)[0]
+    assert stage_hash("eval", cfg, run)[0] == before
+    write_labels(run.path("partition", "quadrants.parquet"), run.path("score", "scores.parquet"),
+                 [("Q1", 0, 0), ("Q2", 0, 1), ("Q3", 1, 0), ("Q4", 1, 1)], [np.array([3, 2, 1, 0, 0])])
+    assert stage_hash("eval", cfg, run)[0] != before

@@ -67,3 +67,16 @@ def test_config_and_data_errors(tmp_path):
     table.to_parquet(index)
     with pytest.raises(FramelmError, match="no documents with split == 'ref'"):
         ref_stream(RunDir(root), seed=0, min_tokens=0)
+
+
+@pytest.mark.parametrize("shift, message", [(10**9, "beyond tokens.bin"), (1, "not followed by EOS")])
+def test_an_index_that_disagrees_with_the_token_store_is_named(tmp_path, shift, message):
+    """Slicing tokens.bin past its end returns fewer tokens, silently: the ref stream must check."""
+    root = make_tiny_run(tmp_path / "run")
+    index = root / "tokenize" / "index.parquet"
+    table = pq.read_table(index).to_pandas()
+    first_ref = table.index[table["split"] == "ref"][0]
+    table.loc[first_ref, "offset"] += shift
+    table.to_parquet(index)
+    with pytest.raises(FramelmError, match=rf"{index}: document '{table.loc[first_ref, 'id']}' .*{message}"):
+        ref_stream(RunDir(root), seed=0, min_tokens=0)

@@ -131,12 +131,16 @@ def last_word_rows(docs: list[tuple[str, str]], rows: int, seed: int) -> list[di
             if not _WORD.fullmatch(last):
                 continue
             start = para.start() + len(para.group().rstrip()) - len(words[-1])
+            # The harness scores " " + word after the context: only a word after one space reads
+            # as the document does (not one after a line break of wrapped text).
+            if text[start - 1] != " " or text[start - 2].isspace():
+                continue
             picks.append((d, start, last))
         rng.shuffle(picks)
         candidates.append(picks)
     out = []
     for d, start, word in _interleave(candidates, rows):
-        context = _tail(docs[d][1][:start].rstrip(), MAX_CONTEXT_CHARS)
+        context = _tail(docs[d][1][:start - 1], MAX_CONTEXT_CHARS)
         out.append({"context": context, "continuation": word, "doc_id": docs[d][0]})
     return out
 

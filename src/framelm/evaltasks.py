@@ -41,9 +41,10 @@ log = logging.getLogger("framelm")
 MULTIPLE_CHOICE, WINOGRANDE, LAMBADA = "multiple_choice", "winogrande", "lambada"
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
-# The MMLU prompt, laid out as lm-eval's mmlu task: subject line, question, lettered choices, "Answer:".
+# The MMLU prompt, worded as lm-eval's mmlu task (tasks/mmlu/default: its per-subject description,
+# then the template's question, lettered choices, "Answer:"), so that scores compare with its.
 MMLU_TEXT = (
-    "The following is a multiple choice question about {{ subject | replace('_', ' ') }}.\n\n"
+    "The following are multiple choice questions (with answers) about {{ subject | replace('_', ' ') }}.\n\n"
     "{{ query | trim }}\n"
     "{% for choice in choices %}{{ '" + LETTERS + "'[loop.index0] }}. {{ choice }}\n{% endfor %}"
     "Answer:"
@@ -125,11 +126,16 @@ def check_task_file(path: str | Path, name: str | None = None) -> TaskFile:
     rows = 0
     subject = 0
     verbatim = True
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:  # decoded line by line, so that a bad byte is reported with its line
+        for line_no, raw in enumerate(fh, 1):
+            where = f"{path}:{line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise FramelmError(f"{where}: not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                                   f"task files are UTF-8 JSON lines") from None
             if not line.strip():
                 continue
-            where = f"{path}:{line_no}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -150,8 +156,9 @@ def check_task_file(path: str | Path, name: str | None = None) -> TaskFile:
         raise FramelmError(f"{path}: the task file has no rows")
     if subject not in (0, rows):
         raise FramelmError(f"{path}: {subject} of {rows} rows have a 'subject'; either all rows (MMLU) or none")
+    # MMLU rows score letters, not their choices: how the choices begin says nothing of the join
     return TaskFile(name or task_name(path), path.resolve(), schema, rows,
-                    subject=bool(subject), verbatim=schema == MULTIPLE_CHOICE and verbatim)
+                    subject=bool(subject), verbatim=schema == MULTIPLE_CHOICE and verbatim and not subject)
 
 
 def harness_config(task: TaskFile, datasets_cache: Path) -> dict[str, Any]:
@@ -217,16 +224,18 @@ def _continuations(task: TaskFile, limit: int | None) -> Iterator[tuple[int, str
                 yield line_no, " " + row["continuation"]
 
 
-def check_lengths(model_dir: Path, tasks: list[TaskFile], limit: int | None) -> None:
+def check_lengths(model_dir: Path, tasks: list[TaskFile], limit: int | None, *, trust_remote_code: bool = False) -> None:
     """Refuse continuations longer than the model's context, which the harness cannot score
     (it truncates contexts from the left, but a continuation must fit whole: it asserts
     len(continuation) <= max_length, so exactly max_len tokens still fits)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    max_len = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
+    # trust_remote_code as HFLM gets it: a model with its own code has a config class of its own
+    max_len = getattr(AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code),
+                      "max_position_embeddings", None)
     if not max_len:
         return
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     for task in tasks:
         scored = list(_continuations(task, limit))
         if not scored:
@@ -242,6 +251,31 @@ def check_lengths(model_dir: Path, tasks: list[TaskFile], limit: int | None) -> 
                 f"{task.path}:{scored[worst][0]}: a scored continuation is {lengths[worst]} tokens, but {model_dir} "
                 f"reads at most {max_len} (max_position_embeddings); drop this task or evaluate a longer-context model"
             )
+
+
+@contextlib.contextmanager
+def _offline() -> Iterator[None]:
+    """No network while the harness runs: every file it needs is local.
+
+    `datasets` sends a download-count request to S3 each time it builds a packaged loader (the
+    "json" one of every task), even for local files, unless the Hub is offline; its failure is
+    swallowed, so without a network it only costs a timeout per task. The flags are read at
+    call time from these module attributes (the environment variables are read only at import).
+    """
+    import datasets.config
+    import huggingface_hub.constants
+
+    saved = [(datasets.config, "HF_HUB_OFFLINE"), (datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS"),
+             (huggingface_hub.constants, "HF_HUB_OFFLINE")]
+    values = [getattr(module, name) for module, name in saved]
+    try:
+        datasets.config.HF_HUB_OFFLINE = True
+        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+        yield
+    finally:
+        for (module, name), value in zip(saved, values):
+            setattr(module, name, value)
 
 
 @contextlib.contextmanager
@@ -282,8 +316,8 @@ def run_harness(model_dir: Path, tasks: list[TaskFile], config_dir: Path, *, dev
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    check_lengths(model_dir, tasks, limit)
-    with _harness_quieted():
+    check_lengths(model_dir, tasks, limit, trust_remote_code=trust_remote_code)
+    with _harness_quieted(), _offline():
         manager = TaskManager(include_path=str(config_dir), include_defaults=False)
         model = HFLM(pretrained=str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code,
                      device=device, batch_size=batch_size)

@@ -38,6 +38,7 @@ from framelm.config import ConfigError, StageConfig, field
 from framelm.errors import FramelmError
 from framelm.evaltasks import TaskFile, check_task_file, run_harness, write_task_configs
 from framelm.heldout import document_windows, heldout_sets, read_token_store
+from framelm.partition import LABELS, SCORES
 from framelm.rundir import RunDir
 
 log = logging.getLogger("framelm")
@@ -61,7 +62,8 @@ class EvalConfig(StageConfig):
     heldout: bool = field(True, help="measure held-out loss and bits per byte per source and quadrant")
     heldout_tokens: int = field(200_000, help="held-out tokens per set (all, per source, per quadrant); documents "
                                 "are taken in framelm.heldout's fixed pseudo-random order")
-    seq_len: int | None = field(None, help="held-out window length in tokens; default: the model's max_position_embeddings")
+    seq_len: int | None = field(None, help="held-out window length in tokens; default: for a training key the "
+                                "run's train seq_len (as the trainer measures it), else the model's max_position_embeddings")
     builtin_rows: int = field(500, help="rows per built-in task")
     seed: int = field(0, help="seed of the built-in tasks' sampling")
     dtype: Literal["float32", "bfloat16", "float16"] = field("float32", help="model weights' dtype during evaluation")
@@ -126,6 +128,11 @@ class EvalConfig(StageConfig):
                                               if (p := task_path(e, self.task_dir))}}
             if not self.train_key:
                 data["model"] = fsutil.model_dir_fingerprint(Path(self.model).expanduser(), hashes)
+            if self.heldout:
+                # The quadrant sets come from whatever partition the run holds, which is no upstream
+                # of this stage (a trained model's is, through its schedule; an outside model's is not).
+                data["quadrants"] = {p: hashes.fingerprint(run.path(p))["sha256"] for p in (LABELS, SCORES)
+                                     if run.path(LABELS).is_file()}
         return data
 
     def upstream(self) -> tuple[str, ...]:
@@ -228,6 +235,16 @@ def pick_device(device: str) -> str:
     return device
 
 
+def _trained_seq_len(cfg: EvalConfig, run: RunDir) -> int | None:
+    """The rows a training key's model was trained (and its held-out loss logged) on. Its exported
+    max_position_embeddings is the preset's, often longer: windows of that length would read
+    positions it never trained on and disagree with the training log and with `framelm compare`."""
+    if not cfg.train_key:
+        return None
+    seq_len = ((run.record(cfg.train_key) or {}).get("config") or {}).get("seq_len")
+    return int(seq_len) if seq_len else None
+
+
 def evaluate_heldout(model_dir: Path, cfg: EvalConfig, run: RunDir, device: str) -> dict[str, dict[str, Any]]:
     """Loss and bits per byte on each held-out set of framelm.heldout ("all", "source/<s>", "quadrant/<q>")."""
     import torch
@@ -251,7 +268,7 @@ def evaluate_heldout(model_dir: Path, cfg: EvalConfig, run: RunDir, device: str)
     if model.config.vocab_size < meta["vocab_size"]:
         raise FramelmError(f"{model_dir}: vocab_size {model.config.vocab_size} is smaller than the run's "
                            f"{meta['vocab_size']}; it was not trained on this run's tokens")
-    seq_len = cfg.seq_len or int(getattr(model.config, "max_position_embeddings", 1024))
+    seq_len = cfg.seq_len or _trained_seq_len(cfg, run) or int(getattr(model.config, "max_position_embeddings", 1024))
     nll = document_nll(model, docs, meta["eos_id"], seq_len, cfg.batch_size, device)
     del model
 

@@ -97,12 +97,26 @@ def ref_stream(run: RunDir, seed: int, min_tokens: int) -> tuple[np.ndarray, dic
     """The ref documents' tokens, EOS after each, one seeded random order per epoch, repeated
     until the stream holds at least `min_tokens` tokens (0: one epoch)."""
     tokens, meta = read_token_store(run)
-    index = pq.read_table(run.path("tokenize", "index.parquet"), columns=["split", "offset", "n_tokens"]).to_pandas()
+    index_path = run.path("tokenize", "index.parquet")
+    index = pq.read_table(index_path, columns=["id", "split", "offset", "n_tokens"]).to_pandas()
     ref = index[index["split"] == "ref"]
     if ref.empty:
-        raise FramelmError(f"{run.path('tokenize', 'index.parquet')} has no documents with split == 'ref'; "
+        raise FramelmError(f"{index_path} has no documents with split == 'ref'; "
                            f"ingest with a ref_fraction above 0 (framelm ingest --ref-fraction 0.05)")
     offsets, lengths = ref["offset"].to_numpy(), ref["n_tokens"].to_numpy()
+    # A slice past the end of tokens.bin comes back short, not as an error: check each document
+    # and the EOS that must follow it before the models train on a stream that is not the split.
+    ends = offsets + lengths
+    bad = np.flatnonzero((offsets < 0) | (lengths < 0) | (ends >= len(tokens)))
+    if bad.size:
+        i = bad[0]
+        raise FramelmError(f"{index_path}: document {ref['id'].iat[i]!r} has offset {offsets[i]} + n_tokens {lengths[i]} "
+                           f"(and its EOS) beyond tokens.bin ({len(tokens)} tokens); re-run tokenize")
+    bad = np.flatnonzero(np.asarray(tokens[ends]) != meta["eos_id"])
+    if bad.size:
+        i = bad[0]
+        raise FramelmError(f"{index_path}: document {ref['id'].iat[i]!r} (offset {offsets[i]}, n_tokens {lengths[i]}) is "
+                           f"not followed by EOS {meta['eos_id']} in tokens.bin; index and token store disagree, re-run tokenize")
     epoch_tokens = int(lengths.sum()) + len(ref)
     epochs = max(1, -(-min_tokens // epoch_tokens))
     parts = []
