@@ -30,7 +30,6 @@ from framelm.ingest import DOCUMENT_GLOB
 from framelm.rundir import RunDir
 
 NEXT_LINE, LAST_WORD = "heldout_next_line", "heldout_last_word"
-BUILTIN_TASKS = (NEXT_LINE, LAST_WORD)
 
 CONTEXT_LINES = 8  # lines of context before the line to predict
 MIN_LINE_CHARS = 8  # shorter lines ("pass", "}") are too easy to confuse with distractors

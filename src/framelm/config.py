@@ -1,8 +1,7 @@
 """Typed configuration: dataclasses loaded from YAML with strict checking.
 
-Every stage declares a dataclass subclassing `StageConfig`. Each field carries a `help`
-string in its metadata (shown by `--help`); a field with `metadata={"hash": False}` is an
-execution detail (worker count, rank) that does not change results and so does not enter the
+Every stage declares a dataclass subclassing `StageConfig`. Each field is made with `field(...,
+help=...)` (the help is shown by `--help`); a field made with `hash=False` is an execution detail (worker count, rank) that does not change results and so does not enter the
 config hash that decides whether a stage re-runs.
 
 `from_dict` rejects unknown keys (suggesting the closest known one), values of the wrong type
@@ -39,7 +38,18 @@ def field(default: Any = dataclasses.MISSING, *, help: str, hash: bool = True, d
 
 @dataclasses.dataclass
 class StageConfig:
-    """Base class of every configuration dataclass."""
+    """Base class of every configuration dataclass.
+
+    A stage's config may also define these, which `framelm.pipeline` looks up by name:
+        upstream() -> keys        the records it reads, when not its Stage's `after`
+                                  (e.g. "export#frame": one part of a record)
+        input_fingerprint(run)    what it reads that no upstream record describes (report: every
+                                  file it draws; compare: replaced trainings); it re-runs when this changes
+        owned_stages()            the (stage, config) runs it makes itself through run_stage (compare)
+        remakes_inputs = True     it remakes what input_fingerprint reads, so is recorded with the
+                                  hash it leaves behind
+        world_size, lock_name(k)  a distributed stage's rank count and per-rank lock
+    """
 
     def validate(self) -> None:
         """Check constraints between fields; raise ConfigError naming the key and value."""

@@ -6,6 +6,8 @@ Layout (each stage owns one top-level folder named after it):
                              package versions, counts, timings, status
     RUN/.locks/              one lock file per running stage (concurrent-run guard)
     RUN/.cache/              content hashes of input files (fsutil.ContentHashes)
+    RUN/.previous/<key>/     a finished result set aside while its stage re-runs with another
+                             config (framelm.pipeline); removed once that run finishes
     RUN/<stage>/...          the stage's outputs (see each stage module's docstring)
 
 Stages talk only through these files. The manifest is rewritten atomically under a short

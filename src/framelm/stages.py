@@ -71,7 +71,8 @@ STAGES: dict[str, Stage] = {
               io="reads RUN/schedule/, RUN/tokenize/; writes RUN/export/<strategy>/<format>/"),
         Stage("train", "framelm.train:TrainConfig", "framelm.train:train_model", ("export",),
               "train a proxy model on one exported schedule",
-              io="reads RUN/export/<schedule>/; writes RUN/train/<schedule>/seed<k>/"),
+              io="reads RUN/export/<schedule>/ and RUN/tokenize/ (held-out sets, tokenizer); "
+                 "writes RUN/train/<schedule>/seed<k>/"),
         Stage("eval", "framelm.evaluate:EvalConfig", "framelm.evaluate:evaluate_model", (),
               "held-out loss per source and quadrant, and downstream tasks via lm-evaluation-harness",
               io="reads a model (--model: a folder or train/<schedule>/seed<k>) and RUN/ingest/ held-out documents; writes RUN/eval/<name>/results.json"),
