@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import build_tiny_run
+from export_fixtures import build_tiny_run
 from framelm.errors import FramelmError
 from framelm.export import ExportConfig, export_schedules
 
@@ -63,3 +63,20 @@ def test_llmc_accepts_exactly_uint16_vocab(tmp_path):
     export_schedules(ExportConfig(formats=["llmc"], llmc_shard_tokens=1000), tiny.run)
     shard = read_llmc_shard(tiny.run.path("export", "frame", "llmc", "train_000000.bin"))
     np.testing.assert_array_equal(shard, tiny.expected_stream())
+
+
+def test_llmc_refuses_an_empty_schedule(tmp_path):
+    # zero shards: llm.c's file pattern matches nothing, and stages.json would name a missing shard 0
+    import pyarrow.parquet as pq
+    import yaml
+
+    tiny = build_tiny_run(tmp_path / "run")
+    sched = tiny.run.path("schedule", "frame")
+    pq.write_table(tiny.order.slice(0, 0), sched / "order.parquet")
+    data = yaml.safe_load((sched / "stages.yaml").read_text())
+    for st in data["stages"]:
+        st["start_token"] = st["end_token"] = 0
+    (sched / "stages.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(FramelmError, match="llmc: the schedule holds no tokens"):
+        export_schedules(ExportConfig(formats=["llmc"]), tiny.run)
+    assert not tiny.run.path("export", "frame", "llmc", "stages.json").exists()

@@ -11,7 +11,7 @@ import struct
 import numpy as np
 import pytest
 
-from conftest import STAGE_NAMES, build_tiny_run
+from export_fixtures import STAGE_NAMES, build_tiny_run
 from framelm.errors import FramelmError
 from framelm.export import ExportConfig, export_schedules
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import build_tiny_run
+from export_fixtures import build_tiny_run
 from framelm.export import ExportConfig, export_schedules
 
 
@@ -95,3 +95,21 @@ def test_segments_shorter_than_a_step_are_trained_merged(tmp_path):
     phases = json.loads((export / "nanotron" / "phases.json").read_text())["phases"]
     stages = yaml.safe_load((export / "nanotron" / "data_stages.yaml").read_text())["data_stages"]
     assert [s["name"] for s in stages] == [ph["folder"] for ph in phases]  # every segment's documents are trained
+
+
+def test_nanotron_refuses_a_stream_shorter_than_one_step(tmp_path):
+    # nanotron's config asserts that some data stage starts at step 1: an empty data_stages fails there
+    from framelm.errors import FramelmError
+
+    tiny = build_tiny_run(tmp_path / "run")
+    with pytest.raises(FramelmError, match="nanotron would get no data stage; lower export.global_batch"):
+        export_schedules(ExportConfig(formats=["nanotron"], seq_len=1024, global_batch=32), tiny.run)
+    assert not tiny.run.path("export", "frame", "nanotron", "data_stages.yaml").exists()
+
+
+def test_nanotron_refuses_a_tokenizer_name_its_metadata_cannot_hold(tiny_run):
+    # nanotron reads "<tokenizer>|<token bytes>" by splitting at "|" into exactly two fields
+    from framelm.errors import FramelmError
+
+    with pytest.raises(FramelmError, match=r"tokenizer name 'org\|name' holds '\|'"):
+        export_schedules(ExportConfig(formats=["nanotron"], tokenizer_name="org|name"), tiny_run.run)

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import read_tree
+from export_fixtures import read_tree
 from framelm import fsutil
 from framelm.export import ExportConfig, export_schedules
 from framelm.export.plan import ExportPlan

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from conftest import build_tiny_run
+from export_fixtures import build_tiny_run
 from framelm.export import ExportConfig, export_schedules
 from framelm import schedule
 from framelm.partition import write_labels

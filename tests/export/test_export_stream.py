@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import EOS, STAGE_NAMES, build_tiny_run
+from export_fixtures import EOS, STAGE_NAMES, build_tiny_run
 from framelm.config import ConfigError
 from framelm.errors import FramelmError
 from framelm.export import ExportConfig, export_schedules

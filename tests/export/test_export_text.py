@@ -7,7 +7,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import STAGE_NAMES
+from export_fixtures import STAGE_NAMES
 from framelm.export import ExportConfig, export_schedules
 
 

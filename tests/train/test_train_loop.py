@@ -152,6 +152,17 @@ def test_an_interrupted_run_closes_its_progress_bar(tmp_path, monkeypatch, capsy
     assert "3/8" in err and "\nframelm: interrupted; re-run the same command to resume" in err
 
 
+def test_resuming_keeps_the_log_of_finished_steps_and_names_a_broken_line(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"type": "train", "step": 1}\n{"type": "train", "step": 2}\n{"type": "train", "step": 3}\n{"type": "tr')
+    assert [r["step"] for r in loop.LogFile(log, resume_step=2, enabled=True).records] == [1, 2]  # cut-off line dropped
+    assert log.read_text() == '{"type": "train", "step": 1}\n{"type": "train", "step": 2}\n'
+    log.write_text('{"type": "train", "step": 1}\n{"type": "tr\n{"type": "train", "step": 2}\n')
+    with pytest.raises(FramelmError, match=r"log.jsonl: line 2: invalid JSON"):
+        loop.LogFile(log, resume_step=2, enabled=True)
+    assert "step\": 2" in log.read_text()  # nothing is cut away
+
+
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     tokens, stages = _stream()
     losses = {}

@@ -38,6 +38,9 @@ def write_llmc(plan: ExportPlan, cfg: ExportConfig, run: RunDir, out_dir: Path) 
     if plan.store.vocab_size > MAX_VOCAB:
         raise FramelmError(f"llm.c shards store uint16 tokens, but the tokenizer's vocab_size is "
                            f"{plan.store.vocab_size} (> {MAX_VOCAB}); export formats [stream, megatron, nanotron] instead")
+    if plan.n_tokens == 0:
+        # no shard would match llm.c's file pattern, and stages.json would point into a missing shard
+        raise FramelmError(f"export/{plan.name}/llmc: the schedule holds no tokens, so there is no shard to write")
     size = cfg.llmc_shard_tokens
     n_shards = -(-plan.n_tokens // size)
     # near-equal shards rather than `size` pieces and a remainder, which llm.c may refuse as too short

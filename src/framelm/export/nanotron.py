@@ -11,23 +11,23 @@ Segments shorter than one optimizer step are merged with a neighbour first
 (`ExportPlan.step_segments`), so that each gets steps. data_stages.yaml lists one nanotron data
 stage per segment (name, start_training_step counted from 1, data.dataset with dataset_folder /
 dataset_weights / token_size_in_bytes / vocab_size / tokenizer_name); phases.json records every
-segment's steps and realised stage mix.
+segment's steps and realised stage mix. A stream shorter than one step is refused: nanotron
+needs a data stage that starts at step 1.
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from framelm import fsutil
+from framelm.errors import FramelmError
 from framelm.export.config import ExportConfig
 from framelm.export.plan import INDEX_CHUNK_DOCS, ExportPlan, write_binary
 from framelm.rundir import RunDir
 
-log = logging.getLogger("framelm")
 TOKEN_BYTES = {"uint16": 2, "uint32": 4}
 
 
@@ -35,6 +35,17 @@ def write_nanotron(plan: ExportPlan, cfg: ExportConfig, run: RunDir, out_dir: Pa
     tokens_per_step = cfg.tokens_per_step(plan.stages_yaml, f"RUN/schedule/{plan.name}/stages.yaml")
     token_bytes = TOKEN_BYTES[plan.store.dtype]
     tokenizer = cfg.tokenizer_name or str(plan.store.tokenizer_dir)
+    if "|" in tokenizer or "\n" in tokenizer:
+        # nanotron splits the metadata's first line at "|" into exactly two fields
+        raise FramelmError(f"export/{plan.name}/nanotron: tokenizer name {tokenizer!r} holds '|' or a line break, "
+                           "which .ds.metadata cannot hold; set export.tokenizer_name to a name without them")
+    if plan.n_tokens < tokens_per_step:
+        # nanotron's config refuses data_stages without a stage starting at step 1
+        raise FramelmError(
+            f"export/{plan.name}/nanotron: the schedule holds {plan.n_tokens:,} tokens, fewer than one step of "
+            f"global_batch * seq_len = {tokens_per_step:,} tokens, so nanotron would get no data stage; lower "
+            "export.global_batch or export.seq_len (or schedule.global_batch / schedule.seq_len), or raise "
+            "schedule.total_tokens")
     segments = plan.step_segments(tokens_per_step)
     written = 0
     for seg in segments:
@@ -52,10 +63,6 @@ def write_nanotron(plan: ExportPlan, cfg: ExportConfig, run: RunDir, out_dir: Pa
     phases = plan.phases(tokens_per_step)
     data_stages = []
     for ph in phases:
-        if ph["end_step"] == ph["start_step"]:
-            log.warning("export/%s/nanotron: the whole stream (%d tokens) is shorter than one step of %d tokens; "
-                        "nanotron gets no data stage", plan.name, ph["tokens"], tokens_per_step)
-            continue
         data_stages.append({
             "name": ph["folder"],
             "start_training_step": ph["start_step"] + 1,  # nanotron counts steps from 1

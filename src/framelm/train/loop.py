@@ -80,13 +80,9 @@ class LogFile:
         if not enabled:
             return
         if path.is_file():
-            for line in path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # the last line of a killed run may be cut short
-                if record.get("step", 0) <= resume_step:
-                    self.records.append(record)
+            # a killed run's cut-off last line is dropped; a bad line before it is an error, not the
+            # silent loss of every record after it
+            self.records = [r for _, r in fsutil.read_log(path) if r.get("step", 0) <= resume_step]
         fsutil.write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
         self._fh = open(path, "a", encoding="utf-8")
 
