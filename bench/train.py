@@ -32,8 +32,9 @@ import numpy as np
 import torch
 
 from framelm.model import FrameLM, ModelConfig, count_params, flops_per_token, next_token_loss
+from framelm.tokenstore import StageRange
 from framelm.train import TrainConfig, fit
-from framelm.train.data import BatchPlan, StageRange
+from framelm.train.data import BatchPlan
 from framelm.hf_llama import llama_config
 from framelm.train.loop import peak_flops
 

@@ -21,8 +21,9 @@ from framelm.errors import FramelmError
 from framelm.evaluate import EvalConfig, resolve_model
 from framelm.pipeline import run_stage, stage_hash
 from framelm.rundir import RunDir
+from framelm.tokenstore import StageRange
 from framelm.train import TrainConfig
-from framelm.train.data import IGNORE, BatchPlan, StageRange
+from framelm.train.data import IGNORE, BatchPlan
 
 from train.tiny_run import make_tiny_run
 

@@ -6,13 +6,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from framelm.errors import FramelmError
-from framelm.tokenstore import TokenStore
+from framelm.tokenstore import StageRange, TokenStore, check_stages, read_tokens
 
 
 def _store(directory, n_tokens=3, meta=None):
     directory.mkdir(parents=True)
     np.array([5, 7, 0][:n_tokens], np.uint16).tofile(directory / "tokens.bin")
-    (directory / "meta.json").write_text(json.dumps(meta or {"dtype": "uint16", "n_tokens": n_tokens, "n_docs": 1, "eos_id": 0}))
+    (directory / "meta.json").write_text(json.dumps(meta or {"dtype": "uint16", "n_tokens": n_tokens, "n_docs": 1, "eos_id": 0, "vocab_size": 8}))
     pq.write_table(pa.table({"id": ["a"], "offset": [0], "n_tokens": [n_tokens - 1]}), directory / "index.parquet")
     return directory
 
@@ -27,6 +27,27 @@ def test_a_missing_index_or_bad_meta_is_named(tmp_path):
     (directory / "index.parquet").unlink()
     with pytest.raises(FramelmError, match=f"{directory / 'index.parquet'}: cannot read the token store's index"):
         TokenStore.open(directory)
-    bad = _store(tmp_path / "bad", meta={"dtype": "uint16", "n_tokens": "three", "n_docs": 1, "eos_id": 0})
-    with pytest.raises(FramelmError, match=f"{bad / 'meta.json'}: not a framelm token store meta file"):
+    bad = _store(tmp_path / "bad", meta={"dtype": "uint16", "n_tokens": "three", "n_docs": 1, "eos_id": 0, "vocab_size": 8})
+    with pytest.raises(FramelmError, match=f"{bad / 'meta.json'}: 'n_tokens' = 'three'; expected a non-negative integer"):
         TokenStore.open(bad)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"dtype": "int64"}, "'dtype' = 'int64'; expected one of uint16, uint32"),
+    ({"eos_id": True}, "'eos_id' = True; expected a non-negative integer"),
+    ({"vocab_size": None}, "'vocab_size' = None; expected a non-negative integer"),
+    ({"n_tokens": 4}, "tokens.bin: meta.json says n_tokens = 4 uint16 tokens \\(8 bytes\\), found 6 bytes"),
+])
+def test_read_tokens_names_the_bad_field_and_the_remedy(tmp_path, change, message):
+    meta = {"dtype": "uint16", "n_tokens": 3, "n_docs": 1, "eos_id": 0, "vocab_size": 8}
+    directory = _store(tmp_path / "tokenize", meta={**meta, **change})
+    with pytest.raises(FramelmError, match=f"{message}; do this"):
+        read_tokens(directory, "do this")
+
+
+def test_stages_must_tile_the_stream():
+    check_stages([StageRange("a", 0, 400), StageRange("b", 400, 1000)], 1000, "meta.json")
+    with pytest.raises(FramelmError, match=r"meta.json: stages\[1\] \(b\) spans \[401, 1000\) but should start at token 400"):
+        check_stages([StageRange("a", 0, 400), StageRange("b", 401, 1000)], 1000, "meta.json")
+    with pytest.raises(FramelmError, match="stages end at token 1000 but the stream has 1001"):
+        check_stages([StageRange("a", 0, 400), StageRange("b", 400, 1000)], 1001, "meta.json")

@@ -506,7 +506,7 @@ def compare_schedules(cfg: CompareConfig, run: RunDir) -> dict[str, Any]:
         for eval_cfg in evaluations:
             eval_key = f"eval/{eval_cfg.instance()}"
             run_stage("eval", eval_cfg, run, force=force)
-            results = json.loads(run.path(eval_key, "results.json").read_text())
+            results = fsutil.read_json(run.path(eval_key, "results.json"), f"re-run: framelm compare --run-dir {run.root} --force")
             runs.append({"schedule": train_cfg.schedule, "weights": train_cfg.average if eval_cfg.averaged else FINAL,
                          "seed": train_cfg.seed, "train_key": train_key, "eval_key": eval_key, "tokens": tokens,
                          "documents": digests[train_cfg.schedule, tokens],

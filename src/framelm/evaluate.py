@@ -37,9 +37,10 @@ from framelm.builtin_tasks import write_builtin_tasks
 from framelm.config import ConfigError, StageConfig, field
 from framelm.errors import FramelmError
 from framelm.evaltasks import TaskFile, check_task_file, run_harness, write_task_configs
-from framelm.heldout import document_windows, heldout_sets, read_token_store
+from framelm.heldout import document_windows, heldout_sets
 from framelm.partition import LABELS, SCORES
 from framelm.rundir import RunDir
+from framelm.tokenstore import read_run_tokens
 
 log = logging.getLogger("framelm")
 
@@ -225,16 +226,6 @@ def _check_tokenizer(model_dir: Path, run: RunDir) -> None:
                                f"token store, so it needs the run's tokenizer (or set heldout: false)")
 
 
-def pick_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise FramelmError(f"device: {device!r} requested but CUDA is not available; use --device cpu")
-    return device
-
-
 def _trained_seq_len(cfg: EvalConfig, run: RunDir) -> int | None:
     """The rows a training key's model was trained (and its held-out loss logged) on. Its exported
     max_position_embeddings is the preset's, often longer: windows of that length would read
@@ -251,7 +242,7 @@ def evaluate_heldout(model_dir: Path, cfg: EvalConfig, run: RunDir, device: str)
     from transformers import AutoModelForCausalLM
 
     _check_tokenizer(model_dir, run)
-    _, meta = read_token_store(run)
+    meta, _ = read_run_tokens(run)
     sets = heldout_sets(run, cfg.heldout_tokens)
     if not sets:
         raise FramelmError(f"{run.path('tokenize', 'index.parquet')} has no documents with split == 'heldout'; "
@@ -284,10 +275,12 @@ def evaluate_heldout(model_dir: Path, cfg: EvalConfig, run: RunDir, device: str)
 
 def evaluate_model(cfg: EvalConfig, run: RunDir) -> dict[str, Any]:
     """Evaluate one model; write RUN/eval/<name>/results.json and return headline numbers."""
+    from framelm.device import resolve_device  # here, not at the top: importing evaluate stays torch-free
+
     out_dir = run.path("eval", cfg.instance())
     model_dir = resolve_model(cfg, run)
     tasks = resolve_tasks(cfg, run) if cfg.tasks else []
-    device = pick_device(cfg.device)
+    device = str(resolve_device(cfg.device))  # a string: lm-eval's HFLM takes its device as one
 
     log.info("eval %s: %s on %s%d task(s)", cfg.instance(), model_dir, "held-out sets and " if cfg.heldout else "", len(tasks))
     results: dict[str, Any] = {"model": str(model_dir), "heldout": {}, "tasks": {}}

@@ -254,6 +254,27 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def read_json(path: str | Path, remedy: str = "") -> dict[str, Any]:
+    """A JSON object read from `path`. A missing, unreadable or malformed file, or one holding
+    something else than an object, raises a FramelmError that names the file (and the line and
+    column of a syntax error), followed by `remedy`: what the user should do about it."""
+    path = Path(path)
+    suffix = f"; {remedy}" if remedy else ""
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise FramelmError(f"{path} not found{suffix}") from None
+    except OSError as exc:
+        raise FramelmError(f"cannot read {path}: {exc.strerror or exc}{suffix}") from None
+    except json.JSONDecodeError as exc:
+        raise FramelmError(f"{path}: line {exc.lineno}, column {exc.colno}: invalid JSON ({exc.msg}){suffix}") from None
+    except UnicodeDecodeError as exc:
+        raise FramelmError(f"{path}: not UTF-8 text ({exc}){suffix}") from None
+    if not isinstance(data, dict):
+        raise FramelmError(f"{path}: expected a JSON object, found {type(data).__name__}{suffix}")
+    return data
+
+
 def read_log(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, record) pairs of a JSON-lines log (a training run's log.jsonl); an unfinished
     last line (a run still writing, or killed mid-write) is skipped, a bad line elsewhere named."""

@@ -27,7 +27,7 @@ import torch
 from framelm.errors import FramelmError
 from framelm.partition import LABELS, SCORES, read_labels
 from framelm.rundir import RunDir
-from framelm.tokenstore import read_tokens
+from framelm.tokenstore import read_run_tokens
 
 SHUFFLE_SEED = 0
 
@@ -45,18 +45,6 @@ class HeldoutSet:
         return int(sum(len(d) for d in self.docs))
 
 
-def read_token_store(run: RunDir) -> tuple[np.ndarray, dict]:
-    """RUN/tokenize/tokens.bin as a read-only memmap, and its meta.json."""
-    meta_path = run.path("tokenize", "meta.json")
-    if not meta_path.is_file():
-        raise FramelmError(f"{meta_path} not found; run the tokenize stage first: framelm tokenize --run-dir {run.root}")
-    meta, tokens = read_tokens(meta_path.parent)
-    for key in ("eos_id", "vocab_size"):
-        if key not in meta:
-            raise FramelmError(f"{meta_path}: missing key '{key}'")
-    return tokens, meta
-
-
 def _heldout_quadrants(run: RunDir) -> pd.Series:
     """Quadrant by id of the labelled held-out documents; the other rows' ids are never copied."""
     import pyarrow.compute as pc
@@ -71,7 +59,7 @@ def _heldout_quadrants(run: RunDir) -> pd.Series:
 
 def heldout_sets(run: RunDir, max_tokens_per_set: int = 200_000) -> dict[str, HeldoutSet]:
     """Sets "all", "source/<s>" and (with a partition) "quadrant/<q>" of held-out documents."""
-    tokens, _ = read_token_store(run)
+    _, tokens = read_run_tokens(run)
     index_path = run.path("tokenize", "index.parquet")
     index = pq.read_table(index_path, columns=["id", "source", "split", "offset", "n_tokens", "n_bytes"]).to_pandas()
     docs = index[index["split"] == "heldout"].reset_index(drop=True)

@@ -40,6 +40,7 @@ from framelm.columnar import Categories, code_totals, row_groups
 from framelm.config import StageConfig, field
 from framelm.errors import ConfigError, FramelmError
 from framelm.rundir import RunDir
+from framelm.sql import connect, parquet_columns, sql_str
 
 log = logging.getLogger("framelm")
 
@@ -95,38 +96,9 @@ def _grid_cells(cfg: PartitionConfig) -> list[tuple[str, int, int]]:
     return [(cell_name(i, j, n_ppl, n_pd), i, j) for i in range(n_ppl) for j in range(n_pd)]
 
 
-def _sql_str(value: str) -> str:
-    return "'" + str(value).replace("'", "''") + "'"
-
-
 def _bin_expr(value: str, cuts: str, n_cuts: int) -> str:
     """SQL for the bin of `value` given a list column `cuts`: how many cut points lie below it."""
     return "(" + " + ".join(f"({value} > {cuts}[{i + 1}])::TINYINT" for i in range(n_cuts)) + ")::TINYINT"
-
-
-def _connect(cfg: PartitionConfig, tmp_dir: Path):
-    import duckdb
-
-    con = duckdb.connect()
-    con.execute(f"SET memory_limit = {_sql_str(cfg.memory_limit)}")
-    con.execute(f"SET threads = {int(cfg.threads)}")
-    con.execute(f"SET temp_directory = {_sql_str(str(tmp_dir))}")
-    con.execute("SET preserve_insertion_order = true")
-    con.execute("SET enable_progress_bar = false")  # it would print into the CLI's table output
-    return con
-
-
-def _check_columns(con, path: Path, run: RunDir) -> None:
-    import duckdb
-
-    try:
-        cols = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM read_parquet({_sql_str(str(path))})").fetchall()}
-    except duckdb.Error as exc:  # truncated or not Parquet at all
-        raise FramelmError(f"{path}: not a readable Parquet file ({exc}); re-run: framelm score --run-dir {run.root} --force") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in cols]
-    if missing:
-        raise FramelmError(f"{path}: missing column(s) {', '.join(missing)}; expected the score stage's schema "
-                           f"({', '.join(REQUIRED_COLUMNS)}, ...). Re-run: framelm score --run-dir {run.root}")
 
 
 def _fit_cuts(con, table: str, value: str, groups: list[str], quantiles: list[float], weight: str) -> dict[tuple, list[float]]:
@@ -163,9 +135,9 @@ def partition_documents(cfg: PartitionConfig, run: RunDir) -> dict[str, Any]:
         raise FramelmError(f"{scores} not found; run the score stage first: framelm score --run-dir {run.root}")
     out_dir = run.stage_dir("partition")
     tmp_dir = out_dir / ".duckdb-tmp"
-    con = _connect(cfg, tmp_dir)
+    con = connect(cfg.memory_limit, cfg.threads, tmp_dir)
     try:
-        _check_columns(con, scores, run)
+        parquet_columns(con, scores, REQUIRED_COLUMNS, f"re-run: framelm score --run-dir {run.root} --force")
         counts = _partition(con, cfg, scores, out_dir)
     finally:
         con.close()
@@ -281,9 +253,7 @@ def _numpy_cuts(values: Any, fit: Any, group_codes: list[tuple[Any, Any]], quant
 
 
 def _partition(con, cfg: PartitionConfig, scores: Path, out_dir: Path) -> dict[str, Any]:
-    import numpy as np
-
-    src = f"read_parquet({_sql_str(str(scores))})"
+    src = f"read_parquet({sql_str(str(scores))})"
     # Why a document has no usable score; NULL means it is usable. DuckDB orders NaN above
     # every number, so NaN must go before any quantile or comparison. isnan()/isinf() are not
     # used: DuckDB folds them to false from Parquet min/max statistics, which omit NaN.
@@ -315,7 +285,7 @@ def _partition(con, cfg: PartitionConfig, scores: Path, out_dir: Path) -> dict[s
         excluded = {r: int(n) for r, n in tally}
     con.execute(f"CREATE VIEW valid AS SELECT source, split, n_tokens, ppl::DOUBLE AS ppl, pd::DOUBLE AS pd "
                 f"FROM {src} WHERE ({reason}) IS NULL")
-    con.execute(f"CREATE VIEW fit AS SELECT * FROM valid WHERE split = {_sql_str(cfg.fit_split)}")
+    con.execute(f"CREATE VIEW fit AS SELECT * FROM valid WHERE split = {sql_str(cfg.fit_split)}")
     if n_fit == 0:
         raise FramelmError(f"{scores}: no document with split '{cfg.fit_split}' has a usable score "
                            f"(excluded: {excluded or 'none'}); cut points need at least one. Check fit_split.")
@@ -334,11 +304,11 @@ def _partition(con, cfg: PartitionConfig, scores: Path, out_dir: Path) -> dict[s
     else:
         con.execute("CREATE TEMP TABLE ppl_cuts (g VARCHAR, cuts DOUBLE[])")
         con.executemany("INSERT INTO ppl_cuts VALUES (?, ?)", [[k[0] if k else ALL_SOURCES, v] for k, v in ppl_cuts.items()])
-        group = "v.source" if cfg.stratify_by_source else _sql_str(ALL_SOURCES)
+        group = "v.source" if cfg.stratify_by_source else sql_str(ALL_SOURCES)
         con.execute(f"CREATE VIEW binned AS SELECT v.*, {_bin_expr('v.ppl', 'pc.cuts', n_ppl_cuts)} AS ppl_bin "
                     f"FROM valid v JOIN ppl_cuts pc ON pc.g = {group}")
         pd_groups = source_group + (["ppl_bin"] if cfg.split == "nested" else [])
-        pd_cuts = _fit_cuts(con, f"(SELECT * FROM binned WHERE split = {_sql_str(cfg.fit_split)})", "pd",
+        pd_cuts = _fit_cuts(con, f"(SELECT * FROM binned WHERE split = {sql_str(cfg.fit_split)})", "pd",
                             pd_groups, cfg.pd_quantiles, cfg.weight)
     ppl_bin, labelled = _bins(cfg, data, ppl_cuts, pd_cuts, ppl_bin)
     pd_bin = labelled.pop("pd_bin")
@@ -622,12 +592,12 @@ def labelled_sql(run: RunDir) -> str:
 
     def bin_of(k: int) -> str:  # CASE, not a join to a table of cells: DuckDB cannot size a
         # Parquet scan, so it would build the join's hash table on the 100 M rows (GBs)
-        arms = " ".join(f"WHEN {_sql_str(c[0])} THEN {int(c[k])}" for c in meta["cells"])
+        arms = " ".join(f"WHEN {sql_str(c[0])} THEN {int(c[k])}" for c in meta["cells"])
         return f"(CASE l.quadrant {arms} END)::TINYINT"
 
     return (f"(SELECT s.*, l.quadrant, {bin_of(1)} AS ppl_bin, {bin_of(2)} AS pd_bin "
-            f"FROM read_parquet({_sql_str(str(run.path(SCORES)))}, file_row_number = true) s "
-            f"POSITIONAL JOIN read_parquet({_sql_str(str(run.path(LABELS)))}) l WHERE l.quadrant IS NOT NULL)")
+            f"FROM read_parquet({sql_str(str(run.path(SCORES)))}, file_row_number = true) s "
+            f"POSITIONAL JOIN read_parquet({sql_str(str(run.path(LABELS)))}) l WHERE l.quadrant IS NOT NULL)")
 
 
 def _summary(cfg: PartitionConfig, ppl_cuts: dict, pd_cuts: dict, per_cell: list[tuple], excluded: dict[str, int],
@@ -674,6 +644,6 @@ def format_summary(summary: dict[str, Any], top_sources: int = 3) -> str:
         lines.append(f"{c['name']:<8}{c['docs']:>12,}{c['doc_share']:>8.1%}{c['tokens']:>15,}{c['token_share']:>9.1%}  {mix}")
     excluded = summary["excluded"]
     lines.append(f"labelled {summary['labelled']:,} of {summary['scored']:,} scored documents"
-                 + (f"; excluded: " + ", ".join(f"{k} {v:,}" for k, v in excluded.items()) if excluded else ""))
+                 + ("; excluded: " + ", ".join(f"{k} {v:,}" for k, v in excluded.items()) if excluded else ""))
     return "\n".join(lines)
 

@@ -36,12 +36,12 @@ import pyarrow.parquet as pq
 
 from framelm.config import ConfigError, StageConfig, field
 from framelm.errors import FramelmError
-from framelm.heldout import heldout_sets, read_token_store
+from framelm.heldout import heldout_sets
 from framelm.model import PRESETS, ModelConfig
 from framelm.rundir import RunDir
 from framelm.score import MODEL_NAMES
+from framelm.tokenstore import StageRange, read_run_tokens
 from framelm.train import TrainConfig, fit
-from framelm.train.data import StageRange
 
 log = logging.getLogger("framelm")
 
@@ -96,7 +96,7 @@ class RefModelsConfig(StageConfig):
 def ref_stream(run: RunDir, seed: int, min_tokens: int) -> tuple[np.ndarray, dict]:
     """The ref documents' tokens, EOS after each, one seeded random order per epoch, repeated
     until the stream holds at least `min_tokens` tokens (0: one epoch)."""
-    tokens, meta = read_token_store(run)
+    meta, tokens = read_run_tokens(run)
     index_path = run.path("tokenize", "index.parquet")
     index = pq.read_table(index_path, columns=["id", "split", "offset", "n_tokens"]).to_pandas()
     ref = index[index["split"] == "ref"]

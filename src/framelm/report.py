@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import html
-import json
 import logging
 import math
 from pathlib import Path
@@ -36,6 +35,7 @@ from framelm.config import StageConfig, field, load_yaml
 from framelm.errors import ConfigError, FramelmError
 from framelm.partition import LABELS, SCORES, labelled_sql
 from framelm.rundir import RunDir
+from framelm.sql import connect, parquet_columns, sql_str
 
 log = logging.getLogger("framelm")
 
@@ -50,7 +50,7 @@ INPUT_PATTERNS = (
     "export/*/stream/meta.json",
     "compare/results.json",
 )
-QUADRANT_COLUMNS = ("source", "n_tokens", "ppl", "pd", "ppl_bin", "pd_bin", "quadrant")
+SCORE_COLUMNS = ("source", "n_tokens", "ppl", "pd")  # labelled_sql adds quadrant, ppl_bin and pd_bin
 ORDER_COLUMNS = ("position", "stage", "source", "quadrant", "n_tokens")
 # Below this many questions a task's accuracy has a sampling error above ~2 points, more than the
 # differences between curricula of small proxy models (FRAME's gains are a few points).
@@ -125,44 +125,11 @@ def _not_run(title: str, anchor: str, what: str, command: str) -> Section:
 
 # -- reading files -------------------------------------------------------------------------
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise FramelmError(f"{path}: line {exc.lineno}, column {exc.colno}: invalid JSON ({exc.msg})") from None
-    except UnicodeDecodeError as exc:
-        raise FramelmError(f"{path}: not UTF-8 text ({exc})") from None
-
-
 def _number(rec: dict[str, Any], key: str, where: str) -> float:
     value = rec.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise FramelmError(f"{where}: field '{key}' must be a number, got {value!r}")
     return float(value)
-
-
-def _check_columns(con: Any, path: Path, needed: tuple[str, ...], relation: str | None = None) -> set[str]:
-    """The columns of `relation` (default: the Parquet file `path`); an error names `path` and what lacks."""
-    relation = relation or f"read_parquet({_sql_str(str(path))})"
-    names = {row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {relation}").fetchall()}
-    lacking = [c for c in needed if c not in names]
-    if lacking:
-        raise FramelmError(f"{path}: missing column(s) {', '.join(lacking)}; expected at least {', '.join(needed)} "
-                           f"(see docs/ARCHITECTURE.md)")
-    return names
-
-
-def _sql_str(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
-def _duckdb(cfg: ReportConfig) -> Any:
-    import duckdb
-
-    con = duckdb.connect()
-    con.execute(f"SET memory_limit = '{cfg.memory_limit}'")
-    con.execute(f"SET threads = {int(cfg.threads)}")
-    return con
 
 
 def _cell_order(cells: list[tuple[str, int, int]]) -> list[str]:
@@ -287,9 +254,10 @@ def _partition_section(cfg: ReportConfig, run: RunDir, out: Path, con: Any) -> S
     if not run.path(LABELS).is_file():
         return _not_run(title, anchor, "no partition/quadrants.parquet", f"framelm partition --run-dir {run.root}")
     path, labelled = run.path(SCORES), labelled_sql(run)
-    columns = _check_columns(con, path, QUADRANT_COLUMNS, labelled)
+    columns = parquet_columns(con, path, SCORE_COLUMNS, "see docs/ARCHITECTURE.md")
     summary_path = run.path("partition", "summary.json")
-    summary = _read_json(summary_path) if summary_path.is_file() else None
+    summary = (fsutil.read_json(summary_path, f"re-run: framelm partition --run-dir {run.root} --force")
+               if summary_path.is_file() else None)
     is_train = "split = 'train'" if "split" in columns else "false"
     valid = "ppl > 0 AND isfinite(ppl) AND isfinite(pd)"
     # Pass 1, on every k-th row (all rows up to SAMPLE_DOCS): the axis ranges, clipped to the
@@ -422,8 +390,8 @@ def _schedule_section(cfg: ReportConfig, run: RunDir, out: Path, con: Any) -> Se
     group = cfg.schedule_groups
     binned = {}
     for path in orders:
-        _check_columns(con, path, ORDER_COLUMNS)
-        stage_rows = con.execute(f"SELECT stage, sum(n_tokens + 1), count(*) FROM read_parquet({_sql_str(str(path))}) "
+        parquet_columns(con, path, ORDER_COLUMNS, "see docs/ARCHITECTURE.md")
+        stage_rows = con.execute(f"SELECT stage, sum(n_tokens + 1), count(*) FROM read_parquet({sql_str(str(path))}) "
                                  f"GROUP BY stage ORDER BY stage").fetchall()
         total = int(sum(t for _, t, _ in stage_rows))
         if total <= 0:
@@ -501,8 +469,7 @@ def _stage_starts(run: RunDir, schedule: str) -> list[float] | None:
     path = run.path("export", schedule, "stream", "meta.json")
     if not path.is_file():
         return None
-    meta = _read_json(path)
-    stages = meta.get("stages") if isinstance(meta, dict) else None
+    stages = fsutil.read_json(path, f"re-run: framelm export --run-dir {run.root} --force").get("stages")
     if not isinstance(stages, list) or not all(isinstance(st, dict) for st in stages):
         raise FramelmError(f"{path}: field 'stages' must be a list of {{name, start_token, end_token}}")
     starts = [_number(st, "start_token", f"{path}: stages[{i}]") for i, st in enumerate(stages)]
@@ -606,9 +573,7 @@ def _compare_results(run: RunDir) -> tuple[Path, dict[str, Any]] | None:
     path = run.path("compare", "results.json")
     if not path.is_file():
         return None
-    data = _read_json(path)
-    if not isinstance(data, dict):
-        raise FramelmError(f"{path}: expected a JSON object with 'runs' and 'table'")
+    data = fsutil.read_json(path, f"re-run: framelm compare --run-dir {run.root} --force")
     for key in ("runs", "table"):
         if not isinstance(data.get(key, []), list):
             raise FramelmError(f"{path}: field '{key}' must be a list, got {type(data[key]).__name__}")
@@ -890,7 +855,7 @@ def build_report(cfg: ReportConfig, run: RunDir) -> dict[str, Any]:
     out = run.stage_dir("report")
     for old in out.glob("*.png"):  # figures of sections that have since lost their inputs
         old.unlink()
-    con = _duckdb(cfg)
+    con = connect(cfg.memory_limit, cfg.threads)
     try:
         compare = _compare_results(run)
         comparison, verdicts = _compare_section(cfg, run, compare)

@@ -29,7 +29,6 @@ passes it, and the `tail_tokens` after the last whole step are not trained on.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import zlib
@@ -339,7 +338,7 @@ def load_corpus(run: RunDir) -> Corpus:
     summary_path = run.path(SUMMARY)
     if not summary_path.is_file():
         raise FramelmError(f"{summary_path} not found; run the partition stage first: framelm partition --run-dir {run.root}")
-    summary = json.loads(summary_path.read_text())
+    summary = fsutil.read_json(summary_path, f"re-run: framelm partition --run-dir {run.root} --force")
     path = run.path(SCORES)
     codes, cells = read_labels(run)  # first: it refuses scores that changed after the partition
     if [c[0] for c in cells] != [c["name"] for c in summary["cells"]]:

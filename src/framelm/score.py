@@ -183,7 +183,8 @@ class ShardScorer:
     """Scores whole shards: reads their documents, runs both models, writes shard + marker."""
 
     def __init__(self, cfg: ScoreConfig, run: RunDir):
-        from framelm.scoring.scorer import DocumentScorer, ReferenceModel, resolve_device, resolve_dtype
+        from framelm.device import resolve_device
+        from framelm.scoring.scorer import DocumentScorer, ReferenceModel, resolve_dtype
 
         self.cfg, self.run = cfg, run
         self.docs = DocumentTable(run)

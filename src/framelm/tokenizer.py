@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import tempfile
 from pathlib import Path
@@ -120,7 +119,7 @@ def save_hf_tokenizer(tok: Any, out_dir: Path) -> None:
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".save" + fsutil.TMP_TAG) as tmp:
         hf.save_pretrained(tmp)
         tmp_dir = Path(tmp)
-        config = _read_json(tmp_dir / "tokenizer_config.json")
+        config = fsutil.read_json(tmp_dir / "tokenizer_config.json")
         # transformers 5 names its own backend class, which 4.x cannot load; this name loads in both
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
         fsutil.write_json(tmp_dir / "tokenizer_config.json", config)
@@ -160,16 +159,6 @@ def _token_content(value: Any) -> str | None:
     return None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FramelmError(f"{path}: cannot read tokenizer file ({exc})") from None
-    if not isinstance(data, dict):
-        raise FramelmError(f"{path}: expected a JSON object")
-    return data
-
-
 def tokenizer_json_path(path: str | Path) -> Path:
     """The tokenizer.json of a tokenizer directory or file path."""
     path = Path(path).expanduser()
@@ -198,7 +187,7 @@ def load_tokenizer(path: str | Path) -> tuple[Any, int]:
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         cfg_file = file.parent / name
         if cfg_file.is_file():
-            eos = _token_content(_read_json(cfg_file).get("eos_token"))
+            eos = _token_content(fsutil.read_json(cfg_file).get("eos_token"))
             if eos:
                 candidates.append(eos)
     candidates.extend(KNOWN_EOS_TOKENS)

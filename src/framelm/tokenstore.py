@@ -1,16 +1,19 @@
-"""Read access to the token store written by `framelm tokenize`.
+"""Read access to framelm's token folders: the token store written by `framelm tokenize` and the
+stream written by `framelm export` (both a tokens.bin described by a meta.json).
 
     store = TokenStore.open(run)          # a RunDir, a run directory path or RUN/tokenize
     store.tokens                          # np.memmap of every token (EOS after each document)
     store.index                           # pyarrow Table: id, source, split, offset, n_tokens, n_bytes
     store.doc(i), store.doc_by_id("x")    # one document's tokens, EOS not included
+    meta, tokens = read_run_tokens(run)   # only meta.json and tokens.bin, for stages that need no index
 
-Reads: RUN/tokenize/meta.json, tokens.bin, index.parquet. Writes nothing.
+Reads: RUN/tokenize/meta.json, tokens.bin, index.parquet (or a stream's meta.json and
+tokens.bin, through read_tokens). Writes nothing.
 """
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +21,33 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from framelm import fsutil
 from framelm.errors import FramelmError
 from framelm.rundir import RunDir
+
+TOKEN_DTYPES = ("uint16", "uint32")
+# The meta.json keys every token folder has; a store adds n_docs, a stream its stages.
+META_INT_KEYS = ("n_tokens", "eos_id", "vocab_size")
+
+
+@dataclass(frozen=True)
+class StageRange:
+    """Stage `name` holds tokens [start_token, end_token) of a stream."""
+
+    name: str
+    start_token: int
+    end_token: int
+
+
+def check_stages(stages: list[StageRange], n_tokens: int, where: str) -> None:
+    """Stages must tile [0, n_tokens) in order."""
+    position = 0
+    for i, s in enumerate(stages):
+        if s.start_token != position or s.end_token < s.start_token:
+            raise FramelmError(f"{where}: stages[{i}] ({s.name}) spans [{s.start_token}, {s.end_token}) but should start at token {position}")
+        position = s.end_token
+    if position != n_tokens:
+        raise FramelmError(f"{where}: stages end at token {position} but the stream has {n_tokens} tokens")
 
 
 class TokenStore:
@@ -37,7 +65,7 @@ class TokenStore:
     @classmethod
     def open(cls, run_or_dir: RunDir | str | Path) -> "TokenStore":
         directory = _store_dir(run_or_dir)
-        meta, tokens = read_tokens(directory)
+        meta, tokens = read_tokens(directory, "re-run framelm tokenize --force")
         index_path = directory / "index.parquet"
         try:
             index = pq.read_table(index_path)
@@ -75,23 +103,31 @@ class TokenStore:
         return self.doc(row)
 
 
-def read_tokens(directory: Path) -> tuple[dict[str, Any], np.ndarray]:
-    """meta.json of a token store folder and its tokens.bin as a read-only memmap, checked to agree."""
+def read_tokens(directory: Path, remedy: str) -> tuple[dict[str, Any], np.ndarray]:
+    """meta.json of a token folder and its tokens.bin as a read-only memmap, checked to agree. A
+    missing, malformed or disagreeing file raises a FramelmError naming it, followed by `remedy`."""
     meta_path = directory / "meta.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-        dtype = np.dtype(meta["dtype"])
-        n_tokens = int(meta["n_tokens"])
-    except (OSError, KeyError, TypeError, ValueError) as exc:  # JSON and UTF-8 errors are ValueErrors
-        raise FramelmError(f"{meta_path}: not a framelm token store meta file ({exc!r}); re-run framelm tokenize") from None
+    meta = fsutil.read_json(meta_path, remedy)
+    if meta.get("dtype") not in TOKEN_DTYPES:
+        raise FramelmError(f"{meta_path}: 'dtype' = {meta.get('dtype')!r}; expected one of {', '.join(TOKEN_DTYPES)}; {remedy}")
+    for key in META_INT_KEYS:
+        value = meta.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise FramelmError(f"{meta_path}: '{key}' = {value!r}; expected a non-negative integer; {remedy}")
+    dtype, n_tokens = np.dtype(meta["dtype"]), meta["n_tokens"]
     tokens_path = directory / "tokens.bin"
-    size = tokens_path.stat().st_size if tokens_path.exists() else -1
+    size = tokens_path.stat().st_size if tokens_path.is_file() else -1
     if size != n_tokens * dtype.itemsize:
-        raise FramelmError(f"{tokens_path}: expected {n_tokens} {dtype.name} tokens ({n_tokens * dtype.itemsize} bytes), "
-                           f"found {'no file' if size < 0 else f'{size} bytes'}; re-run framelm tokenize --force")
+        raise FramelmError(f"{tokens_path}: {meta_path.name} says n_tokens = {n_tokens} {dtype.name} tokens "
+                           f"({n_tokens * dtype.itemsize} bytes), found {'no file' if size < 0 else f'{size} bytes'}; {remedy}")
     # numpy cannot map an empty file
     tokens = np.memmap(tokens_path, dtype=dtype, mode="r", shape=(n_tokens,)) if n_tokens else np.empty(0, dtype)
     return meta, tokens
+
+
+def read_run_tokens(run: RunDir) -> tuple[dict[str, Any], np.ndarray]:
+    """RUN/tokenize's meta.json and tokens.bin (see read_tokens)."""
+    return read_tokens(run.path("tokenize"), f"re-run framelm tokenize --run-dir {run.root} --force")
 
 
 def _store_dir(run_or_dir: RunDir | str | Path) -> Path:

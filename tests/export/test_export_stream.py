@@ -74,7 +74,8 @@ def test_segments_cover_the_stream_with_pure_stages_and_transition_slices(tiny_r
 def test_segments_shorter_than_a_step_merge_with_their_shorter_neighbour():
     from types import SimpleNamespace
 
-    from framelm.export.plan import ExportPlan, Segment, StageRange
+    from framelm.export.plan import ExportPlan, Segment
+    from framelm.tokenstore import StageRange
 
     # one document per segment, of 20, 5, 3, 30 and 4 tokens; stage A then B; 10 tokens per step
     length = np.array([20, 5, 3, 30, 4])

@@ -57,8 +57,19 @@ def _lock_holder(run_dir: Path) -> set[int]:
 
 
 def start(argv: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(argv, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    # A suite started in the background by a non-interactive shell (`make test &`) ignores
+    # SIGINT, and an ignored signal stays ignored across exec, so the command would never see a
+    # Ctrl-C. A handled signal is reset to its default in the child instead, and the child's
+    # Python then turns SIGINT into KeyboardInterrupt, as under a terminal.
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(argv, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True)
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def wait_for_lock(proc: subprocess.Popen, run_dir: Path, timeout_s: float) -> float | None:

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from framelm.train import TrainConfig, fit
-from framelm.train.data import StageRange
+from framelm.tokenstore import StageRange
 torch.set_num_threads(1)
 tokens = np.random.default_rng(0).integers(1, 64, 4 * 4 * 16 + 1).astype(np.uint16)
 cfg = TrainConfig(seq_len=16, global_batch_seqs=4, eval_every_steps=0, checkpoint_every_steps=2, device="cpu")

@@ -17,7 +17,7 @@ from framelm.model import flops_per_token
 from framelm.pipeline import run_stage
 from framelm.rundir import RunDir
 from framelm.train import TrainConfig, fit, loop
-from framelm.train.data import StageRange
+from framelm.tokenstore import StageRange
 from framelm.train.loop import gpu_peak_flops, peak_flops
 
 from train.tiny_run import make_tiny_run

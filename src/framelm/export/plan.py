@@ -23,7 +23,6 @@ step with a neighbour (`ExportPlan.step_segments`), which would otherwise get no
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
 import shutil
@@ -37,11 +36,11 @@ import yaml
 from framelm import fsutil
 from framelm.errors import FramelmError
 from framelm.rundir import RunDir
+from framelm.tokenstore import StageRange, check_stages, read_run_tokens
 
 log = logging.getLogger("framelm")
 
 PLAN_COLUMNS = {"offset": np.int64, "length": np.int64, "stage": np.int32, "start": np.int64}
-TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 # Mean document length (tokens) from which a read copies document slices one by one instead of
 # gathering through a per-token index (measured crossover on a 2-core x86 machine: ~30-60).
 LOOP_MIN_MEAN_TOKENS = 48
@@ -65,31 +64,9 @@ class TokenFile:
 
     @classmethod
     def open(cls, run: RunDir) -> "TokenFile":
-        meta_path = run.path("tokenize", "meta.json")
-        bin_path = run.path("tokenize", "tokens.bin")
-        meta = _read_json(meta_path)
-        for key in ("dtype", "eos_id", "vocab_size", "n_tokens"):
-            if key not in meta:
-                raise FramelmError(f"{meta_path}: missing key '{key}'; re-run framelm tokenize --run-dir {run.root}")
-        if meta["dtype"] not in TOKEN_DTYPES:
-            raise FramelmError(f"{meta_path}: 'dtype' = {meta['dtype']!r}; expected one of {', '.join(TOKEN_DTYPES)}")
-        dtype = TOKEN_DTYPES[meta["dtype"]]
-        if not bin_path.is_file():
-            raise FramelmError(f"{bin_path} not found; run framelm tokenize --run-dir {run.root} first")
-        expected = int(meta["n_tokens"]) * np.dtype(dtype).itemsize
-        if bin_path.stat().st_size != expected:
-            raise FramelmError(f"{bin_path} holds {bin_path.stat().st_size} bytes but {meta_path} says "
-                               f"n_tokens = {meta['n_tokens']} ({expected} bytes); the token store is incomplete")
-        tokens = np.memmap(bin_path, dtype=dtype, mode="r") if expected else np.zeros(0, dtype)
-        return cls(tokens, meta["dtype"], int(meta["eos_id"]), int(meta["vocab_size"]),
+        meta, tokens = read_run_tokens(run)
+        return cls(tokens, meta["dtype"], meta["eos_id"], meta["vocab_size"],
                    run.path(str(meta.get("tokenizer", "tokenize/tokenizer"))))
-
-
-@dataclass(frozen=True)
-class StageRange:
-    name: str
-    start_token: int
-    end_token: int
 
 
 @dataclass(frozen=True)
@@ -275,7 +252,7 @@ def open_plan(run: RunDir, schedule: str, n_substages: int, *, memory_limit: str
             "order": order_path, "stages": stages_path, "index": index_path,
             "tokens": run.path("tokenize", "tokens.bin"), "tokenize_meta": run.path("tokenize", "meta.json")}.items()}
     inputs_path = plan_dir / "inputs.json"
-    if inputs_path.exists() and _read_json(inputs_path) != inputs:
+    if inputs_path.exists() and fsutil.read_json(inputs_path) != inputs:
         log.info("export/%s: inputs changed since the last export; starting over", schedule)
         shutil.rmtree(export_dir)
     if not inputs_path.exists():
@@ -295,13 +272,13 @@ def open_plan(run: RunDir, schedule: str, n_substages: int, *, memory_limit: str
 def _build_columns(order_path: Path, index_path: Path, store: TokenFile, plan_dir: Path,
                    memory_limit: str, threads: int, batch_docs: int) -> None:
     """Join order.parquet with the token index (DuckDB, spilling to disk) into .npy columns."""
-    import duckdb
+    from framelm.sql import connect
     import pyarrow.parquet as pq
 
     n_docs = pq.ParquetFile(order_path).metadata.num_rows
     plan_dir.mkdir(parents=True, exist_ok=True)
     spill = plan_dir / f"duckdb{fsutil.TMP_TAG}spill"
-    con = duckdb.connect(config={"memory_limit": memory_limit, "threads": threads, "temp_directory": str(spill)})
+    con = connect(memory_limit, threads, spill)
     try:
         bounds = con.sql("SELECT min(position), max(position) FROM read_parquet(?)",
                          params=[str(order_path)]).fetchall()[0]
@@ -389,15 +366,8 @@ def _stage_ranges(data: dict[str, Any], path: Path, n_tokens: int, stage_col: np
             if not isinstance(st, dict) or key not in st:
                 raise FramelmError(f"{path}: stages[{i}] has no '{key}'")
         ranges.append(StageRange(str(st["name"]), int(st["start_token"]), int(st["end_token"])))
-    expected_start = 0
-    for i, r in enumerate(ranges):
-        if r.start_token != expected_start or r.end_token < r.start_token:
-            raise FramelmError(f"{path}: stages[{i}] ({r.name}) covers tokens [{r.start_token}, {r.end_token}); "
-                               f"stages must tile the stream, so it should start at {expected_start}")
-        expected_start = r.end_token
-    if expected_start != n_tokens:
-        raise FramelmError(f"{path}: the stages end at token {expected_start} but order.parquet's documents "
-                           f"(n_tokens + 1 EOS each) make {n_tokens} tokens")
+    # n_tokens counts order.parquet's documents, each with its EOS
+    check_stages(ranges, n_tokens, str(path))
     if len(stage_col) and (int(stage_col.min()) < 0 or int(stage_col.max()) >= len(ranges)):
         raise FramelmError(f"{path}: order.parquet's 'stage' runs from {int(stage_col.min())} to "
                            f"{int(stage_col.max())} but stages.yaml lists {len(ranges)} stages")
@@ -474,12 +444,3 @@ def _fingerprint(hashes: fsutil.ContentHashes, path: Path) -> dict[str, Any]:
     fp = hashes.fingerprint(path)
     fp.pop("path")
     return fp
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FramelmError(f"{path} not found")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise FramelmError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None

@@ -27,6 +27,7 @@ from framelm.export.config import ExportConfig
 from framelm.export.plan import ExportPlan, Segment
 from framelm.ingest import DOCUMENT_GLOB
 from framelm.rundir import RunDir
+from framelm.sql import connect
 
 SCHEMA = pa.schema([("position", pa.int64()), ("id", pa.string()), ("source", pa.string()),
                     ("quadrant", pa.string()), ("stage", pa.string()), ("epoch", pa.int32()), ("text", pa.string())])
@@ -49,16 +50,13 @@ def write_text(plan: ExportPlan, cfg: ExportConfig, run: RunDir, out_dir: Path) 
 
 def _write_segments(plan: ExportPlan, cfg: ExportConfig, docs_dir: Path, out_dir: Path,
                     todo: list[Segment], suffix: str) -> None:
-    import duckdb
-
     order_path = plan.order_path
     names = np.array([s.name for s in plan.stages], dtype=object)
     # Only positions of unfinished segments are read: a killed export resumes where it stopped.
     wanted = {seg.index for seg in todo}
     seg_of_doc_bounds = np.array([seg.end_doc for seg in plan.segments])
     spill = out_dir / f"duckdb{fsutil.TMP_TAG}spill"
-    con = duckdb.connect(config={"memory_limit": cfg.duckdb_memory_limit, "threads": cfg.threads,
-                                 "temp_directory": str(spill)})
+    con = connect(cfg.duckdb_memory_limit, cfg.threads, spill)
     sink = _SegmentSink(out_dir, suffix)
     try:
         reader = con.sql(

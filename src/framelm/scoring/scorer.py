@@ -15,7 +15,6 @@ them.
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import numpy as np
@@ -27,18 +26,6 @@ from framelm.scoring.packing import PackedBatch, pack_documents
 
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        # Under torchrun each rank takes its own GPU of the node.
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise FramelmError(f"device = {device!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

@@ -22,52 +22,24 @@ from pathlib import Path
 import numpy as np
 
 from framelm.errors import FramelmError
+from framelm.tokenstore import StageRange, check_stages, read_tokens
 
 IGNORE = -100  # target of the position after the stream's last token
 
 
-@dataclasses.dataclass(frozen=True)
-class StageRange:
-    name: str
-    start_token: int
-    end_token: int
-
-
 def read_stream(stream_dir: Path) -> tuple[np.ndarray, list[StageRange], dict]:
     """An exported stream as (memmapped tokens, stage ranges, meta)."""
+    meta, tokens = read_tokens(stream_dir, "export the schedule first: framelm export --run-dir RUN")
     meta_path = stream_dir / "meta.json"
-    if not meta_path.is_file():
-        raise FramelmError(f"{meta_path} not found; export the schedule first (framelm export --run-dir RUN)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise FramelmError(f"{meta_path}: invalid JSON ({exc})") from None
-    for key in ("dtype", "n_tokens", "eos_id", "vocab_size", "stages"):
-        if key not in meta:
-            raise FramelmError(f"{meta_path}: missing key '{key}'")
-    tokens_path = stream_dir / "tokens.bin"
-    if not tokens_path.is_file():
-        raise FramelmError(f"{tokens_path} not found next to {meta_path}")
-    tokens = np.memmap(tokens_path, dtype=np.dtype(meta["dtype"]), mode="r")
-    if len(tokens) != meta["n_tokens"]:
-        raise FramelmError(f"{tokens_path} holds {len(tokens)} tokens but {meta_path} says n_tokens = {meta['n_tokens']}")
+    if not isinstance(meta.get("stages"), list):
+        raise FramelmError(f"{meta_path}: missing key 'stages' (a list of name, start_token, end_token); "
+                           "export the schedule again: framelm export --run-dir RUN --force")
     try:
         stages = [StageRange(str(s["name"]), int(s["start_token"]), int(s["end_token"])) for s in meta["stages"]]
     except (KeyError, TypeError, ValueError) as exc:
-        raise FramelmError(f"{meta_path}: each entry of 'stages' needs name, start_token, end_token ({exc})") from None
+        raise FramelmError(f"{meta_path}: 'stages' must list entries with name, start_token, end_token ({exc!r})") from None
     check_stages(stages, len(tokens), str(meta_path))
     return tokens, stages, meta
-
-
-def check_stages(stages: list[StageRange], n_tokens: int, where: str) -> None:
-    """Stages must tile [0, n_tokens) in order."""
-    position = 0
-    for i, s in enumerate(stages):
-        if s.start_token != position or s.end_token < s.start_token:
-            raise FramelmError(f"{where}: stages[{i}] ({s.name}) spans [{s.start_token}, {s.end_token}) but should start at token {position}")
-        position = s.end_token
-    if position != n_tokens:
-        raise FramelmError(f"{where}: stages end at token {position} but the stream has {n_tokens} tokens")
 
 
 def stream_fingerprint(tokens: np.ndarray, stages: list[StageRange]) -> str:

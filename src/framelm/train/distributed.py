@@ -12,6 +12,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from framelm.device import resolve_device
 from framelm.errors import FramelmError
 
 
@@ -34,21 +35,14 @@ def init_world(device: str = "auto") -> World:
     """Read torchrun's variables, pick this rank's device, join the process group (gloo on CPU, nccl on CUDA)."""
     try:
         rank = int(os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         size = int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError as exc:
-        raise FramelmError(f"RANK / LOCAL_RANK / WORLD_SIZE must be integers ({exc})") from None
-    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise FramelmError(f"device = {device!r} but CUDA is not available here; use --device cpu")
-    if use_cuda:
-        index = local_rank if size > 1 or device in ("auto", "cuda") else int(device.split(":")[1])
-        dev = torch.device("cuda", index)
+        raise FramelmError(f"RANK / WORLD_SIZE must be integers ({exc})") from None
+    dev = resolve_device(device)
+    if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    else:
-        dev = torch.device("cpu")
     if size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return World(rank, size, dev)
 
 

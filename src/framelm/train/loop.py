@@ -40,10 +40,11 @@ from framelm.errors import FramelmError, require_module
 from framelm.heldout import HeldoutSet, heldout_loss, heldout_sets
 from framelm.model import FrameLM, count_params, flops_per_token, next_token_loss
 from framelm.rundir import RunDir
+from framelm.tokenstore import StageRange, check_stages
 from framelm.train import checkpoint as ckpt
 from framelm.train.averaging import average_checkpoints
 from framelm.train.config import TrainConfig
-from framelm.train.data import BatchPlan, StageRange, check_stages, read_stream, stream_fingerprint
+from framelm.train.data import BatchPlan, read_stream, stream_fingerprint
 from framelm.train.distributed import World, all_ranks_min_max, all_reduce_mean, barrier, init_world, shutdown
 from framelm.hf_llama import export_hf
 from framelm.train.lr import lr_at
