@@ -215,7 +215,7 @@ def test_continuation_longer_than_the_model_context_is_refused(model_dir, tmp_pa
     path = write_jsonl(tmp_path / "long.jsonl", MC_ROWS[:2] + [{"query": "q", "choices": ["a", long_choice], "gold": 0}])
     task = check_task_file(path)
     write_task_configs([task], tmp_path / "yaml", tmp_path / "cache")
-    with pytest.raises(FramelmError, match=rf"long.jsonl:3: a scored continuation is \d+ tokens, but .* at most 512"):
+    with pytest.raises(FramelmError, match=r"long.jsonl:3: a scored continuation is \d+ tokens, but .* at most 512"):
         run_harness(model_dir, [task], tmp_path / "yaml", device="cpu", dtype="float32", batch_size=4, limit=None)
 
 

@@ -21,7 +21,9 @@ from framelm.compare import build_table
 from framelm.errors import ConfigError, FramelmError
 from framelm.partition import read_labelled, write_labels
 from framelm.pipeline import run_stage
-from framelm.report import ReportConfig, _lines_from_data, _stated_lines, _verdicts, build_report
+from framelm.report import ReportConfig, build_report
+from framelm.report.comparison import verdict_lines
+from framelm.report.quadrants import lines_from_data, stated_lines
 from framelm.rundir import RunDir
 
 SOURCES = ("books", "math", "web")
@@ -287,15 +289,15 @@ def test_three_standard_errors_over_two_seeds_is_not_significant():
     # paired differences 0.04 and 0.02: mean 0.03, standard error 0.01, so 3 standard errors; a
     # t distribution with 1 degree of freedom puts 20% of its mass beyond that
     table = build_table(seed_runs({"frame": [3.04, 3.02], "random": [3.0, 3.0]}), ["frame", "random"])
-    [verdict] = _verdicts(ReportConfig(), table, "heldout_loss/all")
+    [verdict] = verdict_lines(ReportConfig(), table, "heldout_loss/all")
     assert verdict == ("frame vs random: held-out loss +0.030 ± 0.010 nats (worse, not significant: p = 0.20, "
                        "paired t test over 2 seeds)")
-    [verdict] = _verdicts(ReportConfig(significance_level=0.25), table, "heldout_loss/all")
+    [verdict] = verdict_lines(ReportConfig(significance_level=0.25), table, "heldout_loss/all")
     assert "(worse, significant: p = 0.20" in verdict
     # unpaired (no seed in common): Welch's test, which names both seed counts
     runs = seed_runs({"frame": [3.04, 3.02, 3.03]}) + [
         {**r, "seed": r["seed"] + 10} for r in seed_runs({"random": [3.0, 3.01]})]
-    [verdict] = _verdicts(ReportConfig(), build_table(runs, ["frame", "random"]), "heldout_loss/all")
+    [verdict] = verdict_lines(ReportConfig(), build_table(runs, ["frame", "random"]), "heldout_loss/all")
     assert "Welch t test over 3 and 2 seeds" in verdict
 
 
@@ -309,7 +311,7 @@ def test_no_difference_is_called_significant_at_the_nominal_rate(n_seeds):
     for _ in range(trials):
         noise = 3.0 + rng.normal(0, 0.02, (2, n_seeds))
         table = build_table(seed_runs({"frame": noise[0].tolist(), "random": noise[1].tolist()}), ["frame", "random"])
-        hits += ", significant: p" in _verdicts(ReportConfig(), table, "heldout_loss/all")[0]
+        hits += ", significant: p" in verdict_lines(ReportConfig(), table, "heldout_loss/all")[0]
     assert 0.035 < hits / trials < 0.065  # 5% +- 3 binomial standard errors
 
 
@@ -462,12 +464,12 @@ def test_cut_lines_from_bins_and_stratified_overlap():
     # two PPL bins split at 10..20, PD cut 0.2..0.3 inside bin 0 and 0.5..0.6 inside bin 1
     ranges = [(0, 0, 1.0, 10.0, 0.0, 0.2), (0, 1, 2.0, 9.0, 0.3, 0.9),
               (1, 0, 20.0, 90.0, 0.1, 0.5), (1, 1, 25.0, 99.0, 0.6, 0.8)]
-    ppl_cuts, segments = _lines_from_data(ranges, 1.0, 100.0)
+    ppl_cuts, segments = lines_from_data(ranges, 1.0, 100.0)
     assert ppl_cuts == [pytest.approx(math.sqrt(200.0))]
     assert segments == [(1.0, pytest.approx(math.sqrt(200.0)), pytest.approx(0.25)),
                         (pytest.approx(math.sqrt(200.0)), 100.0, pytest.approx(0.55))]
     overlapping = ranges + [(0, 0, 1.0, 30.0, 0.0, 0.2)]  # another source's bin 0 reaches past bin 1's start
-    assert _lines_from_data(overlapping, 1.0, 100.0) is None
+    assert lines_from_data(overlapping, 1.0, 100.0) is None
 
 
 def test_stated_cut_points_nested_and_stratified(tmp_path):
@@ -475,22 +477,22 @@ def test_stated_cut_points_nested_and_stratified(tmp_path):
                              {"axis": "pd", "source": None, "ppl_bin": 0, "cuts": [0.2]},
                              {"axis": "pd", "source": None, "ppl_bin": 1, "cuts": [0.5]}]}
     where = tmp_path / "summary.json"
-    assert _stated_lines(nested, where, None, 1.0, 100.0) == ([10.0], [(1.0, 10.0, 0.2), (10.0, 100.0, 0.5)])
-    assert _stated_lines(nested, where, "web", 1.0, 100.0) == _stated_lines(nested, where, None, 1.0, 100.0)
+    assert stated_lines(nested, where, None, 1.0, 100.0) == ([10.0], [(1.0, 10.0, 0.2), (10.0, 100.0, 0.5)])
+    assert stated_lines(nested, where, "web", 1.0, 100.0) == stated_lines(nested, where, None, 1.0, 100.0)
     stratified = {"cut_points": [{"axis": "ppl", "source": "web", "ppl_bin": None, "cuts": [5.0]},
                                  {"axis": "pd", "source": "web", "ppl_bin": None, "cuts": [0.3]}]}
-    assert _stated_lines(stratified, where, None, 1.0, 100.0) is None
-    assert _stated_lines(stratified, where, "web", 1.0, 100.0) == ([5.0], [(1.0, 100.0, 0.3)])
-    assert _stated_lines(stratified, where, "books", 1.0, 100.0) is None
+    assert stated_lines(stratified, where, None, 1.0, 100.0) is None
+    assert stated_lines(stratified, where, "web", 1.0, 100.0) == ([5.0], [(1.0, 100.0, 0.3)])
+    assert stated_lines(stratified, where, "books", 1.0, 100.0) is None
     with pytest.raises(FramelmError, match=r"summary\.json: cut_points\[0\]"):
-        _stated_lines({"cut_points": [{"axis": "ppl", "cuts": "10"}]}, where, None, 1.0, 100.0)
+        stated_lines({"cut_points": [{"axis": "ppl", "cuts": "10"}]}, where, None, 1.0, 100.0)
 
 
 def test_report_without_summary_cuts_draws_cuts_from_the_bins(tmp_path, monkeypatch):
     root = tmp_path / "run"
     root.mkdir()
     write_partition(root, np.random.default_rng(0), with_cuts=False)
-    monkeypatch.setattr("framelm.report.SAMPLE_DOCS", 100)  # 400 documents: ranges and medians from every 4th
+    monkeypatch.setattr("framelm.report.quadrants.SAMPLE_DOCS", 100)  # 400 documents: ranges and medians from every 4th
     build_report(ReportConfig(), RunDir(root))
     text = (root / "report" / "index.html").read_text()
     assert "the boundaries between the quadrant bins" in text and "No lines on" not in text

@@ -36,6 +36,13 @@ def _hold_lock(path, ready, release):
         release.wait(10)
 
 
+def test_a_broken_manifest_is_named_with_its_line(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.manifest_path.write_text('{"stages": {\n  "ingest": {"status": "done",}\n}}\n')
+    with pytest.raises(FramelmError, match=r"manifest.json: line 2, column .*invalid JSON.*edited by hand"):
+        run.record("ingest")
+
+
 def test_second_process_gets_a_clear_lock_error(tmp_path):
     ctx = mp.get_context("fork")
     ready, release = ctx.Event(), ctx.Event()

@@ -171,7 +171,7 @@ def test_transition_curves_are_monotone_and_bounded():
 
 @pytest.mark.parametrize("kind", ["linear", "logistic"])
 def test_interleave_gives_the_next_stage_the_curve_and_the_last_its_complement(kind):
-    from framelm.schedule import _interleave
+    from framelm.schedule.transitions import _interleave
 
     rng = np.random.default_rng(0)
     wa = rng.integers(1, 20, 5000)
@@ -529,18 +529,18 @@ def test_two_phase_tiers_split_their_weight_by_source_tokens():
 
 
 def test_order_written_in_many_row_groups_equals_one(run, monkeypatch):
-    import framelm.schedule as schedule_module
+    from framelm.schedule import build as build_module  # write_order reads WRITE_CHUNK_ROWS there
 
     build(run, [{"kind": "frame"}])
     whole = pq.read_table(run.path("schedule/frame/order.parquet"))
-    monkeypatch.setattr(schedule_module, "WRITE_CHUNK_ROWS", 37)
+    monkeypatch.setattr(build_module, "WRITE_CHUNK_ROWS", 37)
     build(run, [{"kind": "frame", "name": "chunked"}])
     assert pq.ParquetFile(run.path("schedule/chunked/order.parquet")).metadata.num_row_groups > 10
     assert pq.read_table(run.path("schedule/chunked/order.parquet")).equals(whole)
 
 
 def test_ids_are_read_into_one_array(tmp_path):
-    from framelm.schedule import _read_ids
+    from framelm.schedule.corpus import _read_ids
 
     rng = np.random.default_rng(0)
     ids = [f"d{i}-{'x' * int(rng.integers(0, 5))}" for i in range(40)]
@@ -561,10 +561,10 @@ def test_ids_are_read_into_one_array(tmp_path):
 
 
 def test_pool_members_and_window_sizes_match_their_direct_computation(monkeypatch):
-    from framelm import schedule as sched
+    from framelm.schedule import strategies, transitions
 
     rng = np.random.default_rng(0)
-    monkeypatch.setattr(sched, "MEMBER_SLICE_ROWS", 1000)  # many slices, one of them short
+    monkeypatch.setattr(strategies, "MEMBER_SLICE_ROWS", 1000)  # many slices, one of them short
     for n_codes in (1, 5, 40):  # a pass per code, and the sort
         codes = rng.integers(0, n_codes, 10_500).astype(np.int16)
         members = Builder._members(codes, n_codes)
@@ -573,24 +573,24 @@ def test_pool_members_and_window_sizes_match_their_direct_computation(monkeypatc
     weight = rng.integers(1, 50, 300_000).astype(np.int32)
     cum = np.cumsum(weight, dtype=np.int64)
     for tokens in (0, 10, 1e5, 1.7e6, 3.2e6, float(cum[-1]), 1e12):  # inside the first block, later blocks, past the end
-        assert sched._docs_within(weight, tokens) == np.searchsorted(cum, tokens, side="right")
+        assert transitions._docs_within(weight, tokens) == np.searchsorted(cum, tokens, side="right")
     back = np.cumsum(weight[::-1], dtype=np.int64)
-    assert sched._docs_within(weight[::-1], 2.5e6) == np.searchsorted(back, 2.5e6, side="right")
+    assert transitions._docs_within(weight[::-1], 2.5e6) == np.searchsorted(back, 2.5e6, side="right")
 
 
 def test_bucket_shuffle_is_a_uniform_permutation_moving_arrays_together(monkeypatch):
-    from framelm import schedule as sched
+    from framelm.schedule import pools
 
-    monkeypatch.setattr(sched, "SHUFFLE_BUCKET_ROWS", 2)  # 12 rows: 6 buckets
+    monkeypatch.setattr(pools, "SHUFFLE_BUCKET_ROWS", 2)  # 12 rows: 6 buckets
     a, b = np.arange(12), np.arange(12) * 10
-    x, y = sched.shuffled(np.random.default_rng(1), a, b)
+    x, y = pools.shuffled(np.random.default_rng(1), a, b)
     assert sorted(x.tolist()) == list(range(12)) and (y == x * 10).all() and x.tolist() != list(range(12))
-    again, _ = sched.shuffled(np.random.default_rng(1), a, b)
+    again, _ = pools.shuffled(np.random.default_rng(1), a, b)
     assert (again == x).all()  # the seed decides
     rng = np.random.default_rng(0)
     where = np.zeros((12, 12))  # row i: how often element i lands at each position
     for _ in range(6000):
-        (perm,) = sched.shuffled(rng, a)
+        (perm,) = pools.shuffled(rng, a)
         where[perm, np.arange(12)] += 1
     assert np.abs(where - 500).max() < 5 * np.sqrt(500)  # every position equally likely, to 5 standard deviations
 

@@ -23,7 +23,6 @@ RUN/eval/tasks/rows<rows>-seed<seed>/<builtin task>.jsonl.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import shutil
@@ -221,7 +220,7 @@ def _check_tokenizer(model_dir: Path, run: RunDir) -> None:
     run_tok = run.path("tokenize", "tokenizer", "tokenizer.json")
     model_tok = model_dir / "tokenizer.json"
     if run_tok.is_file() and model_tok.is_file():
-        if json.loads(run_tok.read_text()).get("model") != json.loads(model_tok.read_text()).get("model"):
+        if fsutil.read_json(run_tok).get("model") != fsutil.read_json(model_tok).get("model"):
             raise FramelmError(f"{model_dir} uses another tokenizer than {run_tok}; held-out loss reads the run's "
                                f"token store, so it needs the run's tokenizer (or set heldout: false)")
 

@@ -11,7 +11,6 @@ a Llama, or a reference model framelm trained) becomes a `FrameLM` with the same
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -85,7 +84,7 @@ def _eos_opens_documents(model_dir: Path) -> None:
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         path = model_dir / name
         if path.is_file():
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = fsutil.read_json(path)
             if data.get("eos_token") and data.get("bos_token") != data["eos_token"]:
                 data["bos_token"] = data["eos_token"]
                 fsutil.write_json(path, data)

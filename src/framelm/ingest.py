@@ -590,7 +590,7 @@ def _prepare_plan(run: RunDir, plan: dict[str, Any]) -> None:
     """Keep finished shards only if they were made by the same plan; record the plan."""
     plan_path = run.path("ingest", "plan.json")
     docs_dir = run.path("ingest", "documents")
-    if plan_path.exists() and json.loads(plan_path.read_text()) != plan and docs_dir.exists():
+    if plan_path.exists() and fsutil.read_json(plan_path, "run ingest with --force to start over") != plan and docs_dir.exists():
         log.info("ingest: inputs or shard size changed since the interrupted run; starting over")
         shutil.rmtree(docs_dir)
     fsutil.write_json(plan_path, plan)

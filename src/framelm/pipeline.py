@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-import json
 import logging
 import shutil
 import time
@@ -304,7 +303,7 @@ def _take_back(run: RunDir, key: str, out_dir: Path, previous: Path) -> dict[str
     """Move a set-aside result back under its key with the manifest record it had, and return
     that record. The caller holds the manifest lock, so that no other process (a rank with its
     own stage lock) sees the folder back without its record and takes it for an interrupted run."""
-    record = json.loads((previous / RECORD_FILE).read_text())
+    record = fsutil.read_json(previous / RECORD_FILE)
     (previous / RECORD_FILE).unlink()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     previous.rename(out_dir)

@@ -1,6 +1,6 @@
 """The report's figures: plain arrays in, one PNG file out.
 
-Every function here draws one figure from already-aggregated numbers (the report module does
+Every function here draws one figure from already-aggregated numbers (the report package does
 the reading and aggregating) and writes it atomically to the given path. Figures are built
 with `matplotlib.figure.Figure` and the Agg renderer directly, not pyplot, so no global state
 or display backend is involved and figures are freed as soon as they are written.

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import fcntl
-import json
 import os
 import platform
 import re
@@ -99,10 +98,7 @@ class RunDir:
     def manifest(self) -> dict[str, Any]:
         if not self.manifest_path.exists():
             return {"stages": {}}
-        try:
-            return json.loads(self.manifest_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise FramelmError(f"{self.manifest_path} is not valid JSON ({exc}); it was not written by framelm or was edited by hand") from None
+        return fsutil.read_json(self.manifest_path, "it was not written by framelm or was edited by hand")
 
     def record(self, key: str) -> dict[str, Any] | None:
         return self.manifest()["stages"].get(key)

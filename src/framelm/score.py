@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -288,7 +287,7 @@ def _check_precision(run: RunDir, dtype: Any, why: str) -> None:
     name = str(dtype).removeprefix("torch.")
     path = run.path("score", "precision.json")
     if path.is_file():
-        recorded = json.loads(path.read_text()).get("dtype")
+        recorded = fsutil.read_json(path, f"delete {path.parent} to score everything again").get("dtype")
         if recorded != name:
             raise FramelmError(f"{path}: this run's shards are scored in {recorded}, but this process would score in "
                                f"{name} ({why}); set dtype: {recorded} to resume, or delete {path.parent} to score "

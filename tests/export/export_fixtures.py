@@ -133,3 +133,44 @@ def build_tiny_run(root: Path, *, vocab_size: int = 300, n_docs: int = 40, seed:
 def read_tree(root: Path) -> dict[str, bytes]:
     """Every file under `root` (relative path -> bytes)."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def build_stage_run(root: Path, stage_lengths: list[list[int]], *, seq_len: int, global_batch: int,
+                    vocab_size: int = 300, seed: int = 0, schedule: str = "frame") -> TinyRun:
+    """A run whose schedule trains stages S0, S1, ... one after another (hard switches, so one
+    segment per stage), stage k holding documents of the lengths stage_lengths[k] (EOS included).
+    Sizes a test picks exactly, e.g. a segment of exactly one step of tokens."""
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
+    run = RunDir(root)
+    names = [f"S{k}" for k in range(len(stage_lengths))]
+    docs = [(k, n) for k, lengths in enumerate(stage_lengths) for n in lengths]
+    ids = [f"doc-{i:03d}" for i in range(len(docs))]
+    doc_tokens = {i: rng.integers(1, vocab_size, size=n - 1).astype(dtype) for i, (_, n) in zip(ids, docs)}
+    lengths = np.array([n for _, n in docs], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    tok_dir = run.path("tokenize")
+    tok_dir.mkdir(parents=True)
+    np.concatenate([np.append(doc_tokens[i], EOS).astype(dtype) for i in ids]).tofile(tok_dir / "tokens.bin")
+    pq.write_table(pa.table({
+        "id": ids, "source": [SOURCES[0]] * len(ids), "split": ["train"] * len(ids),
+        "offset": pa.array(offsets, pa.int64()), "n_tokens": pa.array(lengths - 1, pa.int64()),
+        "n_bytes": pa.array(lengths - 1, pa.int64())}), tok_dir / "index.parquet")
+    (tok_dir / "meta.json").write_text(json.dumps({
+        "dtype": dtype.name, "vocab_size": vocab_size, "eos_id": EOS, "n_docs": len(ids),
+        "n_tokens": int(lengths.sum()), "tokenizer": "tokenize/tokenizer"}))
+    order = pa.table({
+        "position": pa.array(range(len(ids)), pa.int64()), "id": ids,
+        "stage": pa.array([k for k, _ in docs], pa.int32()), "source": [SOURCES[0]] * len(ids),
+        "quadrant": [names[k] for k, _ in docs], "n_tokens": pa.array(lengths - 1, pa.int64()),
+        "epoch": pa.array([0] * len(ids), pa.int32())})
+    bounds = np.concatenate([[0], np.cumsum([sum(s) for s in stage_lengths])]).tolist()
+    stage_ranges = [(names[k], bounds[k], bounds[k + 1]) for k in range(len(names))]
+    sched_dir = run.path("schedule", schedule)
+    sched_dir.mkdir(parents=True)
+    pq.write_table(order, sched_dir / "order.parquet")
+    (sched_dir / "stages.yaml").write_text(yaml.safe_dump({
+        "strategy": schedule, "seq_len": seq_len, "global_batch": global_batch,
+        "stages": [{"name": n, "start_token": a, "end_token": b, "composition": {"cells": {n: 1.0}}}
+                   for n, a, b in stage_ranges]}, sort_keys=False))
+    return TinyRun(run, schedule, order, doc_tokens, {}, dtype, stage_ranges)

@@ -60,11 +60,21 @@ def test_megatron_datasets_hold_each_segment_documents_in_order(tiny_run):
     assert len(got_docs) == len(expected_docs)
     for got, want in zip(got_docs, expected_docs):
         np.testing.assert_array_equal(got, want)
-    # iteration boundaries: tokens // (global_batch * seq_len) with stages.yaml's 2 * 8
-    assert info["tokens_per_iteration"] == 16
+    # iterations: what one epoch of each segment feeds, (tokens - 1) // seq_len samples of
+    # global_batch each with stages.yaml's 8 and 2, one phase after another
+    assert (info["tokens_per_iteration"], info["seq_len"], info["global_batch"]) == (16, 8, 2)
+    step = 0
     for ph in info["phases"]:
-        assert (ph["start_step"], ph["end_step"]) == (ph["start_token"] // 16, ph["end_token"] // 16)
-    assert [(s["name"], s["start_step"]) for s in info["stages"]] == [(n, a // 16) for n, a, _ in tiny_run.stage_ranges]
+        assert (ph["start_step"], ph["end_step"]) == (step, step + (ph["tokens"] - 1) // 8 // 2)
+        step = ph["end_step"]
+    assert info["total_iterations"] == step
+    stages = info["stages"]
+    assert [(s["name"], s["start_token"], s["end_token"]) for s in stages] == tiny_run.stage_ranges
+    assert stages[0]["start_step"] == 0 and stages[-1]["end_step"] == step
+    for s in stages:  # a stage starts within the iterations of the phase its first token is in
+        ph = next(p for p in info["phases"] if p["start_token"] <= s["start_token"] < p["end_token"])
+        assert ph["start_step"] <= s["start_step"] <= ph["end_step"]
+        assert s["start_step"] <= s["end_step"]
     # data_paths.txt: one --data-path line per segment, in order, after its iteration comment, each
     # with --split 100,0,0: Megatron's default split (969,30,1) would hold 3.1 % of it out of training
     text = (out / "data_paths.txt").read_text()

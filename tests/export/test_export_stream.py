@@ -74,10 +74,11 @@ def test_segments_cover_the_stream_with_pure_stages_and_transition_slices(tiny_r
 def test_segments_shorter_than_a_step_merge_with_their_shorter_neighbour():
     from types import SimpleNamespace
 
-    from framelm.export.plan import ExportPlan, Segment
+    from framelm.export.plan import ExportPlan, Segment, StepRule
     from framelm.tokenstore import StageRange
 
     # one document per segment, of 20, 5, 3, 30 and 4 tokens; stage A then B; 10 tokens per step
+    # (2 samples of 5 + 1 tokens sharing one, as Megatron's): a step needs 11 tokens
     length = np.array([20, 5, 3, 30, 4])
     start = np.concatenate([[0], np.cumsum(length)[:-1]])
     stage = np.array([0, 0, 1, 1, 1], np.int32)
@@ -87,16 +88,26 @@ def test_segments_shorter_than_a_step_merge_with_their_shorter_neighbour():
     plan = ExportPlan("t", None, SimpleNamespace(tokens=np.zeros(62)), {"offset": start, "length": length,
                       "start": start, "stage": stage}, [StageRange("A", 0, 25), StageRange("B", 25, 62)], {}, segments)
     # 3 joins its shorter neighbour 5 (-> 8), 4 joins 30 (-> 34), then 8 joins 20 (-> 28)
-    merged = plan.step_segments(10)
+    rule = StepRule("t", 5, 2, overlapping=True)
+    merged = plan.step_segments(rule)
     assert [(s.index, s.name, s.kind, s.first_doc, s.end_doc, s.start_token, s.end_token) for s in merged] == [
         (0, "s0+s2", "merged", 0, 3, 0, 28), (3, "s3+s4", "merged", 3, 5, 28, 62)]
     assert merged[0].mix == {"A": 0.892857, "B": 0.107143} and merged[1].mix == {"B": 1.0}
     assert merged[0].folder == "000_s0_s2"  # first and last part: short, however many parts
-    # every segment gets whole steps: unmerged, s1 would take step [2, 2) and s2 step [2, 3)
-    assert [(p["start_step"], p["end_step"]) for p in plan.phases(10)] == [(0, 2), (2, 6)]
-    assert [s.name for s in plan.step_segments(5)] == ["s0", "s1+s2", "s3+s4"]  # 3 joins 5 (not 30), 4 joins 30
-    assert plan.step_segments(100)[0].end_token == 62 and len(plan.step_segments(100)) == 1  # shorter than a step in all
-    assert plan.step_segments(3) == segments  # none is shorter than a step
+    # every segment gets the whole steps its own dataset feeds: 28 tokens hold (28 - 1) // 5 = 5
+    # samples, 2 steps; 34 hold 6, 3 steps (its stream position [28, 62) spans 4 steps of 10)
+    assert [(p["start_step"], p["end_step"], p["samples"]) for p in plan.phases(rule)] == [(0, 2, 5), (2, 5, 6)]
+    # a stage boundary inside a phase maps onto its steps in proportion: token 25 of [0, 28) -> step 1
+    assert [(s["start_step"], s["end_step"]) for s in plan.stage_steps(rule)] == [(0, 1), (1, 5)]
+    # a step of one sample of 5 + 1 tokens: 5 tokens hold none, so 3 joins 5 (not 30), 4 joins 30
+    assert [s.name for s in plan.step_segments(StepRule("t", 5, 1, overlapping=True))] == ["s0", "s1+s2", "s3+s4"]
+    one = plan.step_segments(StepRule("t", 50, 2, overlapping=True))  # too short for a step in all
+    assert len(one) == 1 and one[0].end_token == 62
+    assert plan.step_segments(StepRule("t", 2, 1, overlapping=True)) == segments  # each feeds a step
+    # disjoint samples (nanotron's): 2 samples of 4 + 1 tokens a step, so 10 tokens a step
+    disjoint = StepRule("t", 4, 2, overlapping=False)
+    assert [s.name for s in plan.step_segments(disjoint)] == ["s0+s2", "s3+s4"]
+    assert [(p["start_step"], p["end_step"], p["samples"]) for p in plan.phases(disjoint)] == [(0, 2, 5), (2, 5, 6)]
 
 
 def test_hard_switch_schedule_has_no_transitions(tmp_path):

@@ -10,7 +10,8 @@ from framelm.errors import ConfigError
 
 FORMATS = ("stream", "llmc", "megatron", "nanotron", "text")
 LLMC_MAX_SHARD_TOKENS = 2**31 - 1  # the header stores the token count as int32
-RECORD_FORMAT = 2  # 2: the record's counts give each schedule's stream digest under "parts"
+RECORD_FORMAT = 3  # 2: the record's counts give each schedule's stream digest under "parts"; 3: Megatron and
+# nanotron phases get the steps their segment's own dataset can feed (ExportPlan.phases)
 
 
 @dataclass
@@ -59,8 +60,8 @@ class ExportConfig(StageConfig):
         """Stages whose outputs the export reads: the schedules, the token store and, for text, ingest."""
         return ("schedule", "tokenize") + (("ingest",) if "text" in self.formats else ())
 
-    def tokens_per_step(self, stages_yaml: dict[str, Any], where: str) -> int:
-        """global_batch * seq_len, from this config or else from the schedule's stages.yaml."""
+    def batch_shape(self, stages_yaml: dict[str, Any], where: str) -> tuple[int, int]:
+        """(seq_len, global_batch), from this config or else from the schedule's stages.yaml."""
         values = {}
         for key in ("seq_len", "global_batch"):
             value = getattr(self, key)
@@ -70,4 +71,4 @@ class ExportConfig(StageConfig):
                 raise ConfigError(f"export needs '{key}' for iteration boundaries: set export.{key} "
                                   f"(e.g. --{key.replace('_', '-')} 1024) or record it in {where}")
             values[key] = value
-        return values["seq_len"] * values["global_batch"]
+        return values["seq_len"], values["global_batch"]

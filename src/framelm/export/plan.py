@@ -16,12 +16,20 @@ of a transition window. A transition window between stage s and s+1 is read from
 itself: it starts at the first document of a later stage and ends after the last document of
 stage s or earlier, so it is exactly where the schedule interleaved the two (overlapping windows
 merge). Cuts fall on document starts; each slice records the token share of every stage in it.
-The step-driven formats (Megatron, nanotron) first merge each segment shorter than one optimizer
-step with a neighbour (`ExportPlan.step_segments`), which would otherwise get no step of its own.
+
+Steps. The step-driven formats (Megatron, nanotron) train each segment from a dataset of its own,
+so a segment gets the whole steps that dataset can feed without a second epoch, not the steps
+its stream position spans: a trainer cuts a dataset of T tokens into samples of seq_len + 1
+tokens (inputs and targets), `StepRule.samples` of them (Megatron: (T - 1) // seq_len, samples
+sharing one token; nanotron: T // (seq_len + 1), disjoint), and a step takes global_batch of
+them. Phases follow one another with no gap; what a segment holds beyond its whole steps (less
+than one step's samples, and the shared last token) is not trained. Each segment too short for
+one step first merges with a neighbour (`ExportPlan.step_segments`), else it would get no step.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 import re
@@ -75,7 +83,7 @@ class Segment:
 
     index: int
     name: str
-    kind: str  # "stage", "transition", or "merged" (segments shorter than a step: ExportPlan.step_segments)
+    kind: str  # "stage", "transition", or "merged" (segments too short for a step: ExportPlan.step_segments)
     first_doc: int
     end_doc: int
     start_token: int
@@ -92,6 +100,41 @@ class Segment:
                 "first_doc": self.first_doc, "end_doc": self.end_doc, "docs": self.end_doc - self.first_doc,
                 "start_token": self.start_token, "end_token": self.end_token,
                 "tokens": self.end_token - self.start_token, "mix": self.mix}
+
+
+@dataclass(frozen=True)
+class StepRule:
+    """How a step-driven trainer turns one segment's dataset into optimizer steps.
+
+    Every sample is seq_len + 1 tokens (inputs, and targets shifted by one). `overlapping`: each
+    sample starts seq_len tokens after the previous one, sharing its last token (Megatron-Core's
+    GPTDataset with add_extra_token_to_sequence, its default); else samples are disjoint windows
+    of seq_len + 1 tokens (datatrove's DatatroveFileDataset, which nanotron's Nanoset reads).
+    A step takes global_batch samples."""
+
+    trainer: str
+    seq_len: int
+    global_batch: int
+    overlapping: bool
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq_len * self.global_batch
+
+    def samples(self, n_tokens: int) -> int:
+        """Samples one epoch of a dataset of `n_tokens` tokens holds."""
+        if self.overlapping:
+            return max(n_tokens - 1, 0) // self.seq_len
+        return n_tokens // (self.seq_len + 1)
+
+    def steps(self, n_tokens: int) -> int:
+        """Whole steps one epoch of a dataset of `n_tokens` tokens feeds."""
+        return self.samples(n_tokens) // self.global_batch
+
+    def tokens_for(self, steps: int) -> int:
+        """The fewest tokens a dataset needs to feed `steps` steps in one epoch."""
+        n = steps * self.global_batch
+        return n * self.seq_len + 1 if self.overlapping else n * (self.seq_len + 1)
 
 
 class ExportPlan:
@@ -112,9 +155,10 @@ class ExportPlan:
         self.segments = segments
         self._tokens = np.asarray(store.tokens)  # plain ndarray view: np.take on it returns ndarrays
         self._index: np.ndarray | None = None
-        # step_segments per step size: computed (and its merges logged) once, though each
-        # step-driven format and its phases ask for it
-        self._step_segments: dict[int, list[Segment]] = {}
+        # step_segments per step rule: computed once, though a format and its phases both ask;
+        # each merge is logged once, though two formats may make it
+        self._step_segments: dict[StepRule, list[Segment]] = {}
+        self._logged_merges: set[str] = set()
 
     @property
     def n_docs(self) -> int:
@@ -124,27 +168,27 @@ class ExportPlan:
     def n_tokens(self) -> int:
         return int(self.start[-1] + self.length[-1]) if self.n_docs else 0
 
-    def step_segments(self, tokens_per_step: int) -> list[Segment]:
-        """The segments, each one shorter than an optimizer step merged with its shorter neighbour
-        (the shortest first) until every segment holds a step of tokens; only a stream shorter
-        than one step stays shorter.
+    def step_segments(self, rule: StepRule) -> list[Segment]:
+        """The segments, each one too short for a step of `rule` merged with its shorter neighbour
+        (the shortest first) until every segment feeds a step; only a stream too short for one
+        step stays so.
 
-        Steps are whole: a segment shorter than one step would get none (its documents never
-        trained) or take a whole step that its successor then lacks. A merged segment is named
+        Steps are whole: a segment too short for one would get none (its documents never trained)
+        or wrap into a second epoch of its own documents. A merged segment is named
         "<first part>+<last part>" (a name that stays short enough for a file name however many
         parts it has), numbered as its first, and carries their combined stage mix."""
-        if tokens_per_step not in self._step_segments:
-            self._step_segments[tokens_per_step] = self._merge_short_segments(tokens_per_step)
-        return list(self._step_segments[tokens_per_step])
+        if rule not in self._step_segments:
+            self._step_segments[rule] = self._merge_short_segments(rule)
+        return list(self._step_segments[rule])
 
-    def _merge_short_segments(self, tokens_per_step: int) -> list[Segment]:
+    def _merge_short_segments(self, rule: StepRule) -> list[Segment]:
         groups = [[seg] for seg in self.segments]
 
         def tokens(group: list[Segment]) -> int:
             return group[-1].end_token - group[0].start_token
 
         while len(groups) > 1:
-            short = [i for i, g in enumerate(groups) if tokens(g) < tokens_per_step]
+            short = [i for i, g in enumerate(groups) if rule.steps(tokens(g)) < 1]
             if not short:
                 break
             i = min(short, key=lambda i: tokens(groups[i]))
@@ -160,23 +204,46 @@ class ExportPlan:
             seg = Segment(first.index, f"{first.name}+{last.name}", "merged", first.first_doc, last.end_doc,
                           first.start_token, last.end_token, _stage_mix(self.stage, self.length, self.stage_names,
                                                                         first.first_doc, last.end_doc))
-            log.info("export/%s: merged segments %s into %s for trainers (shorter than one step of %d tokens, "
-                     "a segment gets no whole step of its own)", self.name, ", ".join(s.folder for s in group),
-                     seg.folder, tokens_per_step)
+            parts = ", ".join(s.folder for s in group)
+            if parts not in self._logged_merges:
+                self._logged_merges.add(parts)
+                log.info("export/%s: merged segments %s into %s for trainers (%s needs %d tokens for one step "
+                         "of %d samples of %d + 1 tokens; a segment with fewer gets no whole step of its own)",
+                         self.name, parts, seg.folder, rule.trainer, rule.tokens_for(1), rule.global_batch,
+                         rule.seq_len)
             merged.append(seg)
         return merged
 
-    def phases(self, tokens_per_step: int) -> list[dict[str, Any]]:
+    def phases(self, rule: StepRule) -> list[dict[str, Any]]:
         """`step_segments` with the optimizer steps [start_step, end_step) a step-driven trainer
-        spends on each (step k consumes tokens [k * tokens_per_step, (k + 1) * tokens_per_step)):
-        at least one each, as each holds a step of tokens."""
-        return [{**seg.to_dict(), "start_step": seg.start_token // tokens_per_step,
-                 "end_step": seg.end_token // tokens_per_step} for seg in self.step_segments(tokens_per_step)]
+        spends on each: as many as one epoch of the segment's own dataset feeds (`samples` of them,
+        global_batch a step), at least one each, each phase starting where the previous one ends."""
+        out, step = [], 0
+        for seg in self.step_segments(rule):
+            n_tokens = seg.end_token - seg.start_token
+            steps = rule.steps(n_tokens)
+            out.append({**seg.to_dict(), "samples": rule.samples(n_tokens), "start_step": step, "end_step": step + steps})
+            step += steps
+        return out
 
-    def stage_steps(self, tokens_per_step: int) -> list[dict[str, Any]]:
+    def stage_steps(self, rule: StepRule) -> list[dict[str, Any]]:
+        """Each stage's token range and the steps it maps to under `phases`: a token inside a phase
+        maps to the phase's steps in proportion (the trainer shuffles a segment's samples anyway)."""
+        phases = self.phases(rule)
+        starts = [ph["start_token"] for ph in phases]
+
+        def step_at(token: int) -> int:
+            k = bisect.bisect_right(starts, token) - 1
+            if k < 0:
+                return 0
+            ph = phases[k]
+            if token >= ph["end_token"]:
+                return ph["end_step"]
+            steps = ph["end_step"] - ph["start_step"]
+            return ph["start_step"] + (token - ph["start_token"]) * steps // (ph["end_token"] - ph["start_token"])
+
         return [{"name": s.name, "start_token": s.start_token, "end_token": s.end_token,
-                 "start_step": s.start_token // tokens_per_step, "end_step": s.end_token // tokens_per_step}
-                for s in self.stages]
+                 "start_step": step_at(s.start_token), "end_step": step_at(s.end_token)} for s in self.stages]
 
     def read(self, begin: int, end: int) -> np.ndarray:
         """Tokens [begin, end) of the stream: a slice copy per document where documents are long,

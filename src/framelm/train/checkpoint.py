@@ -61,12 +61,9 @@ def save_checkpoint(root: Path, step: int, model_state: dict[str, torch.Tensor],
 
 
 def load_state(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads((path / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        # Older checkpoints keep no optimizer state, so there is no earlier one to resume from.
-        raise FramelmError(f"{path / 'state.json'}: unreadable checkpoint state ({exc}); "
-                           f"delete {path.parent.parent} (or run with --force) to start over") from None
+    # Older checkpoints keep no optimizer state, so there is no earlier one to resume from.
+    return fsutil.read_json(path / "state.json", f"an unreadable checkpoint state; delete {path.parent.parent} "
+                                                 f"(or run with --force) to start over")
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
