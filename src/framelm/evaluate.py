@@ -34,6 +34,7 @@ import numpy as np
 from framelm import fsutil
 from framelm.builtin_tasks import write_builtin_tasks
 from framelm.config import ConfigError, StageConfig, field
+from framelm.device import resolve_device
 from framelm.errors import FramelmError
 from framelm.evaltasks import TaskFile, check_task_file, run_harness, write_task_configs
 from framelm.heldout import document_windows, heldout_sets
@@ -274,8 +275,6 @@ def evaluate_heldout(model_dir: Path, cfg: EvalConfig, run: RunDir, device: str)
 
 def evaluate_model(cfg: EvalConfig, run: RunDir) -> dict[str, Any]:
     """Evaluate one model; write RUN/eval/<name>/results.json and return headline numbers."""
-    from framelm.device import resolve_device  # here, not at the top: importing evaluate stays torch-free
-
     out_dir = run.path("eval", cfg.instance())
     model_dir = resolve_model(cfg, run)
     tasks = resolve_tasks(cfg, run) if cfg.tasks else []

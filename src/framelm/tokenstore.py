@@ -65,12 +65,13 @@ class TokenStore:
     @classmethod
     def open(cls, run_or_dir: RunDir | str | Path) -> "TokenStore":
         directory = _store_dir(run_or_dir)
-        meta, tokens = read_tokens(directory, "re-run framelm tokenize --force")
+        remedy = f"re-run framelm tokenize --run-dir {directory.parent} --force"
+        meta, tokens = read_tokens(directory, remedy)
         index_path = directory / "index.parquet"
         try:
             index = pq.read_table(index_path)
         except (OSError, pa.ArrowInvalid) as exc:
-            raise FramelmError(f"{index_path}: cannot read the token store's index ({exc!r}); re-run framelm tokenize --force") from None
+            raise FramelmError(f"{index_path}: cannot read the token store's index ({exc!r}); {remedy}") from None
         if index.num_rows != meta.get("n_docs"):
             raise FramelmError(f"{index_path}: {index.num_rows} rows but meta.json says {meta.get('n_docs')} documents")
         return cls(directory, meta, tokens, index)

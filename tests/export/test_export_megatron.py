@@ -113,12 +113,15 @@ def test_megatron_core_reads_the_datasets(tiny_run):
     np.testing.assert_array_equal(np.concatenate(got), tiny_run.expected_stream())
 
 
-def test_merged_segments_are_reported_once_for_all_formats(tmp_path, caplog):
-    # as test_segments_shorter_than_a_step_are_trained_merged: two slices shorter than a step merge
+def test_merged_segments_are_reported_once_per_trainer(tmp_path, caplog):
+    # as test_segments_shorter_than_a_step_are_trained_merged: two slices shorter than a step merge;
+    # each format asks for its merges twice (segments, then phases), and each trainer needs its own count
     tiny = build_tiny_run(tmp_path / "run")
     with caplog.at_level(logging.INFO, logger="framelm"):
         export_schedules(ExportConfig(formats=["nanotron", "megatron"], n_substages=4), tiny.run)
-    assert caplog.text.count("merged segments") == 1
+    merges = [m for m in caplog.messages if "merged segments" in m]
+    assert len(merges) == len(set(merges))
+    assert {t for t in ("Megatron", "nanotron") for m in merges if f"({t} needs" in m} == {"Megatron", "nanotron"}
 
 
 def test_megatron_refuses_an_export_of_zero_iterations(tmp_path):

@@ -122,7 +122,7 @@ def test_a_global_batch_of_one_and_a_segment_of_exactly_seq_len_tokens(tmp_path,
 @pytest.mark.parametrize("fmt, tokens, words", [
     ("megatron", 8, "Megatron would train 0 iterations"), ("nanotron", 9, "nanotron would get no data stage")])
 def test_a_stream_of_one_step_of_tokens_too_few_for_the_trainer_is_refused(tmp_path, fmt, tokens, words):
-    # 8 tokens: one step of global_batch * seq_len, but Megatron needs 9 and nanotron 10
+    # 8 (Megatron) or 9 (nanotron) tokens: at least one step of global_batch * seq_len, but fewer than the 9 / 10 each needs
     tiny = build_stage_run(tmp_path / "run", [[tokens]], seq_len=4, global_batch=2)
     with pytest.raises(FramelmError, match=words):
         export_schedules(ExportConfig(formats=[fmt]), tiny.run)

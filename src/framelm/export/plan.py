@@ -156,9 +156,9 @@ class ExportPlan:
         self._tokens = np.asarray(store.tokens)  # plain ndarray view: np.take on it returns ndarrays
         self._index: np.ndarray | None = None
         # step_segments per step rule: computed once, though a format and its phases both ask;
-        # each merge is logged once, though two formats may make it
+        # each merge is logged once per trainer, though a format and its phases both ask
         self._step_segments: dict[StepRule, list[Segment]] = {}
-        self._logged_merges: set[str] = set()
+        self._logged_merges: set[tuple[str, str]] = set()
 
     @property
     def n_docs(self) -> int:
@@ -205,8 +205,8 @@ class ExportPlan:
                           first.start_token, last.end_token, _stage_mix(self.stage, self.length, self.stage_names,
                                                                         first.first_doc, last.end_doc))
             parts = ", ".join(s.folder for s in group)
-            if parts not in self._logged_merges:
-                self._logged_merges.add(parts)
+            if (rule.trainer, parts) not in self._logged_merges:
+                self._logged_merges.add((rule.trainer, parts))
                 log.info("export/%s: merged segments %s into %s for trainers (%s needs %d tokens for one step "
                          "of %d samples of %d + 1 tokens; a segment with fewer gets no whole step of its own)",
                          self.name, parts, seg.folder, rule.trainer, rule.tokens_for(1), rule.global_batch,
@@ -217,7 +217,8 @@ class ExportPlan:
     def phases(self, rule: StepRule) -> list[dict[str, Any]]:
         """`step_segments` with the optimizer steps [start_step, end_step) a step-driven trainer
         spends on each: as many as one epoch of the segment's own dataset feeds (`samples` of them,
-        global_batch a step), at least one each, each phase starting where the previous one ends."""
+        global_batch a step), each phase starting where the previous one ends. Every phase gets at
+        least one step once the stream feeds one (the writers refuse a stream that does not)."""
         out, step = [], 0
         for seg in self.step_segments(rule):
             n_tokens = seg.end_token - seg.start_token

@@ -62,8 +62,7 @@ def save_checkpoint(root: Path, step: int, model_state: dict[str, torch.Tensor],
 
 def load_state(path: Path) -> dict[str, Any]:
     # Older checkpoints keep no optimizer state, so there is no earlier one to resume from.
-    return fsutil.read_json(path / "state.json", f"an unreadable checkpoint state; delete {path.parent.parent} "
-                                                 f"(or run with --force) to start over")
+    return fsutil.read_json(path / "state.json", f"delete {path.parent.parent} (or run with --force) to start over")
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:

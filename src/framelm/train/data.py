@@ -29,7 +29,7 @@ IGNORE = -100  # target of the position after the stream's last token
 
 def read_stream(stream_dir: Path) -> tuple[np.ndarray, list[StageRange], dict]:
     """An exported stream as (memmapped tokens, stage ranges, meta)."""
-    meta, tokens = read_tokens(stream_dir, "export the schedule first: framelm export --run-dir RUN")
+    meta, tokens = read_tokens(stream_dir, "export the schedule (again): framelm export --run-dir RUN --force")
     meta_path = stream_dir / "meta.json"
     if not isinstance(meta.get("stages"), list):
         raise FramelmError(f"{meta_path}: missing key 'stages' (a list of name, start_token, end_token); "
