@@ -1,7 +1,10 @@
 import os
 import time
 
+import pytest
+
 from framelm import fsutil
+from framelm.errors import FramelmError
 
 
 def _counting_hashes(monkeypatch) -> list:
@@ -77,3 +80,22 @@ def test_temporaries_of_running_processes_are_kept(tmp_path):
         assert not killed.exists() and not old_style.exists() and not abandoned.exists()
     finally:
         sleeper.kill()
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "not found"),
+    (b'{"a": 1,\n "b": }\n', r"line 2, column 7: invalid JSON"),
+    (b'{"a": "\xff"}', "not UTF-8 text"),
+    (b"[1, 2]", "expected a JSON object, found list"),
+])
+def test_read_json_names_the_file_the_fault_and_the_remedy(tmp_path, content, message):
+    path = tmp_path / "x.json"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(FramelmError, match=f"{path}.*{message}.*; re-run it"):
+        fsutil.read_json(path, "re-run it")
+
+
+def test_read_json_reads_an_object(tmp_path):
+    (tmp_path / "x.json").write_text('{"a": [1, 2]}')
+    assert fsutil.read_json(tmp_path / "x.json") == {"a": [1, 2]}

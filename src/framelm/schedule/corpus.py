@@ -50,7 +50,7 @@ class Corpus:
     def pair(self) -> np.ndarray:
         """One code per document for its (cell, source): cell * n_sources + source. The writer
         gathers this one array at random instead of two."""
-        pair = self.cell.astype(_code_dtype(len(self.cell_names) * len(self.source_names)))
+        pair = self.cell.astype(code_dtype(len(self.cell_names) * len(self.source_names)))
         pair *= len(self.source_names)
         pair += self.source
         return pair
@@ -93,7 +93,7 @@ class Corpus:
         cell_names = [c["name"] for c in cells]
         sources, splits = Categories(), Categories()
         weight = np.empty(n_rows, np.int32)  # widened if a document has 2**31 tokens or more
-        cell, source = np.empty(n_rows, _code_dtype(len(cells))), np.empty(n_rows, np.int16)
+        cell, source = np.empty(n_rows, code_dtype(len(cells))), np.empty(n_rows, np.int16)
         rows = np.empty(n_rows, index_dtype(n_rows))
         at = row = 0
         for table, codes in pieces:
@@ -135,7 +135,8 @@ class Corpus:
                    rows=rows[:at], path=path)
 
 
-def _code_dtype(n_values: int) -> type:
+def code_dtype(n_values: int) -> type:
+    """The integer type of codes for `n_values` categories (cells, sources, stages)."""
     return np.int16 if n_values <= np.iinfo(np.int16).max else np.int32
 
 

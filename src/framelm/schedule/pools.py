@@ -11,7 +11,7 @@ from framelm.columnar import code_counts
 from framelm.errors import FramelmError
 
 
-def _key_seed(key: str) -> int:
+def key_seed(key: str) -> int:
     return zlib.crc32(key.encode())
 
 
@@ -33,7 +33,7 @@ class PoolStream:
         """(documents, their weights) of an epoch, in stream order."""
         if self._epoch is None or self._epoch[0] != epoch:
             self._epoch = self._cum = None  # free the previous epoch's arrays first
-            rng = np.random.default_rng([self.seed, _key_seed(self.key), epoch])
+            rng = np.random.default_rng([self.seed, key_seed(self.key), epoch])
             self._epoch = (epoch, *shuffled(rng, self.members, self.member_weight))
         return self._epoch[1], self._epoch[2]
 
@@ -73,7 +73,7 @@ class PoolStream:
             # fill 400 MB with one number
             parts.append((order[offset:stop], np.broadcast_to(np.int32(epoch), (stop - offset,)), w[offset:stop]))
             self.position = epoch * n + stop
-        return _concat(parts)
+        return concat_draws(parts)
 
 
 def permute_first_epochs(streams: list[PoolStream], threads: int) -> None:
@@ -92,7 +92,7 @@ def _empty_draw() -> Draw:
     return np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0, np.int64)
 
 
-def _concat(parts: list[Draw]) -> Draw:
+def concat_draws(parts: list[Draw]) -> Draw:
     if not parts:
         return _empty_draw()
     if len(parts) == 1:

@@ -17,7 +17,7 @@ from framelm.config import load_yaml
 from framelm.errors import ConfigError, FramelmError
 from framelm.schedule.config import ScheduleConfig, StrategyConfig, check_weights
 from framelm.schedule.corpus import Corpus
-from framelm.schedule.pools import Draw, PoolStream, _concat, _key_seed, permute_first_epochs, shuffled
+from framelm.schedule.pools import Draw, PoolStream, concat_draws, key_seed, permute_first_epochs, shuffled
 
 log = logging.getLogger("framelm")
 
@@ -40,7 +40,7 @@ class Schedule:
 
 
 def _shuffle(seed: int, key: str, idx: np.ndarray, epoch: np.ndarray, weight: np.ndarray) -> Stage:
-    rng = np.random.default_rng([seed, _key_seed(key)])
+    rng = np.random.default_rng([seed, key_seed(key)])
     if epoch.strides == (0,):  # one epoch number for all, as a broadcast view: nothing to move
         idx, weight = shuffled(rng, idx, weight)
         return Stage(key, idx, epoch, weight)
@@ -154,7 +154,7 @@ class Builder:
             stages = self._cells_in_order(strategy, self._check_order(strategy))
         elif kind == "random":
             draws = self._cell_draws(strategy)
-            stages = [_shuffle(self.cfg.seed, "random", *_concat([draws[n] for n in self.corpus.cell_names]))]
+            stages = [_shuffle(self.cfg.seed, "random", *concat_draws([draws[n] for n in self.corpus.cell_names]))]
         elif kind in ("ppl_two_stage", "pd_two_stage"):
             stages = self._two_stage(strategy)
         elif kind == "sorted":
@@ -201,11 +201,11 @@ class Builder:
             named = [("high_ppl", high), ("low_ppl", low)]
         else:
             named = [("low_pd", low), ("high_pd", high)]
-        return [_shuffle(self.cfg.seed, name, *_concat(parts)) for name, parts in named]
+        return [_shuffle(self.cfg.seed, name, *concat_draws(parts)) for name, parts in named]
 
     def _sorted(self, strategy: StrategyConfig) -> list[Stage]:
         draws = self._cell_draws(strategy)
-        idx, epoch, weight = _concat([draws[n] for n in self.corpus.cell_names])
+        idx, epoch, weight = concat_draws([draws[n] for n in self.corpus.cell_names])
         values = self.corpus.column(strategy.column)[idx]
         order = np.lexsort((idx, epoch, -values if strategy.descending else values))  # last key sorts first
         idx, epoch, weight = idx[order], epoch[order], weight[order]
@@ -270,7 +270,7 @@ class Builder:
         stages = []
         for p, (blend, phase) in enumerate(zip(blends, strategy.phase_split)):
             parts = [streams[s].take(w * phase * self.total) for s, w in sorted(blend.items())]
-            stages.append(_shuffle(self.cfg.seed, f"phase{p + 1}", *_concat(parts)))
+            stages.append(_shuffle(self.cfg.seed, f"phase{p + 1}", *concat_draws(parts)))
         return stages, {s: streams[s].tokens for s in sources}
 
     def _yaml(self, strategy: StrategyConfig) -> tuple[list[Stage], dict[str, int]]:
@@ -301,7 +301,7 @@ class Builder:
         stages = []
         for st, budget in zip(spec["stages"], budgets):
             parts = [streams[n].take(w * budget) for n, w in sorted(st["mix"].items())]
-            stages.append(_shuffle(self.cfg.seed, st["name"], *_concat(parts)))
+            stages.append(_shuffle(self.cfg.seed, st["name"], *concat_draws(parts)))
         return stages, {s: int(t) for s, t in zip(self.corpus.source_names, self.source_tokens)}
 
 

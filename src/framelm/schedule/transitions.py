@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from framelm.errors import ConfigError
-from framelm.schedule.corpus import _code_dtype
+from framelm.schedule.corpus import code_dtype
 from framelm.schedule.strategies import Stage
 
 
@@ -99,7 +99,7 @@ def assemble(stages: list[Stage], kind: str, window: float, steepness: float) ->
     n = sum(len(st.idx) for st in stages)
     idx = np.empty(n, np.result_type(np.int32, *(st.idx.dtype for st in stages)))
     weight = np.empty(n, np.result_type(np.int32, *(st.weight.dtype for st in stages)))
-    epoch, label = np.zeros(n, np.int32), np.empty(n, _code_dtype(len(stages)))
+    epoch, label = np.zeros(n, np.int32), np.empty(n, code_dtype(len(stages)))
 
     def put(out: np.ndarray, part: slice, values: np.ndarray) -> None:
         if out is not epoch or (len(values) and values.max() > 0):

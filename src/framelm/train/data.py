@@ -29,11 +29,11 @@ IGNORE = -100  # target of the position after the stream's last token
 
 def read_stream(stream_dir: Path) -> tuple[np.ndarray, list[StageRange], dict]:
     """An exported stream as (memmapped tokens, stage ranges, meta)."""
-    meta, tokens = read_tokens(stream_dir, "export the schedule (again): framelm export --run-dir RUN --force")
+    remedy = "export the schedule (again): framelm export --run-dir RUN --force"
+    meta, tokens = read_tokens(stream_dir, remedy)
     meta_path = stream_dir / "meta.json"
     if not isinstance(meta.get("stages"), list):
-        raise FramelmError(f"{meta_path}: missing key 'stages' (a list of name, start_token, end_token); "
-                           "export the schedule again: framelm export --run-dir RUN --force")
+        raise FramelmError(f"{meta_path}: missing key 'stages' (a list of name, start_token, end_token); {remedy}")
     try:
         stages = [StageRange(str(s["name"]), int(s["start_token"]), int(s["end_token"])) for s in meta["stages"]]
     except (KeyError, TypeError, ValueError) as exc:
