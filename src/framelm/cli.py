@@ -363,9 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(getattr(args, "quiet", False))
     from framelm.rundir import INVOCATION, invocation
 
-    command = INVOCATION.set(invocation(sys.argv[1:] if argv is None else argv))
     try:
-        args.handler(args)
+        command = INVOCATION.set(invocation(sys.argv[1:] if argv is None else argv))
+        try:
+            args.handler(args)
+        finally:
+            INVOCATION.reset(command)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
     except BrokenPipeError:
         if not _stdout_gone():
@@ -380,8 +383,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("framelm: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
-    finally:
-        INVOCATION.reset(command)
     return 0
 
 

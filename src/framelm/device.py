@@ -7,18 +7,10 @@ different GPU for the same setting, or fail deep inside torch where another stag
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from framelm import launcher
 from framelm.errors import FramelmError
-
-
-def _env_int(name: str, default: int) -> int:
-    try:
-        return int(os.environ.get(name, default))
-    except ValueError:
-        raise FramelmError(f"{name} = {os.environ[name]!r} must be an integer") from None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -40,8 +32,8 @@ def resolve_device(device: str) -> torch.device:
     count = torch.cuda.device_count()
     # Every rank of a torchrun job reads the same config, so a fixed cuda:N would put all of a
     # node's ranks on one GPU (NCCL refuses that); each rank takes its own GPU instead.
-    if dev.index is None or _env_int("WORLD_SIZE", 1) > 1:
-        local_rank = _env_int("LOCAL_RANK", 0)
+    if dev.index is None or launcher.world_size() > 1:
+        local_rank = launcher.local_rank()
         # Two ranks on one GPU would fail in NCCL (training) or share its memory (scoring).
         if local_rank >= count:
             raise FramelmError(f"LOCAL_RANK = {local_rank} but this machine has {count} CUDA device(s); "

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-from framelm import fsutil
+from framelm import fsutil, launcher
 from framelm.errors import FramelmError
 
 MANIFEST = "manifest.json"
@@ -49,9 +49,8 @@ def invocation(args: list[str]) -> dict[str, Any]:
                 next(rest, None)  # its value
             continue
         words.append(a)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    launcher = ["torchrun", "--nproc-per-node", os.environ.get("LOCAL_WORLD_SIZE", str(world)), "-m"] if world > 1 else []
-    return {"argv": [*launcher, "framelm", *words], "cwd": os.getcwd()}
+    torchrun = ["torchrun", "--nproc-per-node", str(launcher.local_world_size()), "-m"] if launcher.world_size() > 1 else []
+    return {"argv": [*torchrun, "framelm", *words], "cwd": os.getcwd()}
 
 
 class RunDir:

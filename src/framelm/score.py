@@ -27,7 +27,6 @@ import concurrent.futures
 import dataclasses
 import logging
 import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -36,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from framelm import fsutil
+from framelm import fsutil, launcher
 from framelm.config import StageConfig, field
 from framelm.ingest import DOCUMENT_GLOB
 from framelm.errors import ConfigError, FramelmError
@@ -64,14 +63,6 @@ SCORES_SCHEMA = pa.schema([SHARD_SCHEMA.field(i) for i in range(3)] + [pa.field(
                           + [SHARD_SCHEMA.field(i) for i in range(3, len(SHARD_SCHEMA))])
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "")
-    try:
-        return int(value) if value else default
-    except ValueError:
-        raise ConfigError(f"environment variable {name} = {value!r} must be an integer") from None
-
-
 @dataclasses.dataclass
 class ScoreConfig(StageConfig):
     weak_model: str | None = field(None, help="local Hugging Face causal-LM dir of the weak reference model (default RUN/refmodels/weak)")
@@ -95,8 +86,8 @@ class ScoreConfig(StageConfig):
     ray_actors: int = field(1, help="number of Ray scoring actors (executor: ray)", hash=False)
     ray_cpus_per_actor: int | None = field(None, help="CPU cores each Ray actor reserves and runs torch on when scoring without a GPU "
                                                       "(default: the cluster's CPUs shared among the actors, at most one machine's)", hash=False)
-    rank: int = field(default_factory=lambda: _env_int("RANK", 0), help="this process's rank (default: $RANK from torchrun, else 0)", hash=False)
-    world_size: int = field(default_factory=lambda: _env_int("WORLD_SIZE", 1), help="number of scoring processes (default: $WORLD_SIZE, else 1)", hash=False)
+    rank: int = field(default_factory=launcher.rank, help="this process's rank (default: $RANK from torchrun, else 0)", hash=False)
+    world_size: int = field(default_factory=launcher.world_size, help="number of scoring processes (default: $WORLD_SIZE, else 1)", hash=False)
 
     def validate(self) -> None:
         for key in ("docs_per_shard", "tokens_per_batch", "logit_chunk_tokens", "ray_actors", "ray_cpus_per_actor", "world_size"):

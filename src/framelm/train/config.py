@@ -4,10 +4,10 @@ learning-rate schedule, evaluation, checkpointing, averaging). Reads and writes 
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from typing import Literal
 
+from framelm import launcher
 from framelm.config import ConfigError, StageConfig, field
 from framelm.model import ModelConfig
 
@@ -61,11 +61,11 @@ class TrainConfig(StageConfig):
     @property
     def world_size(self) -> int:
         """The processes torchrun started; the stage runner treats a folder they share with care."""
-        return int(os.environ.get("WORLD_SIZE", "1"))
+        return launcher.world_size()
 
     def lock_name(self, key: str) -> str:
         """Under torchrun every rank runs the stage, so each takes its own lock."""
-        return f"{key}/rank{os.environ.get('RANK', '0')}" if self.world_size > 1 else key
+        return f"{key}/rank{launcher.rank()}" if self.world_size > 1 else key
 
     def validate(self) -> None:
         if not self.schedule or "/" in self.schedule or self.schedule.startswith("."):

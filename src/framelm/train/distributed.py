@@ -7,13 +7,12 @@ torchrun variables the world is one process and no process group is created.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 import torch.distributed as dist
 
+from framelm import launcher
 from framelm.device import resolve_device
-from framelm.errors import FramelmError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,11 +32,7 @@ class World:
 
 def init_world(device: str = "auto") -> World:
     """Read torchrun's variables, pick this rank's device, join the process group (gloo on CPU, nccl on CUDA)."""
-    try:
-        rank = int(os.environ.get("RANK", "0"))
-        size = int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError as exc:
-        raise FramelmError(f"RANK / WORLD_SIZE must be integers ({exc})") from None
+    rank, size = launcher.rank(), launcher.world_size()
     dev = resolve_device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
