@@ -73,17 +73,17 @@ def test_loss_and_bpb_do_not_depend_on_neighbours():
 
 def test_a_damaged_token_store_is_named(tmp_path):
     from framelm.errors import FramelmError
-    from framelm.tokenstore import read_run_tokens
+    from framelm.tokenstore import TokenStore
 
     root = make_tiny_run(tmp_path / "run")
     tokens_bin, meta_json = root / "tokenize" / "tokens.bin", root / "tokenize" / "meta.json"
     with open(tokens_bin, "ab") as fh:
         fh.write(b"\0")  # no longer a whole number of tokens
     with pytest.raises(FramelmError, match=f"{tokens_bin}: meta.json says n_tokens = .*re-run framelm tokenize --run-dir {root} --force"):
-        read_run_tokens(RunDir(root))
+        TokenStore.open(RunDir(root))
     tokens_bin.unlink()
     with pytest.raises(FramelmError, match=f"{tokens_bin}: .*found no file"):
-        read_run_tokens(RunDir(root))
+        TokenStore.open(RunDir(root))
     meta_json.write_text('{"dtype": "uint16",')
     with pytest.raises(FramelmError, match=f"{meta_json}: line 1, column .*: invalid JSON"):
-        read_run_tokens(RunDir(root))
+        TokenStore.open(RunDir(root))

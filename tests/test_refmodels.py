@@ -19,7 +19,7 @@ SMALL = dict(weak_preset="tiny", strong_preset="tiny", weak_tokens=1280, strong_
 
 def test_ref_stream_holds_exactly_the_ref_documents(tmp_path):
     run = RunDir(make_tiny_run(tmp_path / "run"))
-    stream, meta = ref_stream(run, seed=0, min_tokens=0)
+    stream, _ = ref_stream(run, seed=0, min_tokens=0)
     index = pq.read_table(run.path("tokenize", "index.parquet")).to_pandas()
     ref = index[index["split"] == "ref"]
     assert len(stream) == int(ref["n_tokens"].sum()) + len(ref)

@@ -26,7 +26,7 @@ def test_a_missing_index_or_bad_meta_is_named(tmp_path):
     directory = _store(tmp_path / "tokenize")
     (directory / "index.parquet").unlink()
     with pytest.raises(FramelmError, match=f"{directory / 'index.parquet'}: cannot read the token store's index"):
-        TokenStore.open(directory)
+        TokenStore.open(directory).index
     bad = _store(tmp_path / "bad", meta={"dtype": "uint16", "n_tokens": "three", "n_docs": 1, "eos_id": 0, "vocab_size": 8})
     with pytest.raises(FramelmError, match=f"{bad / 'meta.json'}: 'n_tokens' = 'three'; expected a non-negative integer"):
         TokenStore.open(bad)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from framelm.errors import FramelmError
+from framelm.progress import set_quiet
 from framelm.stages import STAGES, Stage
 
 log = logging.getLogger("framelm")
@@ -253,7 +254,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 def _setup_logging(quiet: bool) -> None:
     if quiet:
-        os.environ["TQDM_DISABLE"] = "1"
+        set_quiet()
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
 
 
@@ -354,7 +355,7 @@ def _run_pipeline_command(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     if "--quiet" in (sys.argv[1:] if argv is None else argv):
-        os.environ["TQDM_DISABLE"] = "1"  # tqdm reads it when first imported, before flags are parsed
+        set_quiet()  # before anything imports tqdm, which reads the switch once, on import
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):

@@ -27,7 +27,6 @@ import dataclasses
 import functools
 import logging
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any, Iterator
 
 from framelm import fsutil
 from framelm.errors import FramelmError
+from framelm.progress import quiet
 
 log = logging.getLogger("framelm")
 
@@ -324,7 +324,7 @@ def run_harness(model_dir: Path, tasks: list[TaskFile], config_dir: Path, *, dev
         # HFLM's "Tokenizing inputs" and "Running loglikelihood requests" bars pass tqdm an
         # explicit disable=, which overrides TQDM_DISABLE (what --quiet sets); HFLM's own switch
         # is disable_tqdm. Every framelm task config issues loglikelihood requests only.
-        if os.environ.get("TQDM_DISABLE"):  # tqdm's reading: any non-empty value
+        if quiet():
             model.loglikelihood = functools.partial(model.loglikelihood, disable_tqdm=True)
         out = lm_eval.simple_evaluate(
             model=model,

@@ -39,8 +39,9 @@ from framelm.errors import FramelmError
 from framelm.evaltasks import TaskFile, check_task_file, run_harness, write_task_configs
 from framelm.heldout import document_windows, heldout_sets
 from framelm.partition import LABELS, SCORES
+from framelm.progress import progress_bar
 from framelm.rundir import RunDir
-from framelm.tokenstore import read_run_tokens
+from framelm.tokenstore import TokenStore
 
 log = logging.getLogger("framelm")
 
@@ -195,13 +196,12 @@ def document_nll(model: Any, docs: list[np.ndarray], eos_id: int, seq_len: int, 
     """
     import torch
     import torch.nn.functional as F
-    from tqdm import tqdm
 
     windows = document_windows(docs, eos_id, seq_len)
     windows.sort(key=lambda w: -len(w[1]))
     nll = np.zeros(len(docs), dtype=np.float64)
     with torch.inference_mode():
-        for first in tqdm(range(0, len(windows), batch_size), desc="held-out loss", unit="batch"):
+        for first in progress_bar(range(0, len(windows), batch_size), desc="held-out loss", unit="batch"):
             batch = windows[first:first + batch_size]
             width = len(batch[0][1])
             inputs = np.full((len(batch), width), eos_id, dtype=np.int64)
@@ -242,7 +242,7 @@ def evaluate_heldout(model_dir: Path, cfg: EvalConfig, run: RunDir, device: str)
     from transformers import AutoModelForCausalLM
 
     _check_tokenizer(model_dir, run)
-    meta, _ = read_run_tokens(run)
+    store = TokenStore.open(run)
     sets = heldout_sets(run, cfg.heldout_tokens)
     if not sets:
         raise FramelmError(f"{run.path('tokenize', 'index.parquet')} has no documents with split == 'heldout'; "
@@ -256,11 +256,11 @@ def evaluate_heldout(model_dir: Path, cfg: EvalConfig, run: RunDir, device: str)
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, cfg.dtype), use_safetensors=True,
                                                  trust_remote_code=cfg.trust_remote_code).to(device).eval()
-    if model.config.vocab_size < meta["vocab_size"]:
+    if model.config.vocab_size < store.vocab_size:
         raise FramelmError(f"{model_dir}: vocab_size {model.config.vocab_size} is smaller than the run's "
-                           f"{meta['vocab_size']}; it was not trained on this run's tokens")
+                           f"{store.vocab_size}; it was not trained on this run's tokens")
     seq_len = cfg.seq_len or _trained_seq_len(cfg, run) or int(getattr(model.config, "max_position_embeddings", 1024))
-    nll = document_nll(model, docs, meta["eos_id"], seq_len, cfg.batch_size, device)
+    nll = document_nll(model, docs, store.eos_id, seq_len, cfg.batch_size, device)
     del model
 
     out = {}

@@ -27,7 +27,7 @@ import torch
 from framelm.errors import FramelmError
 from framelm.partition import LABELS, SCORES, read_labels
 from framelm.rundir import RunDir
-from framelm.tokenstore import read_run_tokens
+from framelm.tokenstore import TokenStore
 
 SHUFFLE_SEED = 0
 
@@ -59,7 +59,7 @@ def _heldout_quadrants(run: RunDir) -> pd.Series:
 
 def heldout_sets(run: RunDir, max_tokens_per_set: int = 200_000) -> dict[str, HeldoutSet]:
     """Sets "all", "source/<s>" and (with a partition) "quadrant/<q>" of held-out documents."""
-    _, tokens = read_run_tokens(run)
+    tokens = TokenStore.open(run).tokens
     index_path = run.path("tokenize", "index.parquet")
     index = pq.read_table(index_path, columns=["id", "source", "split", "offset", "n_tokens", "n_bytes"]).to_pandas()
     docs = index[index["split"] == "heldout"].reset_index(drop=True)

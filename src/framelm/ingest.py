@@ -44,12 +44,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pyarrow as pa
-from tqdm import tqdm
 
 from framelm import fsutil
 from framelm.builtin_corpus import DEFAULT_MAX_CHARS, builtin_fingerprint, iter_builtin_documents
 from framelm.config import StageConfig, field
 from framelm.errors import ConfigError, FramelmError
+from framelm.progress import progress_bar
 from framelm.rundir import RunDir
 
 log = logging.getLogger("framelm")
@@ -716,7 +716,7 @@ def ingest_corpus(cfg: IngestConfig, run: RunDir) -> dict[str, Any]:
 
     # warned about after the run, not mid-progress-bar, and not when ingest fails altogether
     empty_inputs: list[EmptyInput] = []
-    with tqdm(desc="ingest", unit=" docs") as bar:
+    with progress_bar(desc="ingest", unit=" docs") as bar:
         for kind, path in units:
             checker.input = _unit_name(kind, path)
             kept = n_records = 0

@@ -40,7 +40,7 @@ from framelm.heldout import heldout_sets
 from framelm.model import PRESETS, ModelConfig
 from framelm.rundir import RunDir
 from framelm.score import MODEL_NAMES
-from framelm.tokenstore import StageRange, read_run_tokens
+from framelm.tokenstore import StageRange, TokenStore
 from framelm.train import TrainConfig, fit
 
 log = logging.getLogger("framelm")
@@ -93,10 +93,11 @@ class RefModelsConfig(StageConfig):
         )
 
 
-def ref_stream(run: RunDir, seed: int, min_tokens: int) -> tuple[np.ndarray, dict]:
+def ref_stream(run: RunDir, seed: int, min_tokens: int) -> tuple[np.ndarray, TokenStore]:
     """The ref documents' tokens, EOS after each, one seeded random order per epoch, repeated
-    until the stream holds at least `min_tokens` tokens (0: one epoch)."""
-    meta, tokens = read_run_tokens(run)
+    until the stream holds at least `min_tokens` tokens (0: one epoch); and the store they come from."""
+    store = TokenStore.open(run)
+    tokens = store.tokens
     index_path = run.path("tokenize", "index.parquet")
     index = pq.read_table(index_path, columns=["id", "split", "offset", "n_tokens"]).to_pandas()
     ref = index[index["split"] == "ref"]
@@ -112,23 +113,23 @@ def ref_stream(run: RunDir, seed: int, min_tokens: int) -> tuple[np.ndarray, dic
         i = bad[0]
         raise FramelmError(f"{index_path}: document {ref['id'].iat[i]!r} has offset {offsets[i]} + n_tokens {lengths[i]} "
                            f"(and its EOS) beyond tokens.bin ({len(tokens)} tokens); re-run tokenize")
-    bad = np.flatnonzero(np.asarray(tokens[ends]) != meta["eos_id"])
+    bad = np.flatnonzero(np.asarray(tokens[ends]) != store.eos_id)
     if bad.size:
         i = bad[0]
         raise FramelmError(f"{index_path}: document {ref['id'].iat[i]!r} (offset {offsets[i]}, n_tokens {lengths[i]}) is "
-                           f"not followed by EOS {meta['eos_id']} in tokens.bin; index and token store disagree, re-run tokenize")
+                           f"not followed by EOS {store.eos_id} in tokens.bin; index and token store disagree, re-run tokenize")
     epoch_tokens = int(lengths.sum()) + len(ref)
     epochs = max(1, -(-min_tokens // epoch_tokens))
     parts = []
     for epoch in range(epochs):
         for i in np.random.default_rng([seed, epoch]).permutation(len(ref)):
             parts.append(tokens[offsets[i]: offsets[i] + lengths[i] + 1])  # the document and its EOS
-    return np.concatenate(parts), meta
+    return np.concatenate(parts), store
 
 
 def train_reference_models(cfg: RefModelsConfig, run: RunDir) -> dict[str, Any]:
     cfg.validate()
-    stream, meta = ref_stream(run, cfg.seed, max(cfg.weak_tokens, cfg.strong_tokens) + 1)
+    stream, store = ref_stream(run, cfg.seed, max(cfg.weak_tokens, cfg.strong_tokens) + 1)
     stages = [StageRange("ref", 0, len(stream))]
     heldout = heldout_sets(run, cfg.heldout_max_tokens_per_set) if cfg.heldout_max_tokens_per_set else {}
     tokenizer_dir = run.path("tokenize", "tokenizer")
@@ -136,7 +137,7 @@ def train_reference_models(cfg: RefModelsConfig, run: RunDir) -> dict[str, Any]:
     for name in MODEL_NAMES:
         log.info("refmodels: training the %s model", name)
         result = fit(cfg.train_config(name), stream, stages, run.path("refmodels", "train", name),
-                     eos_id=int(meta["eos_id"]), vocab_size=int(meta["vocab_size"]), heldout=heldout,
+                     eos_id=store.eos_id, vocab_size=store.vocab_size, heldout=heldout,
                      tokenizer_dir=tokenizer_dir if tokenizer_dir.is_dir() else None,
                      hf_dir=run.path("refmodels", name))
         counts[f"{name}_params"] = result["params"]

@@ -39,6 +39,7 @@ from framelm import fsutil, launcher
 from framelm.config import StageConfig, field
 from framelm.ingest import DOCUMENT_GLOB
 from framelm.errors import ConfigError, FramelmError
+from framelm.progress import progress_bar
 from framelm.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -288,7 +289,6 @@ def _check_precision(run: RunDir, dtype: Any, why: str) -> None:
 
 
 def score_documents(cfg: ScoreConfig, run: RunDir) -> dict[str, Any]:
-    from tqdm.auto import tqdm
 
     docs = DocumentTable(run)
     n_shards = math.ceil(docs.n_docs / cfg.docs_per_shard)
@@ -303,7 +303,7 @@ def score_documents(cfg: ScoreConfig, run: RunDir) -> dict[str, Any]:
             score_shards_ray(cfg, run, todo)
         else:
             n_todo_docs = sum(min(cfg.docs_per_shard, docs.n_docs - k * cfg.docs_per_shard) for k in todo)
-            with tqdm(total=n_todo_docs, desc=f"score rank {cfg.rank}", unit="doc") as progress:
+            with progress_bar(total=n_todo_docs, desc=f"score rank {cfg.rank}", unit="doc") as progress:
                 score_shards_local(ShardScorer(cfg, run), todo, progress)
 
     unfinished = [k for k in range(n_shards) if not fsutil.is_done(shard_path(run, k))]

@@ -26,11 +26,11 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from framelm import fsutil
 from framelm.config import StageConfig, field
 from framelm.errors import ConfigError, FramelmError
+from framelm.progress import progress_bar
 from framelm.rundir import RunDir
 from framelm.tokenizer import (EXTRA_TOKENIZER_FILES, TOKENIZER_FILES, copy_tokenizer, document_parts, load_tokenizer,
                                tokenizer_json_path)
@@ -162,7 +162,7 @@ def _tokenize_unit(unit: Unit) -> None:
 
 def _run_units(pending: list[Unit], n_total: int, worker_args: tuple[Any, ...], num_workers: int) -> None:
     """Tokenize the pending units, in this process or in a pool of `num_workers` processes."""
-    with tqdm(total=n_total, initial=n_total - len(pending), desc="tokenize", unit=" shards") as bar:
+    with progress_bar(total=n_total, initial=n_total - len(pending), desc="tokenize", unit=" shards") as bar:
         workers = min(num_workers, len(pending))
         if workers <= 1:
             _init_worker(*worker_args, serial_batches=False)

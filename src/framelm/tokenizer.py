@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from framelm import fsutil
 from framelm.config import StageConfig, field
 from framelm.errors import ConfigError, FramelmError
+from framelm.progress import progress_bar
 from framelm.ingest import DOCUMENT_GLOB
 from framelm.rundir import RunDir
 
@@ -136,7 +136,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, run: RunDir) -> dict[str, Any]:
     if not chosen:
         raise FramelmError(f"the ingested corpus in {run.root} has no 'train'-split documents to train a tokenizer on")
     tok, trainer = new_bpe_tokenizer(cfg.vocab_size, cfg.min_frequency)
-    texts = tqdm(_sample_texts(parts, chosen), total=len(chosen), desc="tokenizer sample", unit=" docs")
+    texts = progress_bar(_sample_texts(parts, chosen), total=len(chosen), desc="tokenizer sample", unit=" docs")
     tok.train_from_iterator(texts, trainer=trainer, length=len(chosen))
     out_dir = run.stage_dir("tokenizer")
     save_hf_tokenizer(tok, out_dir)

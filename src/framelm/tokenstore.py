@@ -4,8 +4,8 @@ stream written by `framelm export` (both a tokens.bin described by a meta.json).
     store = TokenStore.open(run)          # a RunDir, a run directory path or RUN/tokenize
     store.tokens                          # np.memmap of every token (EOS after each document)
     store.index                           # pyarrow Table: id, source, split, offset, n_tokens, n_bytes
+                                          # (read on first use: the export needs only the tokens)
     store.doc(i), store.doc_by_id("x")    # one document's tokens, EOS not included
-    meta, tokens = read_run_tokens(run)   # only meta.json and tokens.bin, for stages that need no index
 
 Reads: RUN/tokenize/meta.json, tokens.bin, index.parquet (or a stream's meta.json and
 tokens.bin, through read_tokens). Writes nothing.
@@ -13,6 +13,7 @@ tokens.bin, through read_tokens). Writes nothing.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,37 +52,53 @@ def check_stages(stages: list[StageRange], n_tokens: int, where: str) -> None:
 
 
 class TokenStore:
-    """A finished token store: memory-mapped tokens, the document index and meta.json."""
+    """A finished token store: memory-mapped tokens, meta.json and the document index."""
 
-    def __init__(self, directory: Path, meta: dict[str, Any], tokens: np.ndarray, index: pa.Table):
+    def __init__(self, directory: Path, meta: dict[str, Any], tokens: np.ndarray):
         self.directory = directory
         self.meta = meta
         self.tokens = tokens
-        self.index = index
-        self._offsets = index.column("offset").to_numpy()
-        self._lengths = index.column("n_tokens").to_numpy()
-        self._row_of_id: dict[str, int] | None = None
+        self._remedy = f"re-run framelm tokenize --run-dir {directory.parent} --force"
 
     @classmethod
     def open(cls, run_or_dir: RunDir | str | Path) -> "TokenStore":
         directory = _store_dir(run_or_dir)
-        remedy = f"re-run framelm tokenize --run-dir {directory.parent} --force"
-        meta, tokens = read_tokens(directory, remedy)
-        index_path = directory / "index.parquet"
+        return cls(directory, *read_tokens(directory, f"re-run framelm tokenize --run-dir {directory.parent} --force"))
+
+    @functools.cached_property
+    def index(self) -> pa.Table:
+        """One row per document in ingest order (at 100 M documents, gigabytes: hence read only when asked)."""
+        index_path = self.directory / "index.parquet"
         try:
             index = pq.read_table(index_path)
         except (OSError, pa.ArrowInvalid) as exc:
-            raise FramelmError(f"{index_path}: cannot read the token store's index ({exc!r}); {remedy}") from None
-        if index.num_rows != meta.get("n_docs"):
-            raise FramelmError(f"{index_path}: {index.num_rows} rows but meta.json says {meta.get('n_docs')} documents")
-        return cls(directory, meta, tokens, index)
+            raise FramelmError(f"{index_path}: cannot read the token store's index ({exc!r}); {self._remedy}") from None
+        if index.num_rows != self.meta.get("n_docs"):
+            raise FramelmError(f"{index_path}: {index.num_rows} rows but meta.json says {self.meta.get('n_docs')} documents")
+        return index
+
+    @functools.cached_property
+    def _spans(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.index.column("offset").to_numpy(), self.index.column("n_tokens").to_numpy()
+
+    @functools.cached_property
+    def _row_of_id(self) -> dict[str, int]:
+        return {d: i for i, d in enumerate(self.index.column("id").to_pylist())}
 
     def __len__(self) -> int:
         return self.index.num_rows
 
     @property
+    def dtype(self) -> str:
+        return self.meta["dtype"]
+
+    @property
     def eos_id(self) -> int:
         return int(self.meta["eos_id"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -92,12 +109,11 @@ class TokenStore:
         """Tokens of document `i` (ingest order), without its EOS."""
         if not -len(self) <= i < len(self):
             raise IndexError(f"document {i} out of range: the store has {len(self)} documents")
-        start = int(self._offsets[i])
-        return self.tokens[start: start + int(self._lengths[i])]
+        offsets, lengths = self._spans
+        start = int(offsets[i])
+        return self.tokens[start: start + int(lengths[i])]
 
     def doc_by_id(self, doc_id: str) -> np.ndarray:
-        if self._row_of_id is None:
-            self._row_of_id = {d: i for i, d in enumerate(self.index.column("id").to_pylist())}
         row = self._row_of_id.get(doc_id)
         if row is None:
             raise FramelmError(f"document id {doc_id!r} is not in the token store {self.directory}")
@@ -126,14 +142,9 @@ def read_tokens(directory: Path, remedy: str) -> tuple[dict[str, Any], np.ndarra
     return meta, tokens
 
 
-def read_run_tokens(run: RunDir) -> tuple[dict[str, Any], np.ndarray]:
-    """RUN/tokenize's meta.json and tokens.bin (see read_tokens)."""
-    return read_tokens(run.path("tokenize"), f"re-run framelm tokenize --run-dir {run.root} --force")
-
-
 def _store_dir(run_or_dir: RunDir | str | Path) -> Path:
     if isinstance(run_or_dir, RunDir):
-        run_or_dir = run_or_dir.path("tokenize")
+        return run_or_dir.path("tokenize")  # read_tokens names what is missing there and how to make it
     path = Path(run_or_dir).expanduser()
     for candidate in (path, path / "tokenize"):
         if (candidate / "meta.json").is_file():

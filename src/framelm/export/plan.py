@@ -43,8 +43,9 @@ import yaml
 
 from framelm import fsutil
 from framelm.errors import FramelmError
+from framelm.progress import progress_bar
 from framelm.rundir import RunDir
-from framelm.tokenstore import StageRange, check_stages, read_run_tokens
+from framelm.tokenstore import StageRange, TokenStore, check_stages
 
 log = logging.getLogger("framelm")
 
@@ -54,27 +55,6 @@ PLAN_COLUMNS = {"offset": np.int64, "length": np.int64, "stage": np.int32, "star
 LOOP_MIN_MEAN_TOKENS = 48
 # Documents per piece when a format writer streams per-document columns (bounds its memory).
 INDEX_CHUNK_DOCS = 1 << 20
-
-
-@dataclass(frozen=True)
-class TokenFile:
-    """RUN/tokenize/tokens.bin (memory-mapped) and its meta.json.
-
-    Not framelm.tokenstore.TokenStore: that one loads index.parquet into memory, while the
-    export joins the index with the order out of core (DuckDB) and needs only the tokens.
-    """
-
-    tokens: np.ndarray  # memmap of the whole tokens.bin
-    dtype: str
-    eos_id: int
-    vocab_size: int
-    tokenizer_dir: Path
-
-    @classmethod
-    def open(cls, run: RunDir) -> "TokenFile":
-        meta, tokens = read_run_tokens(run)
-        return cls(tokens, meta["dtype"], meta["eos_id"], meta["vocab_size"],
-                   run.path(str(meta.get("tokenizer", "tokenize/tokenizer"))))
 
 
 @dataclass(frozen=True)
@@ -140,7 +120,7 @@ class StepRule:
 class ExportPlan:
     """One schedule's stream: read any token range, list its stages and segments."""
 
-    def __init__(self, name: str, order_path: Path, store: TokenFile, columns: dict[str, np.ndarray],
+    def __init__(self, name: str, order_path: Path, store: TokenStore, columns: dict[str, np.ndarray],
                  stages: list[StageRange], stages_yaml: dict[str, Any], segments: list[Segment]):
         self.name = name
         self.order_path = order_path
@@ -284,9 +264,7 @@ class ExportPlan:
 
     def chunks(self, begin: int, end: int, chunk_tokens: int, desc: str) -> Iterator[np.ndarray]:
         """Tokens [begin, end) in pieces of at most `chunk_tokens`, with a progress bar."""
-        from tqdm.auto import tqdm  # imported late: it reads TQDM_DISABLE (--quiet) on import
-
-        with tqdm(total=end - begin, desc=desc, unit="tok", unit_scale=True, leave=False) as bar:
+        with progress_bar(total=end - begin, desc=desc, unit="tok", unit_scale=True, leave=False) as bar:
             for a in range(begin, end, chunk_tokens):
                 piece = self.read(a, min(a + chunk_tokens, end))
                 yield piece
@@ -308,7 +286,7 @@ def open_plan(run: RunDir, schedule: str, n_substages: int, *, memory_limit: str
     for p in (order_path, stages_path):
         if not p.is_file():
             raise FramelmError(f"{p} not found; run framelm schedule --run-dir {run.root} (schedule '{schedule}')")
-    store = TokenFile.open(run)
+    store = TokenStore.open(run)
     index_path = run.path("tokenize", "index.parquet")
     if not index_path.is_file():
         raise FramelmError(f"{index_path} not found; run framelm tokenize --run-dir {run.root} first")
@@ -337,7 +315,7 @@ def open_plan(run: RunDir, schedule: str, n_substages: int, *, memory_limit: str
     return ExportPlan(schedule, order_path, store, columns, stages, stages_yaml, segments)
 
 
-def _build_columns(order_path: Path, index_path: Path, store: TokenFile, plan_dir: Path,
+def _build_columns(order_path: Path, index_path: Path, store: TokenStore, plan_dir: Path,
                    memory_limit: str, threads: int, batch_docs: int) -> None:
     """Join order.parquet with the token index (DuckDB, spilling to disk) into .npy columns."""
     from framelm.sql import connect
@@ -382,7 +360,7 @@ def _build_columns(order_path: Path, index_path: Path, store: TokenFile, plan_di
         shutil.rmtree(spill, ignore_errors=True)
 
 
-def _check_eos(store: TokenFile, eos_at: np.ndarray, order_path: Path, row: int) -> None:
+def _check_eos(store: TokenStore, eos_at: np.ndarray, order_path: Path, row: int) -> None:
     if len(eos_at) and (eos_at.max() >= len(store.tokens) or eos_at.min() < 0):
         raise FramelmError(f"{order_path}: near position {row}: a document's offset + n_tokens lies outside "
                            f"tokenize/tokens.bin ({len(store.tokens)} tokens); the index does not match the store")

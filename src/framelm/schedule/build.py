@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from framelm import fsutil
 from framelm.columnar import code_totals
+from framelm.progress import progress_bar
 from framelm.rundir import RunDir
 from framelm.schedule.config import ScheduleConfig
 from framelm.schedule.corpus import Corpus, load_corpus
@@ -85,7 +86,6 @@ def write_order(path: Path, corpus: Corpus, stream: Stream, threads: int = 2) ->
     import pyarrow.parquet as pq
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
-    from tqdm import tqdm
 
     category = pa.dictionary(pa.int32(), pa.string())
     # Declared non-null, which spares the writer the definition levels: every scheduled document
@@ -123,7 +123,7 @@ def write_order(path: Path, corpus: Corpus, stream: Stream, threads: int = 2) ->
             column_encoding={"position": "DELTA_BINARY_PACKED"}, store_schema=False) as writer:
         pending = deque(pool.submit(gather, lo) for lo in starts[:threads])
         docs, tokens = np.zeros(math.prod(shape), np.int64), np.zeros(math.prod(shape), np.int64)
-        for k in tqdm(range(len(starts)), desc=f"write {path.parent.name}/order", unit="chunk"):
+        for k in progress_bar(range(len(starts)), desc=f"write {path.parent.name}/order", unit="chunk"):
             batch, (batch_docs, batch_tokens) = pending.popleft().result()
             if k + threads < len(starts):
                 pending.append(pool.submit(gather, starts[k + threads]))

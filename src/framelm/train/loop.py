@@ -26,19 +26,18 @@ import contextlib
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from framelm import fsutil
 from framelm.errors import FramelmError, require_module
 from framelm.heldout import HeldoutSet, heldout_loss, heldout_sets
 from framelm.model import FrameLM, count_params, flops_per_token, next_token_loss
+from framelm.progress import progress_bar
 from framelm.rundir import RunDir
 from framelm.tokenstore import StageRange, check_stages
 from framelm.train import checkpoint as ckpt
@@ -180,10 +179,8 @@ class _Trainer:
         accum = self.local_rows // self.micro_rows
         peak = peak_flops(world.device, cfg.peak_tflops)
         flops = flops_per_token(self.args, cfg.seq_len)
-        # TQDM_DISABLE is read here too: tqdm reads it only when first imported, which may be
-        # before the CLI's --quiet sets it.
-        with tqdm(total=plan.n_steps, initial=start_step, desc=f"train {self.out_dir.name}", unit="step",
-                  disable=not world.is_main or os.environ.get("TQDM_DISABLE") == "1") as progress:
+        with progress_bar(total=plan.n_steps, initial=start_step, desc=f"train {self.out_dir.name}", unit="step",
+                          disable=not world.is_main) as progress:
             for step in range(start_step, plan.n_steps):
                 started = time.perf_counter()
                 lr = lr_at(step, plan.n_steps, cfg.lr, cfg.lr_schedule, cfg.warmup_fraction, cfg.final_lr_ratio,
