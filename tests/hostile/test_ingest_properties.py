@@ -1,7 +1,7 @@
 """Property: for any mix of valid and broken JSON-lines records, ingest keeps exactly the valid
 texts (first occurrences, in input order, byte for byte) and accounts for every line as a
 document, a counted reject or a dropped duplicate. (The schedule builder's properties, documents
-conserved and budgets respected, live in tests/test_schedule.py.)"""
+conserved and budgets respected, live in tests/schedule/test_schedule_strategies.py.)"""
 
 from __future__ import annotations
 

@@ -1,0 +1,18 @@
+"""config.py: ScheduleConfig and StrategyConfig validation."""
+
+import pytest
+
+from framelm.errors import ConfigError
+from framelm.schedule import Builder, ScheduleConfig, StrategyConfig
+from schedule_fixtures import random_corpus
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="named 'frame'"):
+        ScheduleConfig.from_dict({"strategies": [{"kind": "frame"}, {"kind": "frame"}]})
+    with pytest.raises(ConfigError, match="needs 'order'"):
+        ScheduleConfig.from_dict({"strategies": [{"kind": "permutation"}]})
+    with pytest.raises(ConfigError, match=r"blends\[1\]: weights sum to 1.2"):
+        StrategyConfig.from_dict({"kind": "two_phase", "blends": [{"a": 1}, {"a": 0.6, "b": 0.6}]})
+    with pytest.raises(ConfigError, match="'order' must name every non-empty cell once"):
+        Builder(random_corpus(40), ScheduleConfig(strategies=[])).build(StrategyConfig(kind="permutation", order=["Q1", "Q2", "Q3"]))
