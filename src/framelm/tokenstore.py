@@ -144,7 +144,10 @@ def read_tokens(directory: Path, remedy: str) -> tuple[dict[str, Any], np.ndarra
 
 def _store_dir(run_or_dir: RunDir | str | Path) -> Path:
     if isinstance(run_or_dir, RunDir):
-        return run_or_dir.path("tokenize")  # read_tokens names what is missing there and how to make it
+        directory = run_or_dir.path("tokenize")
+        if not (directory / "meta.json").is_file():
+            raise FramelmError(f"no token store at {directory}; run framelm tokenize --run-dir {run_or_dir.root} first")
+        return directory
     path = Path(run_or_dir).expanduser()
     for candidate in (path, path / "tokenize"):
         if (candidate / "meta.json").is_file():
