@@ -6,13 +6,14 @@ import csv
 import io
 import json
 import math
+from dataclasses import replace as dataclasses_replace
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from framelm.compare import (TABLE_COLUMNS, CompareConfig, Difference, build_table, check_same_budget, difference,
+from framelm.compare import (TABLE_COLUMNS, CompareConfig, Difference, build_table, check_budgets, check_same_budget, difference,
                              documents_digest, format_table, heldout_notes, heldout_sizes, mean_stderr,
                              non_finite_note, non_finite_values, shared_fraction, t_test_p,
                              table_csv, trained_documents, trained_tokens)
@@ -152,6 +153,35 @@ def test_unequal_token_budgets_are_refused(tmp_path):
     runs[0]["tokens"] = 999
     with pytest.raises(FramelmError, match="different token counts"):
         check_same_budget(runs, RunDir(tmp_path / "run"))
+
+
+def export_prefix(root, schedule: str, n_tokens: int) -> None:
+    """Export stream `schedule`: the first n_tokens of the frame stream, as one stage."""
+    frame_dir = root / "export" / "frame" / "stream"
+    meta = json.loads((frame_dir / "meta.json").read_text())
+    out = root / "export" / schedule / "stream"
+    out.mkdir(parents=True)
+    np.fromfile(frame_dir / "tokens.bin", dtype=meta["dtype"])[:n_tokens].tofile(out / "tokens.bin")
+    (out / "meta.json").write_text(json.dumps({**meta, "n_tokens": n_tokens,
+                                               "stages": [{"name": schedule, "start_token": 0, "end_token": n_tokens}]}))
+
+
+def test_streams_that_give_different_steps_are_refused_before_anything_trains(tmp_path):
+    run = RunDir(make_tiny_run(tmp_path / "run"))
+    frame_tokens = json.loads(run.path("export", "frame", "stream", "meta.json").read_text())["n_tokens"]
+    export_prefix(run.root, "short", 1000)  # steps of 4 x 32 = 128 tokens: 7 whole steps, 896 tokens
+    cfg = CompareConfig(schedules=["frame", "short"], train=TrainConfig(seq_len=32, global_batch_seqs=4, device="cpu"))
+    with pytest.raises(FramelmError, match=rf"different token counts \(frame {frame_tokens // 128 * 128:,}, short 896\): "
+                                           rf"their streams hold frame {frame_tokens:,}, short 1,000 tokens and a step takes 128; "
+                                           r"set compare.train.max_tokens = 896 \(the shortest stream's whole steps\)"):
+        run_stage("compare", cfg, run)
+    assert not run.path("train").exists()  # refused before the first training, not after the last
+    check_budgets(dataclasses_replace(cfg, train=dataclasses_replace(cfg.train, max_tokens=896)), run)
+    check_budgets(dataclasses_replace(cfg, train=dataclasses_replace(cfg.train, max_tokens=900)), run)  # 7 steps each
+    with pytest.raises(FramelmError, match=r"train.max_tokens = 1,001 exceeds the exported stream of 'short'.*= 896"):
+        check_budgets(dataclasses_replace(cfg, train=dataclasses_replace(cfg.train, max_tokens=1001)), run)
+    with pytest.raises(FramelmError, match=r"no exported stream for schedule 'nope'.*exported schedules: \['frame', 'short'\]"):
+        check_budgets(dataclasses_replace(cfg, schedules=["frame", "nope"]), run)
 
 
 def test_same_settings_are_required_up_to_execution_details(tmp_path):

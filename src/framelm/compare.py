@@ -72,6 +72,7 @@ from framelm.ingest import MIN_SPLIT_DOCS
 from framelm.pipeline import FORCED, run_stage
 from framelm.rundir import RunDir
 from framelm.train import TrainConfig
+from framelm.train.data import budget_steps, read_run_stream
 
 BASELINE = "random"
 FINAL = "final"  # the `weights` of an evaluation of a run's final weights (hf/)
@@ -393,8 +394,9 @@ def documents_note(results: dict[str, Any]) -> str | None:
     low = any(f < SHARED_DOCUMENTS_CAUTION for f in shared.values()) or not shared
     return (("caution: the schedules trained on different documents" if low else "the schedules trained on nearly the same documents")
             + (f" ({'; '.join(facts)})" if facts else "")
-            + (": the differences mix the effect of the order with that of which documents were seen; a budget "
-               "(train.max_tokens) that covers each stream up to its last whole step compares order alone"
+            + (": the differences mix the effect of the order with that of which documents were seen (as intended where "
+               "a schedule selects documents); for orders of the same documents, a budget (train.max_tokens) that covers "
+               "each stream up to its last whole step compares order alone"
                if low else ": each stream's end past the last whole training step differs"))
 
 
@@ -470,6 +472,26 @@ def format_heldout(sizes: dict[str, dict[str, int | None]]) -> str:
     return _aligned(rows)
 
 
+def check_budgets(cfg: CompareConfig, run: RunDir) -> None:
+    """Before anything trains: every schedule's exported stream gives the same whole steps of the
+    budget. Streams of different documents (a selection, a two-phase blend) differ in length by
+    their documents' rounding, and a step boundary between them would otherwise be found by
+    check_same_budget only after every model had trained."""
+    per_step = cfg.train.global_batch_seqs * cfg.train.seq_len
+    lengths = {s: len(read_run_stream(run, s)[0]) for s in cfg.schedules}
+    common = min(lengths.values()) // per_step * per_step
+    planned = {s: budget_steps(n, cfg.train.max_tokens, per_step) * per_step for s, n in lengths.items()}
+    too_long = [s for s, n in lengths.items() if cfg.train.max_tokens > n]
+    if too_long or len(set(planned.values())) > 1:
+        streams = ", ".join(f"{s} {n:,}" for s, n in lengths.items())
+        problem = (f"train.max_tokens = {cfg.train.max_tokens:,} exceeds the exported stream of {too_long[0]!r}" if too_long else
+                   "the schedules would train on different token counts (" + ", ".join(f"{s} {t:,}" for s, t in planned.items()) + ")")
+        raise FramelmError(f"{problem}: their streams hold {streams} tokens and a step takes {per_step:,}; set "
+                           f"compare.train.max_tokens = {common} (the shortest stream's whole steps) so that every "
+                           f"schedule trains on the same tokens" if common else
+                           f"{problem}; the shortest stream holds less than one step of {per_step:,} tokens")
+
+
 def check_same_budget(runs: list[dict[str, Any]], run: RunDir) -> None:
     """Every run trained on the same number of tokens with the same non-varying settings."""
     tokens = {r["train_key"]: r["tokens"] for r in runs}
@@ -490,6 +512,7 @@ def check_same_budget(runs: list[dict[str, Any]], run: RunDir) -> None:
 
 def compare_schedules(cfg: CompareConfig, run: RunDir) -> dict[str, Any]:
     """Train and evaluate every (schedule, seed); write RUN/compare/results.{json,csv}."""
+    check_budgets(cfg, run)
     runs = []
     trained: dict[tuple[str, int], Any] = {}  # (schedule, tokens) -> ids of the documents trained on
     digests: dict[tuple[str, int], str | None] = {}  # ... and their documents_digest

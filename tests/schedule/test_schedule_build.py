@@ -235,3 +235,15 @@ def test_a_window_too_small_for_its_documents_is_warned_about(caplog):
         caplog.clear()
         warn_about_thin_blends("frame", stream_of(even, even), ScheduleConfig())
     assert caplog.text == ""
+
+
+def test_a_selection_writes_only_its_cells_and_their_pool(run):
+    build(run, [{"kind": "random"}, {"kind": "frame", "name": "low_ppl", "cells": ["Q1", "Q2"]}], transition="hard")
+    whole, kept = order(run, "random"), order(run, "low_ppl")
+    assert set(kept.quadrant) == {"Q1", "Q2"} and [s["name"] for s in load_stages(run.path("schedule/low_ppl/stages.yaml"))["stages"]] == ["Q1", "Q2"]
+    # as many tokens as the schedule over every cell (up to each cell's last document), from half the documents
+    assert abs(int((kept.n_tokens + 1).sum()) - int((whole.n_tokens + 1).sum())) < 2 * kept.n_tokens.max()
+    low = whole[whole.quadrant.isin(["Q1", "Q2"])]
+    sources = load_stages(run.path("schedule/low_ppl/stages.yaml"))["sources"]
+    assert {s: v["pool_tokens"] for s, v in sources.items()} == (low.n_tokens + 1).groupby(low.source).sum().to_dict()
+    assert set(kept.id) == set(low.id) and kept.epoch.max() >= 1  # every kept document, repeated to fill the budget

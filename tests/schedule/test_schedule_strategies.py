@@ -260,3 +260,57 @@ def test_a_two_phase_blend_within_tolerance_of_one_fills_its_phase():
     exact = builder.build(StrategyConfig.from_dict({"kind": "two_phase", "blends": [{"web": 0.5, "math": 0.5}] * 2}))
     short = builder.build(StrategyConfig.from_dict({"kind": "two_phase", "blends": [{"web": 0.4996, "math": 0.4996}] * 2}))
     assert [len(p.idx) for p in short.stages] == [len(p.idx) for p in exact.stages]
+
+
+def test_cells_select_a_band_and_fill_the_budget_from_it():
+    # Q1: 10 docs x 9 tokens (+EOS) = 100, Q2: 100, Q3: 200 tokens (20 docs), Q4: 100
+    corpus = make_corpus([9] * 60, ["Q1"] * 10 + ["Q2"] * 10 + ["Q3"] * 20 + ["Q4"] * 20,
+                         ["web"] * 40 + ["math"] * 20)
+    builder = Builder(corpus, ScheduleConfig(strategies=[]))  # total_tokens: one pass over all 600 tokens
+    for kind in ("frame", "random", "sorted", "ppl_two_stage"):
+        sched = builder.build(StrategyConfig(kind=kind, cells=["Q3", "Q1"], column="n_tokens"))
+        idx = np.concatenate([st.idx for st in sched.stages])
+        kept = {corpus.cell_names[c] for c in corpus.cell[idx]}
+        assert kept == {"Q1", "Q3"}, kind
+        # the same 600 tokens as every other schedule, drawn from the 300 of Q1 and Q3: each twice
+        assert corpus.weight[idx].sum() == 600 and Counter(Counter(idx.tolist()).values()) == {2: 30}, kind
+        assert sched.pool_tokens == {"math": 0, "web": 300}, kind  # Q1 and Q3 hold web documents only
+    assert [st.name for st in builder.build(StrategyConfig(kind="frame", cells=["Q1", "Q3"])).stages] == ["Q3", "Q1"]
+    assert [st.name for st in builder.build(StrategyConfig(kind="ppl_two_stage", cells=["Q4"])).stages] == ["high_ppl", "low_ppl"]
+    # without `cells`, every cell: the schedule is the one built before `cells` existed
+    whole, every = builder.build(StrategyConfig(kind="frame")), builder.build(StrategyConfig(kind="frame", cells=["Q1", "Q2", "Q3", "Q4"]))
+    assert all((a.idx == b.idx).all() and (a.epoch == b.epoch).all() for a, b in zip(whole.stages, every.stages))
+
+
+def test_a_permutation_of_selected_cells_names_exactly_them():
+    corpus = random_corpus()
+    builder = Builder(corpus, ScheduleConfig(strategies=[]))
+    sched = builder.build(StrategyConfig(kind="permutation", cells=["Q2", "Q4"], order=["Q2", "Q4"]))
+    assert [st.name for st in sched.stages] == ["Q2", "Q4"]
+    with pytest.raises(ConfigError, match=r"'order' names a cell outside 'cells' 'Q1'; cells: Q2, Q4"):
+        builder.build(StrategyConfig(kind="permutation", cells=["Q2", "Q4"], order=["Q1", "Q2", "Q4"]))
+    with pytest.raises(ConfigError, match=r"'order' must name every non-empty cell it keeps once \(Q2, Q4\); missing: \['Q4'\]"):
+        builder.build(StrategyConfig(kind="permutation", cells=["Q2", "Q4"], order=["Q2"]))
+
+
+def test_bad_cell_selections_are_named():
+    corpus = make_corpus([9] * 20, ["Q1"] * 10 + ["Q3"] * 10, ["web"] * 20)
+    builder = Builder(corpus, ScheduleConfig(strategies=[]))
+    with pytest.raises(ConfigError, match=r"'cells' names unknown cell 'P1D1'; cells: Q1, Q2, Q3, Q4"):
+        builder.build(StrategyConfig(kind="random", cells=["P1D1"]))
+    with pytest.raises(FramelmError, match=r"the cells it keeps \(Q2, Q4\) hold no training documents; non-empty cells: Q1, Q3"):
+        builder.build(StrategyConfig(kind="random", cells=["Q2", "Q4"]))
+    with pytest.raises(ConfigError, match="'cells' names 'Q1' twice"):
+        StrategyConfig(kind="frame", cells=["Q1", "Q1"]).validate()
+    with pytest.raises(ConfigError, match="a yaml strategy draws from sources .*through its stages' mix"):
+        StrategyConfig(kind="yaml", path="x.yaml", cells=["Q1"]).validate()
+    with pytest.raises(ConfigError, match="'cells' selects partition cells .*a two_phase strategy"):
+        StrategyConfig(kind="two_phase", blends=[{"web": 1}, {"web": 1}], cells=["Q1"]).validate()
+
+
+def test_epoch_caps_count_the_repeats_of_a_selection():
+    corpus = make_corpus([9] * 40, ["Q1"] * 10 + ["Q3"] * 30, ["web"] * 10 + ["math"] * 30)
+    builder = Builder(corpus, ScheduleConfig(strategies=[], max_epochs=2))
+    builder.build(StrategyConfig(kind="random", cells=["Q3"]))  # 400 tokens from Q3's 300: 1.33 epochs
+    with pytest.raises(FramelmError, match=r"source 'web' needs 4 epochs but at most 2 are allowed"):
+        builder.build(StrategyConfig(kind="random", cells=["Q1"]))

@@ -21,6 +21,11 @@ class StrategyConfig(StageConfig):
                       "two_phase: per-source blends per phase; yaml: a schedule file (`path`)")
     name: str = field("", help="output folder RUN/schedule/<name>; default: the kind")
     order: list[str] = field(default_factory=list, help="permutation: every cell name once, in stage order, e.g. [Q2, Q1, Q4, Q3]")
+    cells: list[str] = field(
+        default_factory=list, help="keep only the documents of these partition cells (perplexity-band selection), e.g. "
+                                   "[P1D0, P1D1] for the middle PPL band of ppl_quantiles [0.1, 0.9]; the schedule still "
+                                   "holds total_tokens, repeating the kept documents as needed; default: every cell "
+                                   "(frame, random, permutation, *_two_stage, sorted)")
     column: str = field("ppl", help="sorted: the numeric column of score/scores.parquet to sort by "
                                     "(ppl, pd, n_tokens, ppl_weak, bpb_strong, ...)")
     descending: bool = field(False, help="sorted: largest value first")
@@ -43,6 +48,13 @@ class StrategyConfig(StageConfig):
     def validate(self) -> None:
         if self.name and (not self.name.replace("_", "").replace("-", "").isalnum()):
             raise ConfigError(f"'name' = {self.name!r}: use letters, digits, '-' and '_' only (it names a folder)")
+        if self.cells and self.kind in ("two_phase", "yaml"):
+            raise ConfigError(f"'cells' selects partition cells for frame, random, permutation, ppl_two_stage, pd_two_stage "
+                              f"and sorted; a {self.kind} strategy draws from sources"
+                              + (" (a yaml schedule selects cells through its stages' mix)" if self.kind == "yaml" else ""))
+        dupes = sorted({c for c in self.cells if self.cells.count(c) > 1})
+        if dupes:
+            raise ConfigError(f"'cells' names {dupes[0]!r} twice")
         if self.kind == "permutation" and not self.order:
             raise ConfigError("a permutation strategy needs 'order', e.g. order: [Q2, Q1, Q4, Q3]")
         if self.kind == "sorted":

@@ -61,8 +61,8 @@ class Builder:
         # documents and tokens per (cell, source), in one pass over the corpus
         docs, tokens = code_totals(corpus.pair, self.weight, len(corpus.cell_names) * len(corpus.source_names))
         self.pair_docs = docs.reshape(len(corpus.cell_names), len(corpus.source_names))
-        tokens = tokens.reshape(self.pair_docs.shape)
-        self.source_tokens, self.cell_tokens = tokens.sum(axis=0), tokens.sum(axis=1)
+        self.pair_tokens = tokens.reshape(self.pair_docs.shape)
+        self.source_tokens, self.cell_tokens = self.pair_tokens.sum(axis=0), self.pair_tokens.sum(axis=1)
 
     # pools
     @staticmethod
@@ -125,12 +125,33 @@ class Builder:
                     f"lower total_tokens, lower its weight, or raise epoch_caps.{source} / max_epochs")
 
     # cell-based strategies: each cell gets budget proportional to its tokens
+    def _kept_cells(self, strategy: StrategyConfig) -> np.ndarray:
+        """Row numbers of the cells a strategy draws from: its `cells`, or every cell."""
+        names = self.corpus.cell_names
+        if not strategy.cells:
+            return np.arange(len(names))
+        unknown = [c for c in strategy.cells if c not in names]
+        if unknown:
+            raise ConfigError(f"strategy {strategy.label!r}: 'cells' names unknown cell {unknown[0]!r}; cells: {', '.join(names)}")
+        kept = np.array(sorted(names.index(c) for c in strategy.cells))
+        if not self.cell_tokens[kept].sum():
+            raise FramelmError(f"strategy {strategy.label!r}: the cells it keeps ({', '.join(strategy.cells)}) hold no "
+                               f"training documents; non-empty cells: {', '.join(self._nonempty_cells())}")
+        return kept
+
     def _cell_draws(self, strategy: StrategyConfig) -> dict[str, Draw]:
-        scale = self.total / self.data_tokens  # every cell, hence every source, repeats `scale` times
-        present = np.flatnonzero(self.pair_docs.sum(axis=0))
+        """Each kept cell's documents for the strategy, in cell order."""
+        kept = self._kept_cells(strategy)
+        scale = self.total / self.cell_tokens[kept].sum()  # every kept cell, hence every source in them, repeats `scale` times
+        present = np.flatnonzero(self.pair_docs[kept].sum(axis=0))
         self._check_caps(strategy, {self.corpus.source_names[s]: (scale, "") for s in present})
         streams = self.cell_streams()
-        return {name: streams[name].take(self.cell_tokens[i] * scale) for i, name in enumerate(self.corpus.cell_names)}
+        return {self.corpus.cell_names[i]: streams[self.corpus.cell_names[i]].take(self.cell_tokens[i] * scale) for i in kept}
+
+    def _cell_pool_tokens(self, strategy: StrategyConfig) -> dict[str, int]:
+        """Per source: the tokens of its documents in the kept cells."""
+        tokens = self.pair_tokens[self._kept_cells(strategy)].sum(axis=0)
+        return {s: int(t) for s, t in zip(self.corpus.source_names, tokens)}
 
     def _nonempty_cells(self) -> list[str]:
         return [n for i, n in enumerate(self.corpus.cell_names) if self.cell_tokens[i] > 0]
@@ -142,19 +163,19 @@ class Builder:
 
     def _cells_in_order(self, strategy: StrategyConfig, order: list[str]) -> list[Stage]:
         draws = self._cell_draws(strategy)
-        return [Stage(name, *draws[name]) for name in order]
+        return [Stage(name, *draws[name]) for name in order if name in draws]
 
     def build(self, strategy: StrategyConfig) -> Schedule:
         kind = strategy.kind
         smooth = True
-        pool_tokens = {s: int(t) for s, t in zip(self.corpus.source_names, self.source_tokens)}
+        pool_tokens = self._cell_pool_tokens(strategy)
         if kind == "frame":
             stages = self._cells_in_order(strategy, self.frame_order())
         elif kind == "permutation":
             stages = self._cells_in_order(strategy, self._check_order(strategy))
         elif kind == "random":
             draws = self._cell_draws(strategy)
-            stages = [_shuffle(self.cfg.seed, "random", *concat_draws([draws[n] for n in self.corpus.cell_names]))]
+            stages = [_shuffle(self.cfg.seed, "random", *concat_draws(list(draws.values())))]
         elif kind in ("ppl_two_stage", "pd_two_stage"):
             stages = self._two_stage(strategy)
         elif kind == "sorted":
@@ -172,14 +193,16 @@ class Builder:
         return Schedule(strategy.label, kind, stages, smooth, pool_tokens)
 
     def _check_order(self, strategy: StrategyConfig) -> list[str]:
-        cells = self._nonempty_cells()
-        unknown = [c for c in strategy.order if c not in self.corpus.cell_names]
+        kept = [self.corpus.cell_names[i] for i in self._kept_cells(strategy)]
+        cells = [c for c in self._nonempty_cells() if c in kept]
+        unknown = [c for c in strategy.order if c not in kept]
         if unknown:
-            raise ConfigError(f"strategy {strategy.label!r}: 'order' names unknown cell {unknown[0]!r}; cells: {', '.join(self.corpus.cell_names)}")
+            what = "a cell outside 'cells'" if unknown[0] in self.corpus.cell_names else "unknown cell"
+            raise ConfigError(f"strategy {strategy.label!r}: 'order' names {what} {unknown[0]!r}; cells: {', '.join(kept)}")
         missing = [c for c in cells if c not in strategy.order]
         dupes = sorted({c for c in strategy.order if strategy.order.count(c) > 1})
         if missing or dupes:
-            raise ConfigError(f"strategy {strategy.label!r}: 'order' must name every non-empty cell once "
+            raise ConfigError(f"strategy {strategy.label!r}: 'order' must name every non-empty cell{' it keeps' if strategy.cells else ''} once "
                               f"({', '.join(cells)}); missing: {missing or 'none'}, repeated: {dupes or 'none'}")
         return [c for c in strategy.order if c in cells]
 
@@ -189,8 +212,9 @@ class Builder:
         axis = 0 if strategy.kind == "ppl_two_stage" else 1
         n_bins = max(b[axis] for b in self.corpus.cell_bins) + 1
         draws = self._cell_draws(strategy)
-        high = [draws[n] for n, b in zip(self.corpus.cell_names, self.corpus.cell_bins) if b[axis] >= n_bins // 2]
-        low = [draws[n] for n, b in zip(self.corpus.cell_names, self.corpus.cell_bins) if b[axis] < n_bins // 2]
+        bins = dict(zip(self.corpus.cell_names, self.corpus.cell_bins))
+        high = [d for n, d in draws.items() if bins[n][axis] >= n_bins // 2]
+        low = [d for n, d in draws.items() if bins[n][axis] < n_bins // 2]
         if n_bins % 2:
             share = sum(int(w.sum()) for *_, w in high) / max(1, sum(int(w.sum()) for *_, w in high + low))
             log.warning("schedule %r: the partition has %d %s bins, an odd number, so the middle bin goes to the high "
@@ -204,8 +228,7 @@ class Builder:
         return [_shuffle(self.cfg.seed, name, *concat_draws(parts)) for name, parts in named]
 
     def _sorted(self, strategy: StrategyConfig) -> list[Stage]:
-        draws = self._cell_draws(strategy)
-        idx, epoch, weight = concat_draws([draws[n] for n in self.corpus.cell_names])
+        idx, epoch, weight = concat_draws(list(self._cell_draws(strategy).values()))
         values = self.corpus.column(strategy.column)[idx]
         order = np.lexsort((idx, epoch, -values if strategy.descending else values))  # last key sorts first
         idx, epoch, weight = idx[order], epoch[order], weight[order]

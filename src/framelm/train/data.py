@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from framelm.errors import FramelmError
+from framelm.rundir import RunDir
 from framelm.tokenstore import StageRange, check_stages, read_tokens
 
 IGNORE = -100  # target of the position after the stream's last token
@@ -40,6 +41,20 @@ def read_stream(stream_dir: Path) -> tuple[np.ndarray, list[StageRange], dict]:
         raise FramelmError(f"{meta_path}: 'stages' must list entries with name, start_token, end_token ({exc!r})") from None
     check_stages(stages, len(tokens), str(meta_path))
     return tokens, stages, meta
+
+
+def read_run_stream(run: RunDir, schedule: str) -> tuple[np.ndarray, list[StageRange], dict]:
+    """RUN/export/<schedule>/stream (see read_stream), or an error listing the schedules exported."""
+    stream_dir = run.path("export", schedule, "stream")
+    if not stream_dir.is_dir():
+        exported = sorted(p.name for p in run.path("export").iterdir() if (p / "stream").is_dir()) if run.path("export").is_dir() else []
+        raise FramelmError(f"no exported stream for schedule '{schedule}' at {stream_dir}; exported schedules: {exported or 'none'}")
+    return read_stream(stream_dir)
+
+
+def budget_steps(stream_tokens: int, max_tokens: int, tokens_per_step: int) -> int:
+    """The whole optimizer steps a run takes from a stream: max_tokens (0: the whole stream) cut to whole steps."""
+    return (max_tokens or stream_tokens) // tokens_per_step
 
 
 def stream_fingerprint(tokens: np.ndarray, stages: list[StageRange]) -> str:
@@ -63,7 +78,7 @@ class BatchPlan:
         budget = max_tokens or len(tokens)
         if budget > len(tokens):
             raise FramelmError(f"max_tokens = {max_tokens} exceeds the stream's {len(tokens)} tokens")
-        self.n_steps = budget // (global_batch_seqs * seq_len)
+        self.n_steps = budget_steps(len(tokens), max_tokens, global_batch_seqs * seq_len)
         if self.n_steps == 0:
             raise FramelmError(
                 f"the token budget ({budget}) is smaller than one step (global_batch_seqs {global_batch_seqs} x seq_len "
