@@ -44,3 +44,9 @@ def test_the_cli_reports_a_bad_world_size_without_a_traceback(env, tmp_path, cap
     env.setenv("WORLD_SIZE", "x")
     assert main(["ingest", "--run-dir", str(tmp_path / "run")]) == 2
     assert "framelm: error: environment variable WORLD_SIZE = 'x'" in capsys.readouterr().err
+
+
+def test_a_stage_whose_defaults_read_the_environment_reports_it_too(env, capsys):
+    env.setenv("WORLD_SIZE", "x")  # score's rank and world_size default to torchrun's, shown in --help
+    assert main(["score", "--help"]) == 2
+    assert "framelm: error: environment variable WORLD_SIZE = 'x'" in capsys.readouterr().err

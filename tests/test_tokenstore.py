@@ -51,3 +51,12 @@ def test_stages_must_tile_the_stream():
         check_stages([StageRange("a", 0, 400), StageRange("b", 401, 1000)], 1000, "meta.json")
     with pytest.raises(FramelmError, match="stages end at token 1000 but the stream has 1001"):
         check_stages([StageRange("a", 0, 400), StageRange("b", 400, 1000)], 1001, "meta.json")
+
+
+def test_the_index_is_read_only_when_asked_for(tmp_path):
+    directory = _store(tmp_path / "tokenize")
+    (directory / "index.parquet").write_bytes(b"not parquet")
+    store = TokenStore.open(directory)  # what the export needs: the tokens and meta.json
+    assert store.tokens.tolist() == [5, 7, 0] and (store.dtype, store.eos_id, store.vocab_size) == ("uint16", 0, 8)
+    with pytest.raises(FramelmError, match="index.parquet: cannot read the token store's index"):
+        store.doc(0)

@@ -354,23 +354,11 @@ def _run_pipeline_command(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if "--quiet" in (sys.argv[1:] if argv is None else argv):
+    words = sys.argv[1:] if argv is None else argv
+    if "--quiet" in words:
         set_quiet()  # before anything imports tqdm, which reads the switch once, on import
-    parser = build_parser(argv)
-    args = parser.parse_args(argv)
-    if not getattr(args, "handler", None):
-        parser.print_help()
-        return 2
-    _setup_logging(getattr(args, "quiet", False))
-    from framelm.rundir import INVOCATION, invocation
-
     try:
-        command = INVOCATION.set(invocation(sys.argv[1:] if argv is None else argv))
-        try:
-            args.handler(args)
-        finally:
-            INVOCATION.reset(command)
-        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+        return _run_command(words)
     except BrokenPipeError:
         if not _stdout_gone():
             raise  # another pipe broke (a worker process died): that is a failure to show
@@ -384,6 +372,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("framelm: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+
+
+def _run_command(words: list[str]) -> int:
+    # Building the parser can fail too: a default read from the environment (score's rank) shows in --help.
+    parser = build_parser(words)
+    args = parser.parse_args(words)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    _setup_logging(getattr(args, "quiet", False))
+    from framelm.rundir import INVOCATION, invocation
+
+    command = INVOCATION.set(invocation(words))
+    try:
+        args.handler(args)
+    finally:
+        INVOCATION.reset(command)
+    sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
     return 0
 
 

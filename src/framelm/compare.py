@@ -72,7 +72,7 @@ from framelm.ingest import MIN_SPLIT_DOCS
 from framelm.pipeline import FORCED, run_stage
 from framelm.rundir import RunDir
 from framelm.train import TrainConfig
-from framelm.train.data import budget_steps, read_run_stream
+from framelm.train.data import budget_steps, read_stream
 
 BASELINE = "random"
 FINAL = "final"  # the `weights` of an evaluation of a run's final weights (hf/)
@@ -478,7 +478,11 @@ def check_budgets(cfg: CompareConfig, run: RunDir) -> None:
     their documents' rounding, and a step boundary between them would otherwise be found by
     check_same_budget only after every model had trained."""
     per_step = cfg.train.global_batch_seqs * cfg.train.seq_len
-    lengths = {s: len(read_run_stream(run, s)[0]) for s in cfg.schedules}
+    # A schedule not exported is left to its training run, whose error names the export to run.
+    folders = {s: run.path("export", s, "stream") for s in cfg.schedules}
+    lengths = {s: len(read_stream(d)[0]) for s, d in folders.items() if d.is_dir()}
+    if not lengths:
+        return
     common = min(lengths.values()) // per_step * per_step
     planned = {s: budget_steps(n, cfg.train.max_tokens, per_step) * per_step for s, n in lengths.items()}
     too_long = [s for s, n in lengths.items() if cfg.train.max_tokens > n]

@@ -276,7 +276,9 @@ def test_cells_select_a_band_and_fill_the_budget_from_it():
         assert corpus.weight[idx].sum() == 600 and Counter(Counter(idx.tolist()).values()) == {2: 30}, kind
         assert sched.pool_tokens == {"math": 0, "web": 300}, kind  # Q1 and Q3 hold web documents only
     assert [st.name for st in builder.build(StrategyConfig(kind="frame", cells=["Q1", "Q3"])).stages] == ["Q3", "Q1"]
-    assert [st.name for st in builder.build(StrategyConfig(kind="ppl_two_stage", cells=["Q4"])).stages] == ["high_ppl", "low_ppl"]
+    assert [st.name for st in builder.build(StrategyConfig(kind="pd_two_stage", cells=["Q3", "Q4"])).stages] == ["low_pd", "high_pd"]
+    with pytest.raises(ConfigError, match=r"the cells it keeps \(Q3, Q4\) hold no low-PPL documents .*low_ppl stage would be empty"):
+        builder.build(StrategyConfig(kind="ppl_two_stage", cells=["Q3", "Q4"]))
     # without `cells`, every cell: the schedule is the one built before `cells` existed
     whole, every = builder.build(StrategyConfig(kind="frame")), builder.build(StrategyConfig(kind="frame", cells=["Q1", "Q2", "Q3", "Q4"]))
     assert all((a.idx == b.idx).all() and (a.epoch == b.epoch).all() for a, b in zip(whole.stages, every.stages))

@@ -8,15 +8,16 @@ Writes RUN/schedule/<strategy>/order.parquet   position: int64, id, stage: int32
        RUN/schedule/<strategy>/stages.yaml     per stage: name, start/end token, start/end
                                                optimizer step, docs, tokens, composition
                                                (token share per cell and per source); per
-                                               source: tokens available, scheduled, epochs.
+                                               source: tokens available, in the pool the
+                                               strategy draws from, scheduled, and epochs.
 
 A document contributes n_tokens + 1 (its EOS) to the stream. Every strategy draws its
 documents from *pools* (a cell or a source) through a `PoolStream`: a seeded permutation of
 the pool per epoch, consumed in order, so a budget below the pool's tokens subsamples it and a
 budget above repeats it (the `epoch` column counts repeats). Strategies that draw the same
 budgets from the same pools with the same seed (frame, random, permutation, the two-stage
-splits, sorted) therefore schedule exactly the same multiset of documents and differ only in
-order. Between consecutive stages the next stage's share rises along a transition curve over a
+splits, sorted, when they keep the same `cells`) therefore schedule exactly the same multiset of
+documents and differ only in order. Between consecutive stages the next stage's share rises along a transition curve over a
 window centred on the boundary; the nominal boundary (the token where the unmixed stream
 would switch) is what stages.yaml records, so stage token ranges are contiguous and each
 stage's range length equals its documents' tokens. Step ranges are half-open,

@@ -24,8 +24,9 @@ class StrategyConfig(StageConfig):
     cells: list[str] = field(
         default_factory=list, help="keep only the documents of these partition cells (perplexity-band selection), e.g. "
                                    "[P1D0, P1D1] for the middle PPL band of ppl_quantiles [0.1, 0.9]; the schedule still "
-                                   "holds total_tokens, repeating the kept documents as needed; default: every cell "
-                                   "(frame, random, permutation, *_two_stage, sorted)")
+                                   "holds total_tokens (by default one pass over all training documents), repeating the "
+                                   "kept documents as needed; default: every cell (frame, random, permutation, "
+                                   "*_two_stage, sorted)")
     column: str = field("ppl", help="sorted: the numeric column of score/scores.parquet to sort by "
                                     "(ppl, pd, n_tokens, ppl_weak, bpb_strong, ...)")
     descending: bool = field(False, help="sorted: largest value first")
@@ -120,6 +121,8 @@ class ScheduleConfig(StageConfig):
         # A yaml strategy's result depends on its file's content, not only on its path.
         data = super().hashed_dict()
         for entry, strategy in zip(data["strategies"], self.strategies):
+            if not strategy.cells:
+                del entry["cells"]  # every cell, as before `cells` existed: a run made then stays up to date
             if strategy.kind == "yaml" and Path(strategy.path).is_file():
                 entry["path_sha256"] = fsutil.sha256_file(strategy.path)
         return data

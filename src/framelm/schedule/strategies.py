@@ -86,9 +86,13 @@ class Builder:
         bounds = np.searchsorted(codes[order], np.arange(n_codes + 1))
         return [order[bounds[i]:bounds[i + 1]] for i in range(n_codes)]
 
-    def cell_streams(self) -> dict[str, PoolStream]:
+    def cell_streams(self, kept: np.ndarray | None = None) -> dict[str, PoolStream]:
+        """One stream per cell (or per cell of `kept`, row numbers); each is seeded by its own name,
+        so a cell's documents come in the same order whichever others are kept."""
         members = self._members(self.corpus.cell, len(self.corpus.cell_names))
-        streams = {name: PoolStream(f"cell:{name}", members[i], self.weight, self.cfg.seed) for i, name in enumerate(self.corpus.cell_names)}
+        rows = range(len(self.corpus.cell_names)) if kept is None else kept
+        streams = {self.corpus.cell_names[i]: PoolStream(f"cell:{self.corpus.cell_names[i]}", members[i], self.weight, self.cfg.seed)
+                   for i in rows}
         permute_first_epochs(list(streams.values()), self.cfg.threads)
         return streams
 
@@ -122,7 +126,8 @@ class Builder:
             if cap is not None and epochs > cap * (1 + 1e-9):
                 raise FramelmError(
                     f"strategy {strategy.label!r}: source {source!r} needs {epochs:.3g} epochs{why} but at most {cap:g} are allowed; "
-                    f"lower total_tokens, lower its weight, or raise epoch_caps.{source} / max_epochs")
+                    f"lower total_tokens, {'keep more cells' if strategy.cells else 'lower its weight'}, "
+                    f"or raise epoch_caps.{source} / max_epochs")
 
     # cell-based strategies: each cell gets budget proportional to its tokens
     def _kept_cells(self, strategy: StrategyConfig) -> np.ndarray:
@@ -145,7 +150,7 @@ class Builder:
         scale = self.total / self.cell_tokens[kept].sum()  # every kept cell, hence every source in them, repeats `scale` times
         present = np.flatnonzero(self.pair_docs[kept].sum(axis=0))
         self._check_caps(strategy, {self.corpus.source_names[s]: (scale, "") for s in present})
-        streams = self.cell_streams()
+        streams = self.cell_streams(kept)
         return {self.corpus.cell_names[i]: streams[self.corpus.cell_names[i]].take(self.cell_tokens[i] * scale) for i in kept}
 
     def _cell_pool_tokens(self, strategy: StrategyConfig) -> dict[str, int]:
@@ -215,6 +220,12 @@ class Builder:
         bins = dict(zip(self.corpus.cell_names, self.corpus.cell_bins))
         high = [d for n, d in draws.items() if bins[n][axis] >= n_bins // 2]
         low = [d for n, d in draws.items() if bins[n][axis] < n_bins // 2]
+        empty = [side for side, parts in (("high", high), ("low", low)) if not sum(int(w.sum()) for *_, w in parts)]
+        if strategy.cells and empty:
+            raise ConfigError(f"strategy {strategy.label!r}: the cells it keeps ({', '.join(strategy.cells)}) hold no "
+                              f"{empty[0]}-{('PPL', 'PD')[axis]} documents (bins below {n_bins // 2} of {n_bins} are low), "
+                              f"so its {empty[0]}_{('ppl', 'pd')[axis]} stage would be empty; keep cells on both sides, "
+                              f"or use kind random (or sorted) for a one-stage schedule of them")
         if n_bins % 2:
             share = sum(int(w.sum()) for *_, w in high) / max(1, sum(int(w.sum()) for *_, w in high + low))
             log.warning("schedule %r: the partition has %d %s bins, an odd number, so the middle bin goes to the high "

@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 
 from framelm.errors import FramelmError
-from framelm.rundir import RunDir
 from framelm.tokenstore import StageRange, check_stages, read_tokens
 
 IGNORE = -100  # target of the position after the stream's last token
@@ -41,15 +40,6 @@ def read_stream(stream_dir: Path) -> tuple[np.ndarray, list[StageRange], dict]:
         raise FramelmError(f"{meta_path}: 'stages' must list entries with name, start_token, end_token ({exc!r})") from None
     check_stages(stages, len(tokens), str(meta_path))
     return tokens, stages, meta
-
-
-def read_run_stream(run: RunDir, schedule: str) -> tuple[np.ndarray, list[StageRange], dict]:
-    """RUN/export/<schedule>/stream (see read_stream), or an error listing the schedules exported."""
-    stream_dir = run.path("export", schedule, "stream")
-    if not stream_dir.is_dir():
-        exported = sorted(p.name for p in run.path("export").iterdir() if (p / "stream").is_dir()) if run.path("export").is_dir() else []
-        raise FramelmError(f"no exported stream for schedule '{schedule}' at {stream_dir}; exported schedules: {exported or 'none'}")
-    return read_stream(stream_dir)
 
 
 def budget_steps(stream_tokens: int, max_tokens: int, tokens_per_step: int) -> int:

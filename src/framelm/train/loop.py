@@ -43,7 +43,7 @@ from framelm.tokenstore import StageRange, check_stages
 from framelm.train import checkpoint as ckpt
 from framelm.train.averaging import average_checkpoints
 from framelm.train.config import TrainConfig
-from framelm.train.data import BatchPlan, read_run_stream, stream_fingerprint
+from framelm.train.data import BatchPlan, read_stream, stream_fingerprint
 from framelm.train.distributed import World, all_ranks_min_max, all_reduce_mean, barrier, init_world, shutdown
 from framelm.hf_llama import export_hf
 from framelm.train.lr import lr_at
@@ -317,7 +317,11 @@ class _Trainer:
 
 def train_model(cfg: TrainConfig, run: RunDir) -> dict[str, Any]:
     """The `train` stage: train on RUN/export/<schedule>/stream, write RUN/train/<schedule>/seed<k>/."""
-    tokens, stages, meta = read_run_stream(run, cfg.schedule)
+    stream_dir = run.path("export", cfg.schedule, "stream")
+    if not stream_dir.is_dir():
+        exported = sorted(p.name for p in run.path("export").iterdir() if (p / "stream").is_dir()) if run.path("export").is_dir() else []
+        raise FramelmError(f"no exported stream for schedule '{cfg.schedule}' at {stream_dir}; exported schedules: {exported or 'none'}")
+    tokens, stages, meta = read_stream(stream_dir)
     heldout = {}
     if cfg.heldout_max_tokens_per_set and run.path("tokenize", "index.parquet").is_file():
         heldout = heldout_sets(run, cfg.heldout_max_tokens_per_set)
