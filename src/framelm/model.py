@@ -243,10 +243,10 @@ def segment_mask(segments: torch.Tensor) -> torch.Tensor:
 def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
     """FlexAttention with grouped-query heads: traced into the graph inside compiled blocks,
     compiled on its own on GPUs otherwise, eager (unfused) on the CPU."""
-    from torch.nn.attention.flex_attention import flex_attention as flex
-
     if q.is_cuda and not torch.compiler.is_compiling():
         flex = _compiled_flex()
+    else:
+        from torch.nn.attention.flex_attention import flex_attention as flex
     return flex(q, k, v, block_mask=block_mask, enable_gqa=True)
 
 
