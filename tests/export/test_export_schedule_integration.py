@@ -1,4 +1,5 @@
-"""Export reads what the real schedule stage writes (frame with logistic transitions, random)."""
+"""Export reads what the real schedule stage writes (frame with logistic transitions, random, and
+a selection of cells)."""
 
 from __future__ import annotations
 
@@ -31,12 +32,14 @@ def test_export_of_real_schedules(tmp_path):
     tiny.run.path("partition", "summary.json").write_text(json.dumps(
         {"cells": [{"name": name, "ppl_bin": p, "pd_bin": d} for name, p, d in CELLS]}))
     schedule.build_schedules(schedule.ScheduleConfig.from_dict(
-        {"seq_len": 8, "global_batch": 2, "transition_window": 0.5}), tiny.run)
+        {"seq_len": 8, "global_batch": 2, "transition_window": 0.5,
+         "strategies": [{"kind": "frame"}, {"kind": "random"}, {"kind": "frame", "name": "high_ppl", "cells": ["Q3", "Q4"]}]}),
+        tiny.run)
 
     export_schedules(ExportConfig(formats=["stream", "megatron"]), tiny.run)
     tokens = np.fromfile(tiny.run.path("tokenize", "tokens.bin"), dtype=np.uint16)
     offsets = dict(zip(index.column("id").to_pylist(), index.column("offset").to_pylist()))
-    for name in ("frame", "random"):
+    for name in ("frame", "random", "high_ppl"):
         order = pq.read_table(tiny.run.path("schedule", name, "order.parquet")).to_pylist()
         expected = np.concatenate([tokens[offsets[r["id"]]: offsets[r["id"]] + r["n_tokens"] + 1] for r in order])
         stream = np.fromfile(tiny.run.path("export", name, "stream", "tokens.bin"), dtype=np.uint16)
@@ -46,3 +49,5 @@ def test_export_of_real_schedules(tmp_path):
     frame_segments = json.loads(tiny.run.path("export", "frame", "segments.json").read_text())["segments"]
     assert [s["name"] for s in frame_segments if s["kind"] == "stage"] == ["Q3", "Q4", "Q1", "Q2"]
     assert any(s["kind"] == "transition" for s in frame_segments)  # logistic windows were found
+    high_segments = json.loads(tiny.run.path("export", "high_ppl", "segments.json").read_text())["segments"]
+    assert [s["name"] for s in high_segments if s["kind"] == "stage"] == ["Q3", "Q4"]

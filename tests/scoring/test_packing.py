@@ -37,10 +37,33 @@ def test_pack_rows_places_every_item_once_within_capacity(lengths):
     rows = pack_rows(lengths, 50)
     assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in row) <= 50 for row in rows)
-    # Best fit decreasing never needs more than 11/9 OPT + 1 rows. Floors of OPT: the total length,
-    # and the items longer than half a row (no two of them share one).
-    opt_floor = max(-(-sum(lengths) // 50), sum(n > 25 for n in lengths))
-    assert len(rows) <= 11 / 9 * opt_floor + 1
+    # A new row is opened only for an item that fits no open row, so at most one row is half full or less.
+    assert sum(sum(lengths[i] for i in row) <= 25 for row in rows) <= 1
+    # Few items: within 11/9 OPT + 6/9 rows, OPT found exactly (the tight bound Dosa proved for first fit
+    # decreasing; best fit decreasing stayed within it on 20,000 random cases of up to 8 items, worst 5/9)
+    if len(lengths) <= 8:
+        assert len(rows) <= 11 / 9 * fewest_rows(lengths, 50) + 6 / 9
+
+
+def fewest_rows(lengths, capacity):
+    """The optimal number of rows, by trying each count from the total length's floor upwards."""
+    def fits(items, free):
+        if not items:
+            return True
+        first, rest = items[0], items[1:]
+        tried = set()
+        for k, left in enumerate(free):
+            if left >= first and left not in tried:  # rows with equal room are interchangeable
+                tried.add(left)
+                if fits(rest, free[:k] + [left - first] + free[k + 1:]):
+                    return True
+        return False
+
+    items = sorted(lengths, reverse=True)
+    rows = -(-sum(items) // capacity)
+    while not fits(items, [capacity] * rows):
+        rows += 1
+    return rows
 
 
 def test_pack_documents_builds_consistent_batches():
