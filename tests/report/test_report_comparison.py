@@ -11,7 +11,7 @@ import pytest
 from framelm.compare import build_table
 from framelm.errors import ConfigError
 from framelm.report import ReportConfig, build_report
-from framelm.report.comparison import verdict_lines
+from framelm.report.comparison import holm_adjusted, verdict_lines
 from framelm.rundir import RunDir
 from report_fixtures import TASKS, make_run, write_compare
 
@@ -65,6 +65,38 @@ def test_no_difference_is_called_significant_at_the_nominal_rate(n_seeds):
         table = build_table(seed_runs({"frame": noise[0].tolist(), "random": noise[1].tolist()}), ["frame", "random"])
         hits += ", significant: p" in verdict_lines(ReportConfig(), table, "heldout_loss/all")[0]
     assert 0.035 < hits / trials < 0.065  # 5% +- 3 binomial standard errors
+
+
+def test_holm_adjustment_by_hand():
+    # sorted 0.01, 0.03, 0.04 times 3, 2, 1: 0.03, 0.06, 0.04 -> running maximum 0.03, 0.06, 0.06
+    assert holm_adjusted([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm_adjusted([0.4, 0.9]) == [0.8, 0.9] and holm_adjusted([0.02]) == [0.02] and holm_adjusted([]) == []
+
+
+def test_several_schedules_are_judged_on_adjusted_p_values():
+    # paired differences: frame's 0.05, 0.03 (t = 4 on 1 df, p = 0.156); pd_two_stage's 0.021, 0.019 (t = 20,
+    # p = 0.032, significant alone). Holm: 2 x 0.032 = 0.064 for the smaller, max(0.064, 0.156) for the larger
+    table = build_table(seed_runs({"frame": [3.05, 3.03], "pd_two_stage": [3.021, 3.019], "random": [3.0, 3.0]}),
+                        ["frame", "pd_two_stage", "random"])
+    frame, pd = verdict_lines(ReportConfig(), table, "heldout_loss/all")
+    assert pd == ("pd_two_stage vs random: held-out loss +0.020 ± 0.001 nats (worse, not significant: p = 0.03, "
+                  "Holm-adjusted = 0.06 for 2 comparisons, paired t test over 2 seeds)")
+    assert frame.startswith("frame vs random: held-out loss +0.040 ± 0.010 nats (worse, not significant: p = 0.16, "
+                            "Holm-adjusted = 0.16 for 2 comparisons")
+
+
+def test_no_difference_among_several_schedules_is_called_significant_at_the_nominal_rate():
+    """Three schedules, all equal to random up to seed noise: some verdict says "significant" in
+    about 5% of comparisons (4.5% here; judged on unadjusted p-values, 13%)."""
+    rng = np.random.default_rng(7)
+    trials, hits = 2000, 0
+    names = ["frame", "sorted", "pd_two_stage"]
+    for _ in range(trials):
+        noise = 3.0 + rng.normal(0, 0.02, (4, 5))
+        table = build_table(seed_runs({**{n: noise[k].tolist() for k, n in enumerate(names)}, "random": noise[3].tolist()}),
+                            [*names, "random"])
+        hits += any(", significant: p" in line for line in verdict_lines(ReportConfig(), table, "heldout_loss/all"))
+    assert hits / trials < 0.065  # at most 5% + 3 binomial standard errors
 
 
 def test_table_without_p_values_makes_no_significance_claim(tmp_path):

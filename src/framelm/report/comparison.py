@@ -128,12 +128,28 @@ def _significant(cfg: ReportConfig, row: dict[str, Any]) -> bool | None:
     return p < cfg.significance_level if is_number(p) else None
 
 
+def holm_adjusted(ps: list[float]) -> list[float]:
+    """Holm's step-down adjustment: p-values that keep the chance of any false "significant" among
+    len(ps) tests at the level, as each alone keeps its own (the i-th smallest is multiplied by
+    len(ps) - i, and no adjusted value falls below a smaller p's)."""
+    adjusted, running = [0.0] * len(ps), 0.0
+    for rank, i in enumerate(sorted(range(len(ps)), key=ps.__getitem__)):
+        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
+        adjusted[i] = running
+    return adjusted
+
+
 def verdict_lines(cfg: ReportConfig, table: list[dict[str, Any]], metric: str) -> list[str]:
+    """One line per schedule (and weights) against random on `metric`. With several of them, each
+    is one of several claims: significance is then judged on Holm-adjusted p-values."""
     lower = _lower_is_better(metric)
     label = "held-out loss" if _is_overall_heldout_loss(metric) else metric
     unit = " bits/byte" if "bpb" in metric else (" nats" if "loss" in metric else "")
     rows = [r for r in table if r.get("metric") == metric]
     seeds = {run_label(r): r.get("n_seeds") for r in rows}
+    tested = [r for r in rows if r.get("schedule") != "random" and is_number(r.get("diff_vs_random"))
+              and is_number(r.get("diff_stderr")) and is_number(r.get("diff_p"))]
+    adjusted = dict(zip(map(id, tested), holm_adjusted([r["diff_p"] for r in tested])))
     out = []
     for row in rows:
         diff, se, p = row.get("diff_vs_random"), row.get("diff_stderr"), row.get("diff_p")
@@ -152,8 +168,14 @@ def verdict_lines(cfg: ReportConfig, table: list[dict[str, Any]], metric: str) -
         else:
             test = (f"paired t test over {row.get('n_seeds')} seeds" if row.get("diff_paired") else
                     f"Welch t test over {row.get('n_seeds')} and {seeds.get(baseline, 'n/a')} seeds")
-            verdict = "significant" if _significant(cfg, row) else "not significant"
-            text += f" ± {se:.3f}{unit} ({direction}, {verdict}: {_p_text(p)}, {test})"
+            if len(tested) > 1:
+                adj = adjusted[id(row)]
+                verdict = "significant" if adj < cfg.significance_level else "not significant"
+                text += (f" ± {se:.3f}{unit} ({direction}, {verdict}: {_p_text(p)}, {_p_text(adj).replace('p', 'Holm-adjusted', 1)} "
+                         f"for {len(tested)} comparisons, {test})")
+            else:
+                verdict = "significant" if _significant(cfg, row) else "not significant"
+                text += f" ± {se:.3f}{unit} ({direction}, {verdict}: {_p_text(p)}, {test})"
         out.append(text)
     return out
 
@@ -212,5 +234,7 @@ def compare_section(cfg: ReportConfig, run: RunDir, compare: tuple[Path, dict[st
                       + ("; stderr (items) is the evaluation's own sampling error over the task's questions" if with_items else "")
                       + "; differences are to random with the same weights (frame+ema against random+ema), paired by "
                         "seed where seeds match; p is the two-sided p-value of a t test over seeds (paired, else "
-                        "Welch's), n/a where it has none (one seed, or no spread), so no significance claim there."))
+                        "Welch's), n/a where it has none (one seed, or no spread), so no significance claim there. "
+                        "Each row's p is its own: over this many rows some fall below the level by chance alone; "
+                        "the verdict above adjusts its p-values for the number of schedules it compares (Holm)."))
     return section, verdicts
