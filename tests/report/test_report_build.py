@@ -122,7 +122,8 @@ def test_report_reads_what_partition_and_schedule_write(tmp_path, stratify):
         "pd": rng.normal(0.3, 0.1, n), "status": ["ok"] * n,
     }), run.path("score", "scores.parquet"))
     partition_documents(PartitionConfig(stratify_by_source=stratify), run)
-    build_schedules(ScheduleConfig(), run)
+    build_schedules(ScheduleConfig.from_dict({"strategies": [{"kind": "frame"}, {"kind": "random"},
+                                                             {"kind": "random", "name": "high_ppl", "cells": ["Q3", "Q4"]}]}), run)
     build_report(ReportConfig(schedule_groups="quadrant" if stratify else "source"), run)
     text = run.path("report", "index.html").read_text()
     schedules = sorted(p.parent.name for p in run.root.glob("schedule/*/order.parquet"))
@@ -134,6 +135,7 @@ def test_report_reads_what_partition_and_schedule_write(tmp_path, stratify):
     else:
         assert "quadrant cuts (summary.json's cut points)" in text
         assert "each band's height is that source's share" in text
+    assert text.count("A selection: it keeps only the documents of cells Q3, Q4, repeated") == 1  # high_ppl's caption alone
 
 
 def test_figure_check_fails_on_a_figure_without_data(tmp_path):

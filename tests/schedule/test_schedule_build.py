@@ -247,3 +247,5 @@ def test_a_selection_writes_only_its_cells_and_their_pool(run):
     sources = load_stages(run.path("schedule/low_ppl/stages.yaml"))["sources"]
     assert {s: v["pool_tokens"] for s, v in sources.items()} == (low.n_tokens + 1).groupby(low.source).sum().to_dict()
     assert set(kept.id) == set(low.id) and kept.epoch.max() >= 1  # every kept document, repeated to fill the budget
+    assert load_stages(run.path("schedule/low_ppl/stages.yaml"))["cells"] == ["Q1", "Q2"]
+    assert "cells" not in load_stages(run.path("schedule/random/stages.yaml"))  # every cell: the file reads as before

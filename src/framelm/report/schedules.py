@@ -23,18 +23,20 @@ from framelm.sql import parquet_columns, sql_str
 ORDER_COLUMNS = ("position", "stage", "source", "quadrant", "n_tokens")
 
 
-def _stage_boundaries(path: Path, stage_tokens: list[int]) -> list[tuple[str, float]]:
-    """(name, start token) of each stage: from stages.yaml, else from the stage column of
-    order.parquet (stage k starts after the tokens of stages < k). stages.yaml also lists a
-    stage that got no documents, which order.parquet cannot show."""
+def _stage_boundaries(path: Path, stage_tokens: list[int]) -> tuple[list[tuple[str, float]], list[str]]:
+    """(name, start token) of each stage, and the cells a selection keeps (none: every cell): from
+    stages.yaml, else the stages from the stage column of order.parquet (stage k starts after the
+    tokens of stages < k). stages.yaml also lists a stage that got no documents, which
+    order.parquet cannot show."""
     if not path.is_file():
         starts = np.concatenate([[0], np.cumsum(stage_tokens)[:-1]]).tolist()
-        return [(f"stage {i}", float(t)) for i, t in enumerate(starts)]
-    stages = load_yaml(path).get("stages")
+        return [(f"stage {i}", float(t)) for i, t in enumerate(starts)], []
+    data = load_yaml(path)
+    stages = data.get("stages")
     if not isinstance(stages, list) or not all(isinstance(st, dict) for st in stages):
         raise FramelmError(f"{path}: expected a mapping with a 'stages' list of {{name, start_token, end_token, ...}}")
-    return [(str(st.get("name", f"stage {i}")), number_field(st, "start_token", f"{path}: stages[{i}]"))
-            for i, st in enumerate(stages)]
+    return ([(str(st.get("name", f"stage {i}")), number_field(st, "start_token", f"{path}: stages[{i}]"))
+             for i, st in enumerate(stages)], [str(c) for c in data.get("cells") or []])
 
 
 def _tokens_by_bin(path: Path, group: str, n_bins: int, total_tokens: int) -> dict[str, np.ndarray]:
@@ -90,13 +92,15 @@ def schedule_section(cfg: ReportConfig, run: RunDir, out: Path, con: Any) -> Sec
         filled = grid.sum(axis=0) > 0  # a document longer than a bin leaves the next bins empty
         shares = grid[:, filled] / grid[:, filled].sum(axis=0)
         centres = (np.arange(n_bins)[filled] + 0.5) * total / n_bins
-        boundaries = _stage_boundaries(path.parent / "stages.yaml", stage_tokens)
+        boundaries, kept = _stage_boundaries(path.parent / "stages.yaml", stage_tokens)
         file = f"schedule-{_slug(name)}.png"
         plots.schedule_areas(out / file, f"schedule '{name}' ({total:,} tokens)", total, centres, groups, shares,
                              boundaries, group, cfg.dpi)
         section.images.append(Image(
             file, f"Schedule '{html.escape(name)}': each band's height is that {group}'s share of the tokens trained on "
-                  f"at that point of the run; dotted lines mark where each stage's token budget begins."))
+                  f"at that point of the run; dotted lines mark where each stage's token budget begins."
+                  + (f" A selection: it keeps only the documents of cells {html.escape(', '.join(kept))}, repeated as "
+                     f"the budget needs." if kept else "")))
     return section
 
 

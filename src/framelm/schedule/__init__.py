@@ -5,7 +5,7 @@ Reads  RUN/score/scores.parquet with its labels RUN/partition/quadrants.parquet 
        strategy also reads the user's schedule file.
 Writes RUN/schedule/<strategy>/order.parquet   position: int64, id, stage: int32, source,
                                                quadrant, n_tokens, epoch: int32
-       RUN/schedule/<strategy>/stages.yaml     per stage: name, start/end token, start/end
+       RUN/schedule/<strategy>/stages.yaml     (a selection's kept `cells`); per stage: name, start/end token, start/end
                                                optimizer step, docs, tokens, composition
                                                (token share per cell and per source); per
                                                source: tokens available, in the pool the

@@ -63,7 +63,7 @@ def describe(schedule: Schedule, stream: Stream, docs: np.ndarray, mix: np.ndarr
                       "pool_tokens": int(pool), "scheduled_tokens": int(scheduled[i]),
                       "epochs": round(float(scheduled[i] / pool), 6) if pool else 0.0}
     return {
-        "strategy": schedule.name, "kind": schedule.kind, "seed": cfg.seed,
+        "strategy": schedule.name, "kind": schedule.kind, **({"cells": schedule.cells} if schedule.cells else {}), "seed": cfg.seed,
         "seq_len": cfg.seq_len, "global_batch": cfg.global_batch, "tokens_per_step": per_step,
         "total_tokens": start, "total_docs": int(len(stream.idx)),
         "total_steps": total_steps, "tail_tokens": start - total_steps * per_step,

@@ -37,6 +37,7 @@ class Schedule:
     stages: list[Stage]
     smooth: bool  # whether transitions apply between these stages
     pool_tokens: dict[str, int]  # per source: unique tokens the schedule draws from
+    cells: list[str] = dataclasses.field(default_factory=list)  # the cells a selection keeps; empty: every cell
 
 
 def _shuffle(seed: int, key: str, idx: np.ndarray, epoch: np.ndarray, weight: np.ndarray) -> Stage:
@@ -195,7 +196,7 @@ class Builder:
             raise ConfigError(f"strategy {strategy.label!r}: no document fits {budgets}: each pool's share rounds "
                               f"to the nearest document boundary, and the shortest document holds "
                               f"{int(self.weight.min())} tokens with its EOS; raise {'them' if kind == 'yaml' else 'total_tokens'}")
-        return Schedule(strategy.label, kind, stages, smooth, pool_tokens)
+        return Schedule(strategy.label, kind, stages, smooth, pool_tokens, list(strategy.cells))
 
     def _check_order(self, strategy: StrategyConfig) -> list[str]:
         kept = [self.corpus.cell_names[i] for i in self._kept_cells(strategy)]
