@@ -31,6 +31,7 @@ fi
 
 OUT=${OUT:-bench-out}
 mkdir -p "$OUT"
+rm -f "$OUT"/train.json "$OUT"/score.json  # a benchmark that does not run leaves no figures of an earlier run
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 PY=${PY:-python3}
 if [[ -n "${SMOKE:-}" ]]; then
@@ -44,12 +45,13 @@ fi
   "$PY" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__, "cuda", torch.cuda.is_available())' \
   || echo "the version probe failed"; } > "$OUT/machine.txt"
 status=0
-# One benchmark failing must not cost the other's figures: run both, report both exit codes.
+# One benchmark failing must not cost the other's figures: run both, print each one's exit code,
+# and exit 1 if either failed.
 # Each gets its own time limit, so one that runs long cannot starve the other (the device call
 # allows 540 s); both print every measurement to their .err file as it finishes.
-timeout "${TRAIN_LIMIT_S:-270}" "$PY" -m bench.train "${train_args[@]}" > "$OUT/train.json" 2> "$OUT/train.err" || { status=$?; echo "bench.train failed ($status; 124 = time limit); see $OUT/train.err" >&2; }
+timeout "${TRAIN_LIMIT_S:-270}" "$PY" -m bench.train "${train_args[@]}" > "$OUT/train.json" 2> "$OUT/train.err" || { rc=$?; status=1; echo "bench.train failed ($rc; 124 = time limit); see $OUT/train.err" >&2; }
 if [[ -d .data/corpus ]]; then  # only the score benchmark reads documents: without them the train one still runs
-    timeout "${SCORE_LIMIT_S:-240}" "$PY" -m bench.score --corpus .data/corpus "${score_args[@]}" > "$OUT/score.json" 2> "$OUT/score.err" || { status=$?; echo "bench.score failed ($status; 124 = time limit); see $OUT/score.err" >&2; }
+    timeout "${SCORE_LIMIT_S:-240}" "$PY" -m bench.score --corpus .data/corpus "${score_args[@]}" > "$OUT/score.json" 2> "$OUT/score.err" || { rc=$?; status=1; echo "bench.score failed ($rc; 124 = time limit); see $OUT/score.err" >&2; }
 else
     echo "no .data/corpus: bench.score skipped; run 'bash bench/gpu.sh prepare' here and carry .data" | tee "$OUT/score.err" >&2
     status=1

@@ -135,13 +135,17 @@ def main() -> None:
         loss_fn = torch.compile(next_token_loss)
     arm("framelm", lambda: timed(make_step(ours, lambda: loss_fn(ours(x), y), device)))
 
-    from transformers import LlamaForCausalLM
+    def hf_llama() -> dict:
+        """Built inside its arm, so that a failure to build it costs only this row; its weights
+        and optimizer state leave the GPU when it returns."""
+        from transformers import LlamaForCausalLM
 
-    hf = LlamaForCausalLM(llama_config(margs, eos_id=0)).to(device)  # SDPA attention by default
-    hf_run = torch.compile(hf) if compile_models else hf
-    # HF's own loss path: labels shifted inside the model, as a user would call it.
-    arm("hf_llama", lambda: timed(make_step(hf, lambda: hf_run(input_ids=x, labels=x).loss, device)))
-    hf = hf_run = None  # its weights and optimizer state leave the GPU before the next arms
+        hf = LlamaForCausalLM(llama_config(margs, eos_id=0)).to(device)  # SDPA attention by default
+        hf_run = torch.compile(hf) if compile_models else hf
+        # HF's own loss path: labels shifted inside the model, as a user would call it.
+        return timed(make_step(hf, lambda: hf_run(input_ids=x, labels=x).loss, device))
+
+    arm("hf_llama", hf_llama)
 
     arm("framelm_fit", lambda: trainer_throughput(args, device, compile_models, rates))
     arm("batch_reader", lambda: batch_reader_throughput(args))

@@ -180,7 +180,11 @@ def test_streams_that_give_different_steps_are_refused_before_anything_trains(tm
     check_budgets(dataclasses_replace(cfg, train=dataclasses_replace(cfg.train, max_tokens=900)), run)  # 7 steps each
     with pytest.raises(FramelmError, match=r"train.max_tokens = 1,001 exceeds the exported stream of 'short'.*= 896"):
         check_budgets(dataclasses_replace(cfg, train=dataclasses_replace(cfg.train, max_tokens=1001)), run)
-    check_budgets(dataclasses_replace(cfg, schedules=["frame", "nope"]), run)  # not exported: its training says so
+    with pytest.raises(FramelmError, match=r"compare.schedules names 'nope', which has no exported stream .*\(exported: "
+                                           r"frame, short\); export it first: framelm export --run-dir"):
+        check_budgets(dataclasses_replace(cfg, schedules=["frame", "nope"]), run)
+    run.update_record("train/nope/seed0", {"stage": "train", "status": "done"})  # trained, then its export deleted
+    check_budgets(dataclasses_replace(cfg, schedules=["frame", "nope"]), run)
 
 
 def test_same_settings_are_required_up_to_execution_details(tmp_path):

@@ -478,8 +478,15 @@ def check_budgets(cfg: CompareConfig, run: RunDir) -> None:
     their documents' rounding, and a step boundary between them would otherwise be found by
     check_same_budget only after every model had trained."""
     per_step = cfg.train.global_batch_seqs * cfg.train.seq_len
-    # A schedule not exported is left to its training run, whose error names the export to run.
     folders = {s: run.path("export", s, "stream") for s in cfg.schedules}
+    for s, folder in folders.items():
+        # A stream deleted after all its runs trained (to save disk) needs no check: nothing will read it.
+        trained = all((run.record(f"train/{s}/seed{k}") or {}).get("status") == "done" for k in cfg.seeds)
+        if not folder.is_dir() and not trained:
+            exported = sorted(p.parent.name for p in run.root.glob("export/*/stream") if p.is_dir())
+            raise FramelmError(f"compare.schedules names '{s}', which has no exported stream at {folder} (exported: "
+                               f"{', '.join(exported) or 'none'}); export it first: framelm export --run-dir {run.root}, "
+                               f"with '{s}' among the schedule stage's strategies")
     lengths = {s: len(read_stream(d)[0]) for s, d in folders.items() if d.is_dir()}
     if not lengths:
         return

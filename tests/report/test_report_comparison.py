@@ -71,6 +71,7 @@ def test_holm_adjustment_by_hand():
     # sorted 0.01, 0.03, 0.04 times 3, 2, 1: 0.03, 0.06, 0.04 -> running maximum 0.03, 0.06, 0.06
     assert holm_adjusted([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
     assert holm_adjusted([0.4, 0.9]) == [0.8, 0.9] and holm_adjusted([0.02]) == [0.02] and holm_adjusted([]) == []
+    assert holm_adjusted([0.01, 0.01]) == [0.02, 0.02]  # ties: the second is not left below the first
 
 
 def test_several_schedules_are_judged_on_adjusted_p_values():
@@ -96,7 +97,7 @@ def test_no_difference_among_several_schedules_is_called_significant_at_the_nomi
         table = build_table(seed_runs({**{n: noise[k].tolist() for k, n in enumerate(names)}, "random": noise[3].tolist()}),
                             [*names, "random"])
         hits += any(", significant: p" in line for line in verdict_lines(ReportConfig(), table, "heldout_loss/all"))
-    assert hits / trials < 0.065  # at most 5% + 3 binomial standard errors
+    assert 0.025 < hits / trials < 0.065  # 5% +- 3 binomial standard errors, less the correlation through random
 
 
 def test_table_without_p_values_makes_no_significance_claim(tmp_path):

@@ -234,7 +234,8 @@ def compare_section(cfg: ReportConfig, run: RunDir, compare: tuple[Path, dict[st
                       + ("; stderr (items) is the evaluation's own sampling error over the task's questions" if with_items else "")
                       + "; differences are to random with the same weights (frame+ema against random+ema), paired by "
                         "seed where seeds match; p is the two-sided p-value of a t test over seeds (paired, else "
-                        "Welch's), n/a where it has none (one seed, or no spread), so no significance claim there. "
-                        "Each row's p is its own: over this many rows some fall below the level by chance alone; "
-                        "the verdict above adjusts its p-values for the number of schedules it compares (Holm)."))
+                        "Welch's), n/a where it has none (one seed, or no spread), so no significance claim there."
+                      + (" Each row's p is its own: over many rows some fall below the level by chance alone; the "
+                         "verdict above adjusts its p-values for the number of comparisons it makes (Holm)."
+                         if any("Holm-adjusted" in v for v in verdicts) else "")))
     return section, verdicts
