@@ -35,7 +35,7 @@ def make_scored_run(root: Path, rows: int, seed: int = 0) -> None:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from framelm.partition import write_labels
+    from framelm.labels import write_labels
 
     rng = np.random.default_rng(seed)
     sources, splits = pa.array(SOURCES), pa.array(["train", "heldout"])

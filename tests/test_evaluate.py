@@ -18,7 +18,7 @@ from framelm.builtin_tasks import LAST_WORD, NEXT_LINE, write_builtin_tasks
 from framelm.errors import FramelmError
 from framelm.evaltasks import check_task_file, harness_config, run_harness, write_task_configs
 from framelm.evaluate import EvalConfig, evaluate_heldout
-from framelm.partition import write_labels
+from framelm.labels import write_labels
 from framelm.pipeline import run_stage
 from framelm.rundir import RunDir
 

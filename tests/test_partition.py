@@ -8,7 +8,8 @@ import pytest
 
 from framelm.cli import main
 from framelm.errors import ConfigError, FramelmError
-from framelm.partition import PartitionConfig, cell_name, labelled_sql, partition_documents, read_labelled, read_labels
+from framelm.labels import labelled_sql, read_labelled, read_labels
+from framelm.partition import PartitionConfig, cell_name, partition_documents
 from framelm.rundir import RunDir
 
 

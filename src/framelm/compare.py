@@ -420,7 +420,7 @@ def heldout_sizes(runs: list[dict[str, Any]]) -> dict[str, dict[str, int | None]
 
 def partition_quadrants(run: RunDir) -> list[str] | None:
     """The quadrants of RUN/partition (None without a readable one)."""
-    from framelm.partition import LABELS, label_cells
+    from framelm.labels import label_cells, LABELS
 
     if not run.path(LABELS).is_file():
         return None

@@ -38,7 +38,7 @@ from framelm.device import resolve_device
 from framelm.errors import FramelmError
 from framelm.evaltasks import TaskFile, check_task_file, run_harness, write_task_configs
 from framelm.heldout import document_windows, heldout_sets
-from framelm.partition import LABELS, SCORES
+from framelm.labels import LABELS, SCORES
 from framelm.progress import progress_bar
 from framelm.rundir import RunDir
 from framelm.tokenstore import TokenStore

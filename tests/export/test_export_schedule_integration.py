@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from export_fixtures import build_tiny_run
 from framelm.export import ExportConfig, export_schedules
 from framelm import schedule
-from framelm.partition import write_labels
+from framelm.labels import write_labels
 
 CELLS = [("Q1", 0, 0), ("Q2", 0, 1), ("Q3", 1, 0), ("Q4", 1, 1)]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from framelm.partition import read_labelled
+from framelm.labels import read_labelled
 from framelm.rundir import RunDir
 
 from .conftest import assert_nothing_half_written, assert_user_error

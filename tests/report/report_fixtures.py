@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from framelm.partition import write_labels
+from framelm.labels import write_labels
 from framelm.rundir import RunDir
 
 

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from framelm.errors import FramelmError
-from framelm.partition import read_labelled, write_labels
+from framelm.labels import read_labelled, write_labels
 from framelm.report import ReportConfig, build_report
 from framelm.report.quadrants import lines_from_data, stated_lines
 from framelm.rundir import RunDir

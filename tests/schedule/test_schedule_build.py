@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from framelm.errors import ConfigError, FramelmError
-from framelm.partition import PartitionConfig, partition_documents, read_labelled
+from framelm.labels import read_labelled
+from framelm.partition import PartitionConfig, partition_documents
 from framelm.rundir import RunDir
 from framelm.schedule import ScheduleConfig, Stage, assemble, build_schedules, load_stages
 from schedule_fixtures import write_yaml

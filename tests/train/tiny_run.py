@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from framelm.partition import write_labels
+from framelm.labels import write_labels
 from framelm.rundir import RunDir
 
 VOCAB = 64
