@@ -420,7 +420,7 @@ def heldout_sizes(runs: list[dict[str, Any]]) -> dict[str, dict[str, int | None]
 
 def partition_quadrants(run: RunDir) -> list[str] | None:
     """The quadrants of RUN/partition (None without a readable one)."""
-    from framelm.labels import label_cells, LABELS
+    from framelm.labels import LABELS, label_cells
 
     if not run.path(LABELS).is_file():
         return None
@@ -479,10 +479,10 @@ def check_budgets(cfg: CompareConfig, run: RunDir) -> None:
     check_same_budget only after every model had trained."""
     per_step = cfg.train.global_batch_seqs * cfg.train.seq_len
     folders = {s: run.path("export", s, "stream") for s in cfg.schedules}
+    unfinished = {t.schedule for t, _ in cfg.runs() if (run.record(f"train/{t.instance()}") or {}).get("status") != "done"}
     for s, folder in folders.items():
         # A stream deleted after all its runs trained (to save disk) needs no check: nothing will read it.
-        trained = all((run.record(f"train/{s}/seed{k}") or {}).get("status") == "done" for k in cfg.seeds)
-        if not folder.is_dir() and not trained:
+        if not folder.is_dir() and s in unfinished:
             exported = sorted(p.parent.name for p in run.root.glob("export/*/stream") if p.is_dir())
             raise FramelmError(f"compare.schedules names '{s}', which has no exported stream at {folder} (exported: "
                                f"{', '.join(exported) or 'none'}); export it first: framelm export --run-dir {run.root}, "
@@ -490,17 +490,19 @@ def check_budgets(cfg: CompareConfig, run: RunDir) -> None:
     lengths = {s: len(read_stream(d)[0]) for s, d in folders.items() if d.is_dir()}
     if not lengths:
         return
-    common = min(lengths.values()) // per_step * per_step
     planned = {s: budget_steps(n, cfg.train.max_tokens, per_step) * per_step for s, n in lengths.items()}
     too_long = [s for s, n in lengths.items() if cfg.train.max_tokens > n]
-    if too_long or len(set(planned.values())) > 1:
-        streams = ", ".join(f"{s} {n:,}" for s, n in lengths.items())
-        problem = (f"train.max_tokens = {cfg.train.max_tokens:,} exceeds the exported stream of {too_long[0]!r}" if too_long else
-                   "the schedules would train on different token counts (" + ", ".join(f"{s} {t:,}" for s, t in planned.items()) + ")")
-        raise FramelmError(f"{problem}: their streams hold {streams} tokens and a step takes {per_step:,}; set "
-                           f"compare.train.max_tokens = {common} (the shortest stream's whole steps) so that every "
-                           f"schedule trains on the same tokens" if common else
-                           f"{problem}; the shortest stream holds less than one step of {per_step:,} tokens")
+    if too_long:
+        problem = f"train.max_tokens = {cfg.train.max_tokens:,} exceeds the exported stream of {too_long[0]!r}"
+    elif len(set(planned.values())) > 1:
+        problem = "the schedules would train on different token counts (" + ", ".join(f"{s} {t:,}" for s, t in planned.items()) + ")"
+    else:
+        return
+    common = min(lengths.values()) // per_step * per_step
+    remedy = (f"set compare.train.max_tokens = {common} (the shortest stream's whole steps) so that every schedule "
+              f"trains on the same tokens" if common else "the shortest stream holds less than one step")
+    streams = ", ".join(f"{s} {n:,}" for s, n in lengths.items())
+    raise FramelmError(f"{problem}: their streams hold {streams} tokens and a step takes {per_step:,}; {remedy}")
 
 
 def check_same_budget(runs: list[dict[str, Any]], run: RunDir) -> None:

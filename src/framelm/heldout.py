@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import torch
 
 from framelm.errors import FramelmError
-from framelm.labels import LABELS, read_labels, SCORES
+from framelm.labels import LABELS, SCORES, read_labels
 from framelm.rundir import RunDir
 from framelm.tokenstore import TokenStore
 

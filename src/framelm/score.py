@@ -289,7 +289,6 @@ def _check_precision(run: RunDir, dtype: Any, why: str) -> None:
 
 
 def score_documents(cfg: ScoreConfig, run: RunDir) -> dict[str, Any]:
-
     docs = DocumentTable(run)
     n_shards = math.ceil(docs.n_docs / cfg.docs_per_shard)
     mine = [k for k in range(n_shards) if k % cfg.world_size == cfg.rank]

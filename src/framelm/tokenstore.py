@@ -58,12 +58,11 @@ class TokenStore:
         self.directory = directory
         self.meta = meta
         self.tokens = tokens
-        self._remedy = f"re-run framelm tokenize --run-dir {directory.parent} --force"
 
     @classmethod
     def open(cls, run_or_dir: RunDir | str | Path) -> "TokenStore":
         directory = _store_dir(run_or_dir)
-        return cls(directory, *read_tokens(directory, f"re-run framelm tokenize --run-dir {directory.parent} --force"))
+        return cls(directory, *read_tokens(directory, _remedy(directory)))
 
     @functools.cached_property
     def index(self) -> pa.Table:
@@ -72,7 +71,7 @@ class TokenStore:
         try:
             index = pq.read_table(index_path)
         except (OSError, pa.ArrowInvalid) as exc:
-            raise FramelmError(f"{index_path}: cannot read the token store's index ({exc!r}); {self._remedy}") from None
+            raise FramelmError(f"{index_path}: cannot read the token store's index ({exc!r}); {_remedy(self.directory)}") from None
         if index.num_rows != self.meta.get("n_docs"):
             raise FramelmError(f"{index_path}: {index.num_rows} rows but meta.json says {self.meta.get('n_docs')} documents")
         return index
@@ -140,6 +139,10 @@ def read_tokens(directory: Path, remedy: str) -> tuple[dict[str, Any], np.ndarra
     # numpy cannot map an empty file
     tokens = np.memmap(tokens_path, dtype=dtype, mode="r", shape=(n_tokens,)) if n_tokens else np.empty(0, dtype)
     return meta, tokens
+
+
+def _remedy(directory: Path) -> str:
+    return f"re-run framelm tokenize --run-dir {directory.parent} --force"
 
 
 def _store_dir(run_or_dir: RunDir | str | Path) -> Path:

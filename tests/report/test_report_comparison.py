@@ -90,14 +90,16 @@ def test_no_difference_among_several_schedules_is_called_significant_at_the_nomi
     """Three schedules, all equal to random up to seed noise: some verdict says "significant" in
     about 5% of comparisons (4.5% here; judged on unadjusted p-values, 13%)."""
     rng = np.random.default_rng(7)
-    trials, hits = 2000, 0
+    trials, hits, unadjusted = 2000, 0, 0
     names = ["frame", "sorted", "pd_two_stage"]
     for _ in range(trials):
         noise = 3.0 + rng.normal(0, 0.02, (4, 5))
         table = build_table(seed_runs({**{n: noise[k].tolist() for k, n in enumerate(names)}, "random": noise[3].tolist()}),
                             [*names, "random"])
         hits += any(", significant: p" in line for line in verdict_lines(ReportConfig(), table, "heldout_loss/all"))
+        unadjusted += any(r["diff_p"] < 0.05 for r in table if r["metric"] == "heldout_loss/all" and r["diff_p"] is not None)
     assert 0.025 < hits / trials < 0.065  # 5% +- 3 binomial standard errors, less the correlation through random
+    assert unadjusted / trials > 0.1  # what the adjustment prevents: a family of three, each tested alone
 
 
 def test_table_without_p_values_makes_no_significance_claim(tmp_path):

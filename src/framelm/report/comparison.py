@@ -117,8 +117,8 @@ def _pick_verdict_metric(cfg: ReportConfig, metrics: list[str], path: Path) -> s
     return next(iter(overall + [m for m in metrics if "loss" in m] + metrics), None)
 
 
-def _p_text(p: float) -> str:
-    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}" if p < 0.01 else f"p = {p:.2f}"
+def _p_text(p: float, name: str = "p") -> str:
+    return f"{name} < 0.001" if p < 0.001 else f"{name} = {p:.3f}" if p < 0.01 else f"{name} = {p:.2f}"
 
 
 def _significant(cfg: ReportConfig, row: dict[str, Any]) -> bool | None:
@@ -139,6 +139,12 @@ def holm_adjusted(ps: list[float]) -> list[float]:
     return adjusted
 
 
+def _tested(table: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """The rows of `metric` whose difference to random has a t test: the verdict's family of claims."""
+    return [r for r in table if r.get("metric") == metric and r.get("schedule") != "random"
+            and all(is_number(r.get(k)) for k in ("diff_vs_random", "diff_stderr", "diff_p"))]
+
+
 def verdict_lines(cfg: ReportConfig, table: list[dict[str, Any]], metric: str) -> list[str]:
     """One line per schedule (and weights) against random on `metric`. With several of them, each
     is one of several claims: significance is then judged on Holm-adjusted p-values."""
@@ -147,9 +153,8 @@ def verdict_lines(cfg: ReportConfig, table: list[dict[str, Any]], metric: str) -
     unit = " bits/byte" if "bpb" in metric else (" nats" if "loss" in metric else "")
     rows = [r for r in table if r.get("metric") == metric]
     seeds = {run_label(r): r.get("n_seeds") for r in rows}
-    tested = [r for r in rows if r.get("schedule") != "random" and is_number(r.get("diff_vs_random"))
-              and is_number(r.get("diff_stderr")) and is_number(r.get("diff_p"))]
-    adjusted = dict(zip(map(id, tested), holm_adjusted([r["diff_p"] for r in tested])))
+    tested = _tested(table, metric)
+    adjusted = dict(zip(map(run_label, tested), holm_adjusted([r["diff_p"] for r in tested])))
     out = []
     for row in rows:
         diff, se, p = row.get("diff_vs_random"), row.get("diff_stderr"), row.get("diff_p")
@@ -168,14 +173,10 @@ def verdict_lines(cfg: ReportConfig, table: list[dict[str, Any]], metric: str) -
         else:
             test = (f"paired t test over {row.get('n_seeds')} seeds" if row.get("diff_paired") else
                     f"Welch t test over {row.get('n_seeds')} and {seeds.get(baseline, 'n/a')} seeds")
-            if len(tested) > 1:
-                adj = adjusted[id(row)]
-                verdict = "significant" if adj < cfg.significance_level else "not significant"
-                text += (f" ± {se:.3f}{unit} ({direction}, {verdict}: {_p_text(p)}, {_p_text(adj).replace('p', 'Holm-adjusted', 1)} "
-                         f"for {len(tested)} comparisons, {test})")
-            else:
-                verdict = "significant" if _significant(cfg, row) else "not significant"
-                text += f" ± {se:.3f}{unit} ({direction}, {verdict}: {_p_text(p)}, {test})"
+            adj = adjusted[name]  # p itself when it is the only claim
+            verdict = "significant" if adj < cfg.significance_level else "not significant"
+            holm = f", {_p_text(adj, 'Holm-adjusted')} for {len(tested)} comparisons" if len(tested) > 1 else ""
+            text += f" ± {se:.3f}{unit} ({direction}, {verdict}: {_p_text(p)}{holm}, {test})"
         out.append(text)
     return out
 
@@ -237,5 +238,5 @@ def compare_section(cfg: ReportConfig, run: RunDir, compare: tuple[Path, dict[st
                         "Welch's), n/a where it has none (one seed, or no spread), so no significance claim there."
                       + (" Each row's p is its own: over many rows some fall below the level by chance alone; the "
                          "verdict above adjusts its p-values for the number of comparisons it makes (Holm)."
-                         if any("Holm-adjusted" in v for v in verdicts) else "")))
+                         if metric and len(_tested(table, metric)) > 1 else "")))
     return section, verdicts

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from framelm import fsutil, plots
 from framelm.errors import FramelmError
-from framelm.labels import labelled_sql, LABELS, SCORES
+from framelm.labels import LABELS, SCORES, labelled_sql
 from framelm.report.config import ReportConfig
 from framelm.report.page import Image, Section, fmt_number, not_run, html_table
 from framelm.rundir import RunDir

@@ -23,7 +23,7 @@ from framelm.sql import parquet_columns, sql_str
 ORDER_COLUMNS = ("position", "stage", "source", "quadrant", "n_tokens")
 
 
-def _stage_boundaries(path: Path, stage_tokens: list[int]) -> tuple[list[tuple[str, float]], list[str]]:
+def _stages_and_cells(path: Path, stage_tokens: list[int]) -> tuple[list[tuple[str, float]], list[str]]:
     """(name, start token) of each stage, and the cells a selection keeps (none: every cell): from
     stages.yaml, else the stages from the stage column of order.parquet (stage k starts after the
     tokens of stages < k). stages.yaml also lists a stage that got no documents, which
@@ -92,7 +92,7 @@ def schedule_section(cfg: ReportConfig, run: RunDir, out: Path, con: Any) -> Sec
         filled = grid.sum(axis=0) > 0  # a document longer than a bin leaves the next bins empty
         shares = grid[:, filled] / grid[:, filled].sum(axis=0)
         centres = (np.arange(n_bins)[filled] + 0.5) * total / n_bins
-        boundaries, kept = _stage_boundaries(path.parent / "stages.yaml", stage_tokens)
+        boundaries, kept = _stages_and_cells(path.parent / "stages.yaml", stage_tokens)
         file = f"schedule-{_slug(name)}.png"
         plots.schedule_areas(out / file, f"schedule '{name}' ({total:,} tokens)", total, centres, groups, shares,
                              boundaries, group, cfg.dpi)

@@ -16,7 +16,7 @@ import pyarrow as pa
 from framelm import fsutil
 from framelm.columnar import Categories, in_background, index_dtype, row_groups
 from framelm.errors import ConfigError, FramelmError
-from framelm.labels import read_labels, SCORES
+from framelm.labels import SCORES, read_labels
 from framelm.rundir import RunDir
 
 SUMMARY = "partition/summary.json"
