@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from framelm.errors import FramelmError
-from framelm.ingest import DOCUMENT_SCHEMA, IngestConfig, file_stem, split_of
+from framelm.ingest import DOCUMENT_SCHEMA, IngestConfig, file_stem, in_sample, split_of
 from framelm.pipeline import run_stage
 from framelm.rundir import RunDir
 
@@ -405,6 +405,42 @@ def test_max_docs_per_input_keeps_the_first_usable_documents_of_each_file(tmp_pa
     assert counts["docs"] == 19
     with pytest.raises(Exception, match="'max_docs_per_input' = -1 must be 0"):
         IngestConfig(inputs=[str(a)], max_docs_per_input=-1).validate()
+
+
+def test_sample_fraction_keeps_exactly_the_full_runs_documents_that_fall_in_the_sample(tmp_path):
+    rows = [{"id": f"d{i}", "text": f"doc {i}"} for i in range(2000)] + [{"id": "dup", "text": "doc 7"}]
+    path = write_jsonl(tmp_path / "a.jsonl", rows)
+    full, full_run = ingest(tmp_path, [path], run_name="full", heldout_fraction=0.1, ref_fraction=0.1)
+    counts, run = ingest(tmp_path, [path], run_name="sample", sample_fraction=0.25, heldout_fraction=0.1, ref_fraction=0.1)
+    everything = {d["id"]: d for d in documents(full_run)}
+    sample = documents(run)
+    # the sample is a subset of the full run with the same splits, drawn after dedup
+    assert sample == [everything[d["id"]] for d in sample]
+    assert [d["id"] for d in sample] == [i for i in everything if in_sample(i, 0, 0.25)]
+    assert 400 < counts["docs"] < 600 and counts["sampled_out"] == full["docs"] - counts["docs"]
+    assert counts["duplicates_dropped"] == 1
+    # independent of the split hash: the sample keeps the splits' proportions
+    assert 0.05 < counts["splits"]["heldout"] / counts["docs"] < 0.15
+    assert 0.72 < counts["splits"]["train"] / counts["docs"] < 0.88
+    other, _ = ingest(tmp_path, [path], run_name="seed1", sample_fraction=0.25, sample_seed=1)
+    assert other["docs"] != counts["docs"] or other["sources"] != counts["sources"]
+    with pytest.raises(FramelmError, match="none of the 3 usable documents .* fell in the sample_fraction = 1e-09 sample"):
+        ingest(tmp_path, [write_jsonl(tmp_path / "b.jsonl", rows[:3])], run_name="none", sample_fraction=1e-9)
+    # no sample hashes as before sample_fraction existed, so older run directories stay up to date
+    assert "sample_seed" not in IngestConfig(sample_seed=3).hashed_dict()
+    assert IngestConfig(sample_fraction=0.5).hashed_dict()["sample_seed"] == 0
+    with pytest.raises(Exception, match="'sample_fraction' = 0 must be in \\(0, 1\\]"):
+        IngestConfig(inputs=[str(path)], sample_fraction=0).validate()
+
+
+def test_an_input_that_the_sample_leaves_empty_is_warned_about_as_such(tmp_path, caplog):
+    big = write_jsonl(tmp_path / "big.jsonl", [{"id": f"d{i}", "text": f"doc {i}"} for i in range(400)])
+    kept_out = next(f"x{i}" for i in range(1000) if not in_sample(f"x{i}", 0, 0.1))
+    small = write_jsonl(tmp_path / "small.jsonl", [{"id": kept_out, "text": "alone"}])
+    with caplog.at_level(logging.WARNING, logger="framelm"):
+        ingest(tmp_path, [big, small], sample_fraction=0.1)
+    assert (f"input {small} yielded no documents: none of its 1 usable documents fell in the sample_fraction = 0.1 "
+            "sample") in caplog.text
 
 
 def test_an_input_that_yields_no_documents_is_warned_about_by_name(tmp_path, caplog):

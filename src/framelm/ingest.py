@@ -13,7 +13,9 @@ Every record becomes a document with an `id` (the record's own, else the sha1 of
 `source` (the `source_field`, else the input file's stem: `web` for `web.jsonl.gz`) and a
 `split` drawn from a hash of the id and `split_seed` (`heldout`, `ref` or `train`). Bad
 records are dropped and counted by reason; with `strict` the first one stops the run.
-Exact duplicate texts are dropped when `dedup` is on.
+Exact duplicate texts are dropped when `dedup` is on. `sample_fraction` then keeps a random
+subset drawn from another hash of the id, so a sample holds exactly those documents of a full
+ingest, with the same splits.
 
 Writes:
     RUN/ingest/documents/part-NNNNN.parquet (+ hidden .done marker)   id, source, split, text, n_chars, n_bytes
@@ -92,7 +94,11 @@ class IngestConfig(StageConfig):
     builtin_max_chars: int = field(DEFAULT_MAX_CHARS, help="size cap of the 'builtin' corpus in characters")
     max_docs_per_input: int = field(0, help="keep at most this many documents of each input file (a .txt folder, a "
                                             "saved datasets folder and 'builtin' count as one), the first in reading order, and stop reading it "
-                                            "there: a quick subset of a large corpus, not a random sample; 0 keeps all")
+                                            "there: a quick subset of a large corpus, not a random sample (see sample_fraction); 0 keeps all")
+    sample_fraction: float = field(1.0, help="keep each document with this probability, drawn from a hash of its id "
+                                             "and sample_seed (independent of the split hash): a reproducible random "
+                                             "subset of a large corpus; 1 keeps all")
+    sample_seed: int = field(0, help="seed of the id hash that draws the sample (sample_fraction < 1)")
     docs_per_shard: int = field(4096, hash=False, help="documents per output Parquet file")
 
     def validate(self) -> None:
@@ -108,11 +114,20 @@ class IngestConfig(StageConfig):
         for name in ("docs_per_shard", "builtin_max_chars"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"'{name}' = {getattr(self, name)} must be a positive integer")
+        if not 0.0 < self.sample_fraction <= 1.0:
+            raise ConfigError(f"'sample_fraction' = {self.sample_fraction} must be in (0, 1]; 1 keeps every document")
         if self.max_docs_per_input < 0:
             raise ConfigError(f"'max_docs_per_input' = {self.max_docs_per_input} must be 0 (keep all) or positive")
         for name in ("text_field", "id_field"):
             if not getattr(self, name):
                 raise ConfigError(f"'{name}' must not be empty")
+
+    def hashed_dict(self) -> dict[str, Any]:
+        data = super().hashed_dict()
+        if self.sample_fraction == 1.0:
+            # no sample, as before sampling existed: a run ingested then stays up to date
+            del data["sample_fraction"], data["sample_seed"]
+        return data
 
     def input_fingerprint(self, run: RunDir) -> list[dict[str, Any]]:
         """Content identity of the inputs (enters the stage hash: changed bytes re-run ingest)."""
@@ -421,15 +436,27 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
+def _unit_hash(doc_id: str, seed: int, purpose: bytes = b"") -> float:
+    """A uniform number in [0, 1) that is a pure function of the id, the seed and the purpose."""
+    digest = hashlib.blake2b(f"{seed}\x00{doc_id}".encode("utf-8", "surrogatepass"), digest_size=8, person=purpose).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
 def split_of(doc_id: str, seed: int, heldout_fraction: float, ref_fraction: float) -> str:
     """The split of a document: a pure function of its id and the seed, stable across runs."""
-    digest = hashlib.blake2b(f"{seed}\x00{doc_id}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    u = int.from_bytes(digest, "big") / 2.0**64
+    u = _unit_hash(doc_id, seed)
     if u < heldout_fraction:
         return "heldout"
     if u < heldout_fraction + ref_fraction:
         return "ref"
     return "train"
+
+
+def in_sample(doc_id: str, seed: int, fraction: float) -> bool:
+    """Whether a document is in the sample. The hash is personalised, so that the sample is not
+    correlated with the splits even when both seeds are equal (a 10 % sample drawn from the
+    split's own hash would be the heldout and ref splits)."""
+    return fraction >= 1.0 or _unit_hash(doc_id, seed, b"framelm-sample") < fraction
 
 
 class FieldEvidence:
@@ -658,12 +685,18 @@ class EmptyInput:
     n_records: int
     rejects: list[dict[str, Any]]
     duplicates: int
+    sampled_out: int
 
 
 def _warn_empty_input(cfg: IngestConfig, empty: EmptyInput) -> None:
     """Say why an input gave no documents: beside other inputs the run succeeds, and its counts
     alone do not say which file lost its records. A warning, not an error: an input can
     legitimately be empty."""
+    if empty.sampled_out:
+        log.warning("ingest: input %s yielded no documents: none of its %d usable documents fell in the "
+                    "sample_fraction = %g sample; raise sample_fraction to keep some", empty.unit, empty.sampled_out,
+                    cfg.sample_fraction)
+        return
     if not empty.n_records:
         why = "it holds no records"
     else:
@@ -700,7 +733,7 @@ def ingest_corpus(cfg: IngestConfig, run: RunDir) -> dict[str, Any]:
     checker = RecordChecker(cfg)
     sources: Counter[str] = Counter()
     splits: Counter[str] = Counter({s: 0 for s in SPLITS})
-    n_docs = n_bytes = n_chars = 0
+    n_docs = n_bytes = n_chars = sampled_out = 0
     shard: list[dict[str, Any]] = []
     n_shards = resumed = 0
 
@@ -720,6 +753,7 @@ def ingest_corpus(cfg: IngestConfig, run: RunDir) -> dict[str, Any]:
         for kind, path in units:
             checker.input = _unit_name(kind, path)
             kept = n_records = 0
+            sampled_before = sampled_out
             first_reject, duplicates_before = len(checker.rejects), checker.duplicates_dropped
             with contextlib.closing(read_records(kind, path, cfg)) as records:
                 for rec in records:
@@ -727,6 +761,9 @@ def ingest_corpus(cfg: IngestConfig, run: RunDir) -> dict[str, Any]:
                     bar.update()
                     n_records += 1
                     if doc is None:
+                        continue
+                    if not in_sample(doc["id"], cfg.sample_seed, cfg.sample_fraction):
+                        sampled_out += 1
                         continue
                     kept += 1
                     n_docs += 1
@@ -741,7 +778,8 @@ def ingest_corpus(cfg: IngestConfig, run: RunDir) -> dict[str, Any]:
                         break
             if not kept:
                 empty_inputs.append(EmptyInput(checker.input, n_records, checker.rejects[first_reject:],
-                                               checker.duplicates_dropped - duplicates_before))
+                                               checker.duplicates_dropped - duplicates_before,
+                                               sampled_out - sampled_before))
     if shard:
         flush()
     if n_docs == 0:
@@ -749,6 +787,9 @@ def ingest_corpus(cfg: IngestConfig, run: RunDir) -> dict[str, Any]:
         first = checker.rejects[0] if checker.rejects else None
         example = (f"; the first: {first['file']}" + (f", line {first['line']}" if first["line"] is not None else "")
                    + f": {first['detail']}") if first else ""
+        if sampled_out:
+            raise FramelmError(f"ingest: none of the {sampled_out} usable documents of {', '.join(cfg.inputs)} fell in "
+                               f"the sample_fraction = {cfg.sample_fraction:g} sample; raise sample_fraction")
         raise FramelmError(f"ingest found no usable documents in {', '.join(cfg.inputs)} "
                            f"(rejected: {dict(checker.reject_counts) or 'none'}{example}); check text_field='{cfg.text_field}'")
     for empty in empty_inputs:
@@ -762,6 +803,6 @@ def ingest_corpus(cfg: IngestConfig, run: RunDir) -> dict[str, Any]:
     return {
         "docs": n_docs, "bytes": n_bytes, "chars": n_chars, "shards": n_shards,
         "rejected": sum(checker.reject_counts.values()), "duplicates_dropped": checker.duplicates_dropped,
-        "sources": dict(sorted(sources.items())), "splits": dict(splits),
+        "sampled_out": sampled_out, "sources": dict(sorted(sources.items())), "splits": dict(splits),
         "rejects": dict(sorted(checker.reject_counts.items())), "inputs": fingerprints,
     }
