@@ -16,7 +16,7 @@ import pytest
 from framelm.compare import (TABLE_COLUMNS, CompareConfig, Difference, build_table, check_budgets, check_same_budget, difference,
                              documents_digest, format_table, heldout_notes, heldout_sizes, mean_stderr,
                              non_finite_note, non_finite_values, shared_fraction, t_test_p,
-                             table_csv, trained_documents, trained_tokens)
+                             table_csv, trained_documents, trained_tokens, unigram_note)
 from framelm.config import ConfigError
 from framelm.errors import FramelmError
 from framelm.evaluate import EvalConfig, resolve_model
@@ -279,6 +279,17 @@ def test_heldout_sizes_and_small_set_caution():
     assert heldout_notes({"heldout_sets": {"all": {"docs": 500, "tokens": 200_000}}, "quadrants_without_heldout": []}) == []
 
 
+def test_unigram_note_cautions_only_when_the_models_are_near_the_floor():
+    table = build_table(fake_runs({"frame": {0: (4.0, 0.5)}, "random": {0: (4.2, 0.5)}}), ["frame", "random"])
+    near = unigram_note({"unigram_heldout_loss": {"all": 4.3}, "table": table})
+    assert near.startswith("caution: a unigram model of the training documents' tokens has held-out loss 4.300 nats on "
+                           "'all'; the best schedule 4.000, 0.300 nats below it: the models have learned little")
+    far = unigram_note({"unigram_heldout_loss": {"all": 6.0}, "table": table})
+    assert far.endswith("the best schedule 4.000, 2.000 nats below it")
+    assert unigram_note({"unigram_heldout_loss": None, "table": table}) is None  # eval measured no held-out loss
+    assert unigram_note({"table": table}) is None  # a results.json written before the floor existed
+
+
 # -- which documents a run trained on -------------------------------------------------------------
 
 def write_order(run: RunDir, schedule: str, ids: list[str], n_tokens: list[int]) -> None:
@@ -437,6 +448,11 @@ def test_compare_trains_both_schedules_on_the_same_tokens(tmp_path, capsys):
     assert set(results["heldout_sets"]) == set(results["runs"][0]["results"]["heldout"])
     assert all(isinstance(v["docs"], int) and isinstance(v["tokens"], int) for v in results["heldout_sets"].values())
     assert "held-out set" in counts["summary"]
+    # the unigram floor of every held-out set eval measured; the Markov chains are learnt well below it
+    assert set(results["unigram_heldout_loss"]) == set(results["heldout_sets"])
+    floor, best = results["unigram_heldout_loss"]["all"], min(frame["mean"], random["mean"])
+    assert f"has held-out loss {floor:.3f} nats on 'all'; the best schedule {best:.3f}" in counts["summary"]
+    assert floor - best > 0.5 and "caution: a unigram model" not in counts["summary"]
     assert run.path("compare", "results.csv").read_text().startswith(",".join(TABLE_COLUMNS) + "\n")
     assert run_stage("compare", cfg, run) == counts  # everything up to date: nothing re-runs
 

@@ -1,14 +1,17 @@
 import math
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
-from framelm.heldout import HeldoutSet, document_windows, heldout_loss, heldout_sets, packed_rows
+import framelm.heldout
+from framelm.heldout import (HeldoutSet, document_windows, heldout_loss, heldout_sets, packed_rows, train_token_counts,
+                            unigram_loss)
 from framelm.model import FrameLM, ModelConfig
 from framelm.rundir import RunDir
 
-from train.tiny_run import EOS, make_tiny_run
+from train.tiny_run import EOS, VOCAB, make_tiny_run
 
 
 def test_sets_per_source_and_quadrant(tmp_path):
@@ -29,6 +32,37 @@ def test_without_a_partition_there_are_no_quadrant_sets(tmp_path):
     root = make_tiny_run(tmp_path / "run")
     (root / "partition" / "quadrants.parquet").unlink()
     assert set(heldout_sets(RunDir(root))) == {"all", "source/alpha", "source/beta"}
+
+
+@pytest.mark.parametrize("chunk_tokens", [1 << 24, 50])  # one span, or a span per few documents
+def test_train_token_counts_count_the_train_documents_only(tmp_path, monkeypatch, chunk_tokens):
+    monkeypatch.setattr(framelm.heldout, "UNIGRAM_CHUNK_TOKENS", chunk_tokens)
+    run = RunDir(make_tiny_run(tmp_path / "run"))
+    tokens = np.fromfile(run.path("tokenize", "tokens.bin"), dtype=np.uint16)
+    index = pq.read_table(run.path("tokenize", "index.parquet")).to_pylist()
+    expected = np.zeros(VOCAB, dtype=np.int64)
+    for row in index:
+        if row["split"] == "train":
+            np.add.at(expected, tokens[row["offset"]: row["offset"] + row["n_tokens"]].astype(np.int64), 1)
+    counts = train_token_counts(run)
+    assert counts.tolist() == expected.tolist() and counts[EOS] == 0
+    assert counts.sum() == sum(r["n_tokens"] for r in index if r["split"] == "train")
+
+
+def test_unigram_loss_is_the_smoothed_frequencies_cross_entropy():
+    counts = np.array([0, 3, 1, 0])  # add-one: p = (1, 4, 2, 1) / 8
+    hset = HeldoutSet("all", [np.array([1, 1]), np.array([2, 3])], n_bytes=4)
+    assert unigram_loss(counts, hset) == pytest.approx(-(2 * math.log(4 / 8) + math.log(2 / 8) + math.log(1 / 8)) / 4)
+
+
+def test_an_untrained_model_is_above_the_unigram_floor(tmp_path):
+    run = RunDir(make_tiny_run(tmp_path / "run"))
+    hset = heldout_sets(run)["all"]
+    floor = unigram_loss(train_token_counts(run), hset)
+    assert floor == pytest.approx(math.log(VOCAB - 1), abs=0.05)  # the chains visit the 63 non-EOS tokens about equally
+    torch.manual_seed(0)
+    untrained = FrameLM(ModelConfig(preset="tiny").resolve(VOCAB))
+    assert heldout_loss(untrained, hset, EOS, seq_len=64)["loss"] > floor
 
 
 def test_windows_read_each_document_after_an_eos():

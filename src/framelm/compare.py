@@ -48,6 +48,10 @@ RUN/schedule/<schedule>/order.parquet (which documents each schedule holds, in s
 `heldout_sets` gives each held-out set's docs and tokens (from eval's results.json); with a
 partition, `quadrants_without_heldout` lists the quadrants that have no held-out set (so no row).
 The summary cautions on sets below HELDOUT_CAUTION_DOCS documents or HELDOUT_CAUTION_TOKENS tokens.
+`unigram_heldout_loss` gives each set's loss under a unigram model of the train-split tokens
+(framelm.heldout.unigram_loss), the floor a model must beat to know more than token frequencies;
+the summary cautions when the best schedule's held-out loss is less than UNIGRAM_CAUTION_NATS
+below it.
 
 Writes: RUN/compare/results.json, RUN/compare/results.csv (the table).
 """
@@ -85,7 +89,11 @@ SHARED_DOCUMENTS_CAUTION = 0.95  # below this share of common documents, a diffe
 # MIN_SPLIT_DOCS); 20,000 tokens is ten times less than eval's default of 200,000 tokens per set.
 HELDOUT_CAUTION_DOCS = MIN_SPLIT_DOCS
 HELDOUT_CAUTION_TOKENS = 20_000
-TABLE_FORMAT = 2  # 1: no weights, diff_paired, diff_df or diff_p columns; same_documents over whole streams
+# Models that beat a unigram model of their training tokens by less than this have learned little
+# beyond token frequencies; their held-out loss then swings with the sources they saw last.
+UNIGRAM_CAUTION_NATS = 0.5
+TABLE_FORMAT = 3  # 1: no weights, diff_paired, diff_df or diff_p columns; same_documents over whole streams;
+                  # 2: no unigram_heldout_loss
 
 
 @dataclasses.dataclass
@@ -462,6 +470,37 @@ def heldout_notes(results: dict[str, Any], metric: str | None = "heldout_loss/al
     return notes
 
 
+def unigram_baseline(cfg: CompareConfig, run: RunDir) -> dict[str, float] | None:
+    """Each held-out set's loss under a unigram model of the training documents (the sets eval
+    measured: the same documents, capped at eval.heldout_tokens); None without held-out evaluation."""
+    from framelm.heldout import heldout_sets, train_token_counts, unigram_loss
+
+    if not cfg.eval.heldout:
+        return None
+    sets = heldout_sets(run, cfg.eval.heldout_tokens)
+    if not sets:
+        return None
+    counts = train_token_counts(run)
+    return {name: round(unigram_loss(counts, hset), 6) for name, hset in sets.items()}
+
+
+def unigram_note(results: dict[str, Any]) -> str | None:
+    """How far below a unigram model the best schedule's held-out loss is; a caution when by little."""
+    floor = (results.get("unigram_heldout_loss") or {}).get("all")
+    means = [r["mean"] for r in results.get("table", []) if r.get("metric") == "heldout_loss/all"
+             and isinstance(r.get("mean"), (int, float)) and math.isfinite(r["mean"])]
+    if not isinstance(floor, (int, float)) or not means:
+        return None
+    best = min(means)
+    text = (f"a unigram model of the training documents' tokens has held-out loss {floor:.3f} nats on 'all'; "
+            f"the best schedule {best:.3f}, {floor - best:.3f} nats below it")
+    if floor - best >= UNIGRAM_CAUTION_NATS:
+        return text
+    return (f"caution: {text}: the models have learned little beyond token frequencies (less than "
+            f"{UNIGRAM_CAUTION_NATS} nats), so a difference between orders mostly says which sources they saw last; "
+            f"train longer or larger models before reading it as an effect of the curriculum")
+
+
 def format_heldout(sizes: dict[str, dict[str, int | None]]) -> str:
     """One line per held-out set: its documents and tokens."""
     if not sizes:
@@ -556,7 +595,8 @@ def compare_schedules(cfg: CompareConfig, run: RunDir) -> dict[str, Any]:
            "same_documents": None if None in fingerprints else len(fingerprints) == 1,
            "shared_documents": {s: None if ids is None or baseline_ids is None else round(shared_fraction(ids, baseline_ids), 6)
                                 for (s, _), ids in trained.items() if s != BASELINE},
-           "heldout_sets": heldout_sizes(runs), "non_finite": non_finite_values(runs), "runs": runs, "table": table}
+           "heldout_sets": heldout_sizes(runs), "unigram_heldout_loss": unigram_baseline(cfg, run),
+           "non_finite": non_finite_values(runs), "runs": runs, "table": table}
     quadrants = partition_quadrants(run)
     out["quadrants_without_heldout"] = (None if quadrants is None or not out["heldout_sets"] else
                                         [q for q in quadrants if f"quadrant/{q}" not in out["heldout_sets"]])
@@ -566,7 +606,7 @@ def compare_schedules(cfg: CompareConfig, run: RunDir) -> dict[str, Any]:
     summary = format_table(table)
     if out["heldout_sets"]:
         summary += "\n" + format_heldout(out["heldout_sets"])
-    for line in [non_finite_note(out), documents_note(out), *heldout_notes(out, None)]:
+    for line in [non_finite_note(out), documents_note(out), *heldout_notes(out, None), unigram_note(out)]:
         if line:
             summary += "\n" + line
     return {"runs": len(planned), "evaluations": len(runs), "tokens_per_run": runs[0]["tokens"],

@@ -8,6 +8,9 @@ Writes nothing. The training loop logs these losses every few steps; the eval st
 
 Each set takes documents in one fixed pseudo-random order (so a capped "all" set follows the
 corpus' natural mix rather than the index's file order) until `max_tokens_per_set` is reached.
+`unigram_loss` gives the floor a model must beat to have learned anything beyond token
+frequencies: the loss of a unigram model of the training documents' tokens on the same set.
+
 Loss is measured with the document mask on: each document is read after an EOS (which opens
 it) and never sees another document or a cut of itself placed by its neighbours, so its loss
 does not depend on which documents share its rows. Only the documents' own tokens are scored (predicting an EOS is not), so
@@ -21,6 +24,7 @@ import math
 
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -47,8 +51,6 @@ class HeldoutSet:
 
 def _heldout_quadrants(run: RunDir) -> pd.Series:
     """Quadrant by id of the labelled held-out documents; the other rows' ids are never copied."""
-    import pyarrow.compute as pc
-
     codes, cells = read_labels(run)
     scores = pq.read_table(run.path(SCORES), columns=["id", "split"])
     rows = np.flatnonzero((codes >= 0) & pc.equal(scores.column("split"), "heldout").fill_null(False).to_numpy(zero_copy_only=False))
@@ -157,3 +159,39 @@ def heldout_loss(model: torch.nn.Module, hset: HeldoutSet, eos_id: int, seq_len:
         "tokens": n_tokens,
         "bytes": hset.n_bytes,
     }
+
+
+UNIGRAM_CHUNK_TOKENS = 1 << 24
+
+
+def train_token_counts(run: RunDir) -> np.ndarray:
+    """How often each token id occurs in the train-split documents (their EOS not counted, as
+    held-out loss never scores one). Reads tokens.bin once, in spans of about UNIGRAM_CHUNK_TOKENS."""
+    store = TokenStore.open(run)
+    index = pq.read_table(run.path("tokenize", "index.parquet"), columns=["split", "offset", "n_tokens"])
+    train = pc.equal(index.column("split"), "train").fill_null(False).to_numpy(zero_copy_only=False)
+    offsets = index.column("offset").to_numpy()[train]
+    lengths = index.column("n_tokens").to_numpy()[train]
+    order = np.argsort(offsets, kind="stable")
+    offsets, lengths = offsets[order], lengths[order]
+    counts = np.zeros(store.vocab_size, dtype=np.int64)
+    lo = 0
+    while lo < len(offsets):
+        # the documents starting within UNIGRAM_CHUNK_TOKENS of this one: one read of their span,
+        # the held-out and ref documents between them masked out
+        hi = max(lo + 1, int(np.searchsorted(offsets, offsets[lo] + UNIGRAM_CHUNK_TOKENS)))
+        first, last = int(offsets[lo]), int(offsets[hi - 1] + lengths[hi - 1])
+        inside = np.zeros(last - first + 1, dtype=np.int8)
+        np.add.at(inside, offsets[lo:hi] - first, 1)
+        np.add.at(inside, offsets[lo:hi] + lengths[lo:hi] - first, -1)
+        span = np.asarray(store.tokens[first:last])
+        counts += np.bincount(span[np.cumsum(inside, dtype=np.int8)[:-1] > 0], minlength=store.vocab_size)[:store.vocab_size]
+        lo = hi
+    return counts
+
+
+def unigram_loss(counts: np.ndarray, hset: HeldoutSet) -> float:
+    """Mean NLL (nats per token) on the set of the unigram model `counts` gives, add-one smoothed
+    so that a token never seen in training has a finite loss."""
+    log_p = np.log(counts + 1.0) - math.log(float(counts.sum()) + len(counts))
+    return float(-sum(log_p[doc].sum() for doc in hset.docs) / hset.n_tokens)

@@ -233,3 +233,27 @@ def test_small_heldout_sets_and_quadrants_without_one_are_stated(tmp_path):
     path.write_text(json.dumps(data))
     counts = build_report(ReportConfig(), run)
     assert "too small a sample" not in run.path("report", "index.html").read_text() and "too small a sample" not in counts["summary"]
+
+
+def test_the_unigram_floor_is_tabulated_and_cautioned_on_when_near(tmp_path):
+    root = tmp_path / "run"
+    run = make_run(root, seeds=(0, 1), parts=("compare",))
+    path = root / "compare" / "results.json"
+    data = json.loads(path.read_text())
+    best = min(r["mean"] for r in data["table"] if r["metric"] == "heldout_loss/all")
+    data["heldout_sets"] = {"all": {"docs": 500, "tokens": 200_000}}
+    data["unigram_heldout_loss"] = {"all": best + 0.2}
+    path.write_text(json.dumps(data))
+    counts = build_report(ReportConfig(), run)
+    text = " ".join(run.path("report", "index.html").read_text().split())
+    assert f"<td>all</td><td>500</td><td>200,000</td><td>{best + 0.2:.4g}</td>" in text
+    assert "unigram model&#x27;s loss" in text
+    assert "the models have learned little beyond token frequencies" in text
+    assert "the models have learned little beyond token frequencies" in counts["summary"]  # in the verdict
+
+    data["unigram_heldout_loss"] = {"all": best + 3.0}
+    path.write_text(json.dumps(data))
+    counts = build_report(ReportConfig(), run)
+    text = " ".join(run.path("report", "index.html").read_text().split())
+    assert f"the best schedule {best:.3f}, 3.000 nats below it." in text and "learned little" not in text
+    assert "learned little" not in counts["summary"]

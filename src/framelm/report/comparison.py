@@ -197,20 +197,32 @@ def compare_section(cfg: ReportConfig, run: RunDir, compare: tuple[Path, dict[st
     if not verdicts:
         verdicts = [f"no verdict: {path} has no difference against 'random' for {metric} "
                     f"(was 'random' among the compared schedules?)"]
-    from framelm.compare import documents_note, heldout_notes, non_finite_note  # compare imports torch: only with a result
+    from framelm.compare import documents_note, heldout_notes, non_finite_note, unigram_note  # compare imports torch: only with a result
 
     for note in (non_finite_note(data), documents_note(data)):
         if note:
             section.blocks.append(caution(note))
             verdicts.append(note)
     sizes = data.get("heldout_sets")
+    unigram = data.get("unigram_heldout_loss") if isinstance(data.get("unigram_heldout_loss"), dict) else {}
     if isinstance(sizes, dict) and sizes:
-        rows = [[html.escape(str(name)), count_text(size.get("docs")), count_text(size.get("tokens"))]
+        rows = [[html.escape(str(name)), count_text(size.get("docs")), count_text(size.get("tokens")),
+                 *([fmt_number(unigram.get(name))] if unigram else [])]
                 for name, size in sizes.items() if isinstance(size, dict)]
-        section.blocks.append(html_table(["held-out set", "documents", "tokens"], rows,
-                                     "The held-out sets the held-out rows (and a held-out verdict) are measured on"))
+        section.blocks.append(html_table(
+            ["held-out set", "documents", "tokens", *(["unigram model's loss"] if unigram else [])], rows,
+            "The held-out sets the held-out rows (and a held-out verdict) are measured on"
+            + ("; a unigram model of the training documents' tokens (add-one smoothed) has the loss given: a "
+               "model must be well below it to have learned more than token frequencies" if unigram else "")))
     for line in heldout_notes(data, None):
         section.blocks.append(caution(line))
+    floor = unigram_note(data)
+    if floor:
+        if floor.startswith("caution"):
+            section.blocks.append(caution(floor))
+            verdicts.append(floor)
+        else:
+            section.blocks.append(f"<p>{html.escape(floor[0].upper() + floor[1:])}.</p>")
     if metric:
         verdicts.extend(heldout_notes({**data, "quadrants_without_heldout": None}, metric))
     level = cfg.significance_level
