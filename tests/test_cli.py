@@ -2,6 +2,7 @@
 
 import dataclasses
 import re
+from pathlib import Path
 
 import pytest
 
@@ -153,13 +154,21 @@ def test_run_dir_flag_serves_a_config_file_without_one(tmp_path, capsys):
 
 
 def test_an_override_for_a_stage_the_pipeline_does_not_run_is_refused(capsys):
-    from pathlib import Path
-
     demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
     assert main(["run", str(demo), "--set", "train.lr=1e-3", "--dry-run"]) == 2  # compare trains; no train stage
     err = capsys.readouterr().err
     assert f"override 'train.lr=1e-3': {demo} does not run stage 'train'" in err
     assert "did you mean compare.train.lr=1e-3?" in err
+
+
+@pytest.mark.shared_data
+def test_the_mixed_corpus_experiment_config_resolves(shared_data, monkeypatch, capsys):
+    # its inputs are paths relative to the repository root, as RESULTS.md runs it
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    assert main(["run", "configs/mixed-corpus.yaml", "--dry-run", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "sample_fraction: 0.1" in out and "- reverse" in out
 
 
 def test_a_reader_that_goes_away_gets_no_traceback(tmp_path):

@@ -286,6 +286,8 @@ def test_unigram_note_cautions_only_when_the_models_are_near_the_floor():
                            "'all'; the best schedule 4.000, 0.300 nats below it: the models have learned little")
     far = unigram_note({"unigram_heldout_loss": {"all": 6.0}, "table": table})
     assert far.endswith("the best schedule 4.000, 2.000 nats below it")
+    worse = unigram_note({"unigram_heldout_loss": {"all": 3.9}, "table": table})
+    assert "the best schedule 4.000, 0.100 nats above it, worse than token frequencies alone: " in worse
     assert unigram_note({"unigram_heldout_loss": None, "table": table}) is None  # eval measured no held-out loss
     assert unigram_note({"table": table}) is None  # a results.json written before the floor existed
 

@@ -34,9 +34,9 @@ def test_without_a_partition_there_are_no_quadrant_sets(tmp_path):
     assert set(heldout_sets(RunDir(root))) == {"all", "source/alpha", "source/beta"}
 
 
-@pytest.mark.parametrize("chunk_tokens", [1 << 24, 50])  # one span, or a span per few documents
-def test_train_token_counts_count_the_train_documents_only(tmp_path, monkeypatch, chunk_tokens):
-    monkeypatch.setattr(framelm.heldout, "UNIGRAM_CHUNK_TOKENS", chunk_tokens)
+@pytest.mark.parametrize("batch_tokens", [1 << 24, 50])  # one bincount, or one per few documents
+def test_train_token_counts_count_the_train_documents_only(tmp_path, monkeypatch, batch_tokens):
+    monkeypatch.setattr(framelm.heldout, "UNIGRAM_BATCH_TOKENS", batch_tokens)
     run = RunDir(make_tiny_run(tmp_path / "run"))
     tokens = np.fromfile(run.path("tokenize", "tokens.bin"), dtype=np.uint16)
     index = pq.read_table(run.path("tokenize", "index.parquet")).to_pylist()
@@ -47,6 +47,10 @@ def test_train_token_counts_count_the_train_documents_only(tmp_path, monkeypatch
     counts = train_token_counts(run)
     assert counts.tolist() == expected.tolist() and counts[EOS] == 0
     assert counts.sum() == sum(r["n_tokens"] for r in index if r["split"] == "train")
+    # over the cap: whole train documents until it is passed, no more
+    capped = train_token_counts(run, max_tokens=1000)
+    longest = max(r["n_tokens"] for r in index)
+    assert 1000 <= capped.sum() < 1000 + longest and (capped <= counts).all()
 
 
 def test_unigram_loss_is_the_smoothed_frequencies_cross_entropy():

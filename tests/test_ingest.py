@@ -422,12 +422,13 @@ def test_sample_fraction_keeps_exactly_the_full_runs_documents_that_fall_in_the_
     # independent of the split hash: the sample keeps the splits' proportions
     assert 0.05 < counts["splits"]["heldout"] / counts["docs"] < 0.15
     assert 0.72 < counts["splits"]["train"] / counts["docs"] < 0.88
-    other, _ = ingest(tmp_path, [path], run_name="seed1", sample_fraction=0.25, sample_seed=1)
-    assert other["docs"] != counts["docs"] or other["sources"] != counts["sources"]
+    _, other = ingest(tmp_path, [path], run_name="seed1", sample_fraction=0.25, sample_seed=1)
+    assert {d["id"] for d in documents(other)} != {d["id"] for d in sample}
     with pytest.raises(FramelmError, match="none of the 3 usable documents .* fell in the sample_fraction = 1e-09 sample"):
         ingest(tmp_path, [write_jsonl(tmp_path / "b.jsonl", rows[:3])], run_name="none", sample_fraction=1e-9)
     # no sample hashes as before sample_fraction existed, so older run directories stay up to date
     assert "sample_seed" not in IngestConfig(sample_seed=3).hashed_dict()
+    assert IngestConfig().config_hash() == "15e3aea8c31e4c12"  # the default's hash before sampling existed
     assert IngestConfig(sample_fraction=0.5).hashed_dict()["sample_seed"] == 0
     with pytest.raises(Exception, match="'sample_fraction' = 0 must be in \\(0, 1\\]"):
         IngestConfig(inputs=[str(path)], sample_fraction=0).validate()

@@ -161,32 +161,35 @@ def heldout_loss(model: torch.nn.Module, hset: HeldoutSet, eos_id: int, seq_len:
     }
 
 
-UNIGRAM_CHUNK_TOKENS = 1 << 24
+# A unigram estimate settles long before this; it bounds the read of a large token store.
+UNIGRAM_MAX_TOKENS = 100_000_000
+UNIGRAM_BATCH_TOKENS = 1 << 24
 
 
-def train_token_counts(run: RunDir) -> np.ndarray:
+def train_token_counts(run: RunDir, max_tokens: int = UNIGRAM_MAX_TOKENS) -> np.ndarray:
     """How often each token id occurs in the train-split documents (their EOS not counted, as
-    held-out loss never scores one). Reads tokens.bin once, in spans of about UNIGRAM_CHUNK_TOKENS."""
+    held-out loss never scores one): all of them, or on a larger corpus whole documents in a
+    fixed pseudo-random order until `max_tokens`."""
     store = TokenStore.open(run)
     index = pq.read_table(run.path("tokenize", "index.parquet"), columns=["split", "offset", "n_tokens"])
     train = pc.equal(index.column("split"), "train").fill_null(False).to_numpy(zero_copy_only=False)
     offsets = index.column("offset").to_numpy()[train]
     lengths = index.column("n_tokens").to_numpy()[train]
-    order = np.argsort(offsets, kind="stable")
-    offsets, lengths = offsets[order], lengths[order]
+    if lengths.sum() > max_tokens:
+        order = np.random.default_rng(SHUFFLE_SEED).permutation(len(offsets))
+        order = order[: int(np.searchsorted(np.cumsum(lengths[order]), max_tokens)) + 1]
+        offsets, lengths = offsets[order], lengths[order]
+    by_offset = np.argsort(offsets, kind="stable")  # reads in file order
+    offsets, lengths = offsets[by_offset], lengths[by_offset]
     counts = np.zeros(store.vocab_size, dtype=np.int64)
-    lo = 0
-    while lo < len(offsets):
-        # the documents starting within UNIGRAM_CHUNK_TOKENS of this one: one read of their span,
-        # the held-out and ref documents between them masked out
-        hi = max(lo + 1, int(np.searchsorted(offsets, offsets[lo] + UNIGRAM_CHUNK_TOKENS)))
-        first, last = int(offsets[lo]), int(offsets[hi - 1] + lengths[hi - 1])
-        inside = np.zeros(last - first + 1, dtype=np.int8)
-        np.add.at(inside, offsets[lo:hi] - first, 1)
-        np.add.at(inside, offsets[lo:hi] + lengths[lo:hi] - first, -1)
-        span = np.asarray(store.tokens[first:last])
-        counts += np.bincount(span[np.cumsum(inside, dtype=np.int8)[:-1] > 0], minlength=store.vocab_size)[:store.vocab_size]
-        lo = hi
+    batch: list[np.ndarray] = []
+    held = 0
+    for i, (offset, n) in enumerate(zip(offsets.tolist(), lengths.tolist())):
+        batch.append(np.asarray(store.tokens[offset: offset + n]))
+        held += n
+        if held >= UNIGRAM_BATCH_TOKENS or i == len(offsets) - 1:
+            counts += np.bincount(np.concatenate(batch), minlength=store.vocab_size)[: store.vocab_size]
+            batch, held = [], 0
     return counts
 
 

@@ -15,7 +15,8 @@ Every record becomes a document with an `id` (the record's own, else the sha1 of
 records are dropped and counted by reason; with `strict` the first one stops the run.
 Exact duplicate texts are dropped when `dedup` is on. `sample_fraction` then keeps a random
 subset drawn from another hash of the id, so a sample holds exactly those documents of a full
-ingest, with the same splits.
+ingest, with the same splits (before `max_docs_per_input` caps it); `rejected` and
+`duplicates_dropped` still count every record read.
 
 Writes:
     RUN/ingest/documents/part-NNNNN.parquet (+ hidden .done marker)   id, source, split, text, n_chars, n_bytes
@@ -96,8 +97,9 @@ class IngestConfig(StageConfig):
                                             "saved datasets folder and 'builtin' count as one), the first in reading order, and stop reading it "
                                             "there: a quick subset of a large corpus, not a random sample (see sample_fraction); 0 keeps all")
     sample_fraction: float = field(1.0, help="keep each document with this probability, drawn from a hash of its id "
-                                             "and sample_seed (independent of the split hash): a reproducible random "
-                                             "subset of a large corpus; 1 keeps all")
+                                             "and sample_seed (independent of the split hash), after dedup: a "
+                                             "reproducible random subset of a large corpus; with max_docs_per_input, "
+                                             "the first that many sampled documents; 1 keeps all")
     sample_seed: int = field(0, help="seed of the id hash that draws the sample (sample_fraction < 1)")
     docs_per_shard: int = field(4096, hash=False, help="documents per output Parquet file")
 
@@ -714,11 +716,12 @@ def _warn_empty_input(cfg: IngestConfig, empty: EmptyInput) -> None:
 
 def _warn_small_splits(cfg: IngestConfig, splits: Counter[str]) -> None:
     """The held-out and reference splits are shares of the corpus; a small corpus leaves them tiny."""
+    more = "raise sample_fraction" if cfg.sample_fraction < 1.0 else "ingest more data"
     for split, setting in (("heldout", "heldout_fraction"), ("ref", "ref_fraction")):
         if splits[split] < MIN_SPLIT_DOCS:
             log.warning("ingest: the '%s' split has only %d documents (%s=%s); results read on it rest on very few "
-                        "documents; raise %s or ingest more data (at least %d documents in the split are advisable)",
-                        split, splits[split], setting, getattr(cfg, setting), setting, MIN_SPLIT_DOCS)
+                        "documents; raise %s or %s (at least %d documents in the split are advisable)",
+                        split, splits[split], setting, getattr(cfg, setting), setting, more, MIN_SPLIT_DOCS)
 
 
 def ingest_corpus(cfg: IngestConfig, run: RunDir) -> dict[str, Any]:

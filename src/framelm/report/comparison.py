@@ -220,7 +220,8 @@ def compare_section(cfg: ReportConfig, run: RunDir, compare: tuple[Path, dict[st
     if floor:
         if floor.startswith("caution"):
             section.blocks.append(caution(floor))
-            verdicts.append(floor)
+            if metric and metric.startswith("heldout_"):  # a task verdict does not read held-out loss
+                verdicts.append(floor)
         else:
             section.blocks.append(f"<p>{html.escape(floor[0].upper() + floor[1:])}.</p>")
     if metric:
