@@ -266,12 +266,15 @@ def test_heldout_sizes_and_small_set_caution():
     for r in runs:
         r["results"]["heldout"]["all"].update(docs=2, tokens=96)
         r["results"]["heldout"]["quadrant/Q1"] = {"loss": 3.0, "docs": 400, "tokens": 80_000}
+        r["results"]["heldout"]["source/wiki"] = {"loss": 3.0, "docs": 1, "tokens": 25_000}
     sizes = heldout_sizes(runs)
-    assert sizes == {"all": {"docs": 2, "tokens": 96}, "quadrant/Q1": {"docs": 400, "tokens": 80_000}}
+    assert sizes == {"all": {"docs": 2, "tokens": 96}, "quadrant/Q1": {"docs": 400, "tokens": 80_000},
+                     "source/wiki": {"docs": 1, "tokens": 25_000}}
     results = {"heldout_sets": sizes, "quadrants_without_heldout": ["Q2", "Q3"]}
     notes = heldout_notes(results)
     assert notes[0] == ("caution: held-out set below 50 documents or 20,000 tokens, too small a sample to rank "
                         "schedules on: 'all' (2 documents, 96 tokens)")
+    assert heldout_notes(results, None)[0].endswith("'all' (2 documents, 96 tokens), 'source/wiki' (1 document, 25,000 tokens)")
     assert notes[1] == "quadrants without a held-out set (no held-out loss for them in the table): Q2, Q3"
     assert len(notes) == 2  # Q1 is large enough
     assert heldout_notes(results, "heldout_loss/quadrant/Q1") == notes[1:]

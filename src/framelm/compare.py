@@ -458,7 +458,7 @@ def heldout_notes(results: dict[str, Any], metric: str | None = "heldout_loss/al
                 continue
             docs, tokens = size.get("docs"), size.get("tokens")
             if (isinstance(docs, int) and docs < HELDOUT_CAUTION_DOCS) or (isinstance(tokens, int) and tokens < HELDOUT_CAUTION_TOKENS):
-                small.append(f"'{name}' ({docs if docs is not None else '?'} documents, "
+                small.append(f"'{name}' ({docs if docs is not None else '?'} document{'' if docs == 1 else 's'}, "
                              f"{f'{tokens:,}' if tokens is not None else '?'} tokens)")
         if small:
             notes.append(f"caution: held-out set{'s' if len(small) > 1 else ''} below {HELDOUT_CAUTION_DOCS} documents or "

@@ -14,6 +14,7 @@ INPUT_PATTERNS = (
     "score/scores.parquet",
     "partition/quadrants.parquet",
     "partition/summary.json",
+    "ingest/documents/part-*.parquet",  # the texts of the extreme-PPL documents
     "schedule/*/order.parquet",
     "schedule/*/stages.yaml",
     "train/*/seed*/log.jsonl",
@@ -37,6 +38,7 @@ class ReportConfig(StageConfig):
                                          "10 documents a bin on average)")
     train_loss_window: int = field(10, help="training-loss log entries in the centred rolling mean (1 = raw)")
     max_source_panels: int = field(8, help="largest sources (by documents) that get their own density panel")
+    extreme_docs: int = field(10, help="highest- and lowest-PPL documents listed with the start of their text (0: none)")
     dpi: int = field(110, help="resolution of the PNG figures")
     memory_limit: str = field("2GB", help="DuckDB memory limit for aggregating large tables", hash=False)
     threads: int = field(2, help="DuckDB threads", hash=False)
@@ -50,8 +52,9 @@ class ReportConfig(StageConfig):
         for key in ("train_loss_window", "dpi", "threads"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"'{key}' must be >= 1, got {getattr(self, key)}")
-        if self.max_source_panels < 0:
-            raise ConfigError(f"'max_source_panels' must be >= 0, got {self.max_source_panels}")
+        for key in ("max_source_panels", "extreme_docs"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"'{key}' must be >= 0, got {getattr(self, key)}")
 
     def input_fingerprint(self, run: RunDir) -> dict[str, Any]:
         """Size and mtime of every input file, and which results are out of date (its cautions):

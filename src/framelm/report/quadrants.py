@@ -15,6 +15,7 @@ from framelm import fsutil, plots
 from framelm.errors import FramelmError
 from framelm.labels import LABELS, SCORES, labelled_sql
 from framelm.report.config import ReportConfig
+from framelm.report.extremes import extremes_table
 from framelm.report.page import Image, Section, fmt_number, not_run, html_table
 from framelm.rundir import RunDir
 from framelm.sql import parquet_columns
@@ -223,4 +224,6 @@ def partition_section(cfg: ReportConfig, run: RunDir, out: Path, con: Any) -> Se
     if isinstance(excluded, dict) and excluded:
         text = ", ".join(f"{html.escape(str(k))}: {html.escape(str(v))}" for k, v in sorted(excluded.items()))
         section.blocks.append(f"<p>Documents excluded from the partition: {text}.</p>")
+    if table := extremes_table(cfg, run, con):
+        section.blocks.append(table)
     return section
