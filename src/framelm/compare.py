@@ -492,7 +492,8 @@ def unigram_note(results: dict[str, Any]) -> str | None:
     if not isinstance(floor, (int, float)) or not means:
         return None
     best = min(means)
-    where = f"{floor - best:.3f} nats below it" if best <= floor else f"{best - floor:.3f} nats above it, worse than token frequencies alone"
+    where = (f"{floor - best:.3f} nats below it" if best <= floor else
+             f"{best - floor:.3f} nats above it, worse than token frequencies alone")
     text = (f"a unigram model of the training documents' tokens has held-out loss {floor:.3f} nats on 'all'; "
             f"the best schedule {best:.3f}, {where}")
     if floor - best >= UNIGRAM_CAUTION_NATS:
