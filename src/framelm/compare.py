@@ -484,19 +484,33 @@ def unigram_baseline(cfg: CompareConfig, run: RunDir) -> dict[str, float] | None
     return {name: round(unigram_loss(counts, hset), 6) for name, hset in sets.items()}
 
 
-def unigram_note(results: dict[str, Any]) -> str | None:
-    """How far below a unigram model the best schedule's held-out loss is; a caution when by little."""
+def unigram_gap(results: dict[str, Any]) -> tuple[float, float] | None:
+    """(the unigram floor on 'all', the best schedule's held-out loss there); None without either."""
     floor = (results.get("unigram_heldout_loss") or {}).get("all")
     means = [r["mean"] for r in results.get("table", []) if r.get("metric") == "heldout_loss/all"
              and isinstance(r.get("mean"), (int, float)) and math.isfinite(r["mean"])]
     if not isinstance(floor, (int, float)) or not means:
         return None
-    best = min(means)
+    return floor, min(means)
+
+
+def near_unigram_floor(results: dict[str, Any]) -> bool:
+    """Whether the best schedule is less than UNIGRAM_CAUTION_NATS below the unigram floor."""
+    gap = unigram_gap(results)
+    return gap is not None and gap[0] - gap[1] < UNIGRAM_CAUTION_NATS
+
+
+def unigram_note(results: dict[str, Any]) -> str | None:
+    """How far below a unigram model the best schedule's held-out loss is; a caution when by little."""
+    gap = unigram_gap(results)
+    if gap is None:
+        return None
+    floor, best = gap
     where = (f"{floor - best:.3f} nats below it" if best <= floor else
              f"{best - floor:.3f} nats above it, worse than token frequencies alone")
     text = (f"a unigram model of the training documents' tokens has held-out loss {floor:.3f} nats on 'all'; "
             f"the best schedule {best:.3f}, {where}")
-    if floor - best >= UNIGRAM_CAUTION_NATS:
+    if not near_unigram_floor(results):
         return text
     return (f"caution: {text}: the models have learned little beyond token frequencies (less than "
             f"{UNIGRAM_CAUTION_NATS} nats), so a difference between orders mostly says which sources they saw last; "

@@ -197,7 +197,8 @@ def compare_section(cfg: ReportConfig, run: RunDir, compare: tuple[Path, dict[st
     if not verdicts:
         verdicts = [f"no verdict: {path} has no difference against 'random' for {metric} "
                     f"(was 'random' among the compared schedules?)"]
-    from framelm.compare import documents_note, heldout_notes, non_finite_note, unigram_note  # compare imports torch: only with a result
+    # compare imports torch: only with a result
+    from framelm.compare import documents_note, heldout_notes, near_unigram_floor, non_finite_note, unigram_note
 
     for note in (non_finite_note(data), documents_note(data)):
         if note:
@@ -218,7 +219,7 @@ def compare_section(cfg: ReportConfig, run: RunDir, compare: tuple[Path, dict[st
         section.blocks.append(caution(line))
     floor = unigram_note(data)
     if floor:
-        if floor.startswith("caution"):
+        if near_unigram_floor(data):
             section.blocks.append(caution(floor))
             if metric and metric.startswith("heldout_"):  # a task verdict does not read held-out loss
                 verdicts.append(floor)
